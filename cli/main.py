@@ -1,0 +1,111 @@
+"""The `infersnap` command: config, status and serve."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+import yaml
+
+from infersnap import __version__
+from infersnap.cli.status import NotRunning, query_status, status_document
+from infersnap.config import Config, ConfigError
+from infersnap.models import ModelNotFound
+
+FORMATS = click.Choice(["yaml", "json"])
+
+
+def _load_config() -> Config:
+    try:
+        return Config()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _emit(document: Any, fmt: str) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(document, indent=2))
+    else:
+        click.echo(yaml.safe_dump(document, sort_keys=False, default_flow_style=False).rstrip())
+
+
+def _bare(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="infersnap")
+def main() -> None:
+    """infersnap: a local LLM server with an OpenAI-compatible API."""
+
+
+@main.command()
+def serve() -> None:
+    """Serve the configured model until stopped (Ctrl-C)."""
+    from infersnap.cli.supervisor import ServeError, serve as run_server
+
+    try:
+        sys.exit(run_server(_load_config()))
+    except (ServeError, ModelNotFound, PermissionError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--format", "fmt", type=FORMATS, default="yaml", show_default=True)
+def status(fmt: str) -> None:
+    """Ask the running server for its API URL, engine, model and workers."""
+    try:
+        current = query_status()
+    except NotRunning as exc:
+        raise click.ClickException(str(exc)) from None
+    _emit(status_document(current), fmt)
+
+
+@main.command()
+@click.argument("key", required=False, default="")
+@click.option("--format", "fmt", type=FORMATS, default="yaml", show_default=True)
+def get(key: str, fmt: str) -> None:
+    """Print a config key's value, or every key under a prefix (e.g. `http`)."""
+    config = _load_config()
+    try:
+        values = config.values(key)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if key in values and fmt == "yaml":
+        click.echo(_bare(values[key]))
+    else:
+        _emit(values, fmt)
+
+
+@main.command("set")
+@click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
+def set_(assignments: tuple[str, ...]) -> None:
+    """Set config keys; they apply when the server next starts."""
+    parsed: dict[str, str] = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.ClickException(f"expected KEY=VALUE, got {item!r}")
+        parsed[key.strip()] = value
+    config = _load_config()
+    try:
+        config.set_many(parsed)
+    except ConfigError as exc:
+        raise click.ClickException(f"{exc} (nothing was changed)") from None
+
+
+@main.command()
+@click.argument("keys", nargs=-1, required=True)
+def unset(keys: tuple[str, ...]) -> None:
+    """Return config keys to their defaults."""
+    config = _load_config()
+    try:
+        config.unset(list(keys))
+    except ConfigError as exc:
+        raise click.ClickException(f"{exc} (nothing was changed)") from None
+
+
+if __name__ == "__main__":
+    main()

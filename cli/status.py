@@ -1,0 +1,60 @@
+"""Asking a running server's broker for its status over the control socket."""
+
+from __future__ import annotations
+
+import uuid
+
+import zmq
+
+from infersnap import paths, wire
+
+
+class NotRunning(Exception):
+    pass
+
+
+def query_status(timeout: float = 2.0) -> wire.Status:
+    """The broker's Status, or NotRunning if no server answers for this data folder."""
+    address = paths.socket_address("clients")
+    if not (paths.runtime_dir() / "clients.sock").exists():
+        raise NotRunning("infersnap is not running (no server for this data folder)")
+    zctx = zmq.Context.instance()
+    socket = zctx.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    try:
+        socket.connect(address)
+        query = wire.StatusQuery(id=uuid.uuid4().hex)
+        socket.send(wire.encode(query))
+        while socket.poll(int(timeout * 1000)):
+            reply = wire.decode(socket.recv())
+            if isinstance(reply, wire.Status) and reply.id == query.id:
+                return reply
+        raise NotRunning("infersnap is not running (its broker does not answer)")
+    finally:
+        socket.close()
+
+
+def status_document(status: wire.Status) -> dict:
+    """The status as `infersnap status` prints it."""
+    engines = sorted({w.engine for w in status.workers})
+    return {
+        "engine": ", ".join(engines) if engines else None,
+        "endpoints": dict(status.endpoints),
+        "model": ", ".join(wire.models_of(status)) or None,
+        "workers": [
+            {
+                "id": w.worker_id,
+                "device": w.device,
+                "engine": w.engine,
+                "model": w.model,
+                "state": w.state,
+                **({"error": w.error} if w.error else {}),
+                "slots": w.slots,
+                "context": w.context,
+                "running": w.running,
+                "waiting": w.waiting,
+                "pid": w.pid,
+            }
+            for w in status.workers
+        ],
+    }

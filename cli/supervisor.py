@@ -1,0 +1,171 @@
+"""`infersnap serve`: start the broker, the workers and the frontend, and keep them running.
+
+Each process is started in its own session (so a terminal's Ctrl-C reaches
+only the supervisor, which then stops them in order) and with a parent-death
+signal (so none outlives a supervisor that was killed outright). A process
+that exits on its own is started again, with a growing pause if it keeps failing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+from infersnap import paths
+from infersnap import plan as serve_plan
+from infersnap.cli.status import NotRunning, query_status
+from infersnap.config import Config
+from infersnap.hwdetect.cpu import physical_core_cpus
+from infersnap.models import resolve
+from infersnap.plan import ServePlan, WorkerSpec
+
+STOP_GRACE_SECONDS = 10
+MAX_BACKOFF_SECONDS = 30
+
+
+class ServeError(Exception):
+    pass
+
+
+def build_plan(config: Config) -> ServePlan:
+    model_path, model_name = resolve(config.get("model.path"), config.get("model.name"))
+    cores = physical_core_cpus()
+    threads = config.get("worker.threads") or len(cores)
+    return ServePlan(
+        host=config.get("http.host"),
+        port=config.get("http.port"),
+        max_body_bytes=config.get("http.max-body-bytes"),
+        model_path=str(model_path),
+        model_name=model_name,
+        slots=config.get("worker.slots"),
+        context=config.get("worker.context"),
+        verbose=config.get("verbose"),
+        workers=[WorkerSpec("cpu-0", "cpu", "cpu", "llamacpp", cores, threads)],
+    )
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen | None = None
+    failures: int = 0
+    restart_at: float = 0.0
+    started_at: float = 0.0
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=_die_with_parent)
+        self.started_at = time.monotonic()
+
+
+class Supervisor:
+    def __init__(self, plan: ServePlan) -> None:
+        self.plan = plan
+        self.runtime = paths.runtime_dir(create=True)
+        self.plan_file = self.runtime / "plan.json"
+        module = [sys.executable, "-m"]
+        plan_arg = str(self.plan_file)
+        # Start order matters: the broker binds the sockets the others connect to.
+        self.children = [Child("broker", [*module, "infersnap.broker", plan_arg])]
+        self.children += [
+            Child(f"worker {w.worker_id}", [*module, "infersnap.workers", plan_arg, w.worker_id]) for w in plan.workers
+        ]
+        self.children.append(Child("frontend", [*module, "infersnap.frontend", plan_arg]))
+        self.stopping = False
+
+    def run(self) -> int:
+        try:
+            query_status(timeout=0.5)
+            raise ServeError(f"infersnap is already running for the data folder {paths.data_dir()}")
+        except NotRunning:
+            pass
+        for stale in self.runtime.glob("*.sock"):
+            stale.unlink()
+        serve_plan.write(self.plan, self.plan_file)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            for child in self.children:
+                child.start()
+            self._wait_until_ready()
+            print(f"infersnap is serving {self.plan.model_name} at {self.plan.api_url}", flush=True)
+            while not self.stopping:
+                self._watch()
+                time.sleep(0.2)
+        finally:
+            self._stop_all()
+        return 0
+
+    def _on_signal(self, *_: object) -> None:
+        self.stopping = True
+
+    def _health_url(self) -> str:
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.plan.host, self.plan.host)
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.plan.port}/health"
+
+    def _wait_until_ready(self) -> None:
+        url = self._health_url()
+        while not self.stopping:
+            for child in self.children:
+                if child.process.poll() is not None:
+                    raise ServeError(f"the {child.name} process exited with code {child.process.returncode} at start")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.process.poll() is None:
+                if now - child.started_at > 60:
+                    child.failures = 0  # it has run long enough to count as healthy
+                continue
+            if not child.restart_at:
+                child.failures += 1
+                delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2 ** (child.failures - 1))
+                print(
+                    f"infersnap: the {child.name} process exited with code {child.process.returncode}; "
+                    f"restarting in {delay:.1f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                child.restart_at = now + delay
+            elif now >= child.restart_at:
+                child.restart_at = 0.0
+                child.start()
+
+    def _stop_all(self) -> None:
+        # Frontend first, so no new request arrives while the rest stop.
+        running = [c.process for c in reversed(self.children) if c.process and c.process.poll() is None]
+        for process in running:
+            process.terminate()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for process in running:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for leftover in self.runtime.glob("*.sock"):
+            leftover.unlink(missing_ok=True)
+
+
+def serve(config: Config) -> int:
+    return Supervisor(build_plan(config)).run()
+

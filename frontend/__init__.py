@@ -1,0 +1,1 @@
+"""The HTTP frontend: OpenAI API in, internal requests to the broker out."""

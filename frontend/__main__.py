@@ -1,0 +1,21 @@
+"""python -m infersnap.frontend PLAN_FILE"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from infersnap import plan as serve_plan
+from infersnap.frontend.app import create_app
+
+
+def main() -> None:
+    plan = serve_plan.read(Path(sys.argv[1]))
+    logging.basicConfig(level=logging.DEBUG if plan.verbose else logging.INFO, format="%(name)s: %(message)s")
+    app = create_app(plan)
+    app.run(host=plan.host, port=plan.port, single_process=True, access_log=plan.verbose, motd=False)
+
+
+if __name__ == "__main__":
+    main()

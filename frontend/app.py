@@ -1,0 +1,161 @@
+"""The Sanic app: OpenAI routes, SSE streaming, and OpenAI-shaped errors for everything."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TypeVar
+
+import msgspec
+from sanic import Request, Sanic
+from sanic.exceptions import SanicException
+from sanic.response import HTTPResponse, raw
+
+from infersnap import wire
+from infersnap.frontend import convert, schema
+from infersnap.frontend.broker_client import BrokerClient, BrokerUnavailable
+from infersnap.frontend.errors import STATUS_CODES, APIError
+from infersnap.frontend.render import ChatRender, TextRender
+from infersnap.plan import ServePlan
+
+log = logging.getLogger("infersnap.frontend")
+Body = TypeVar("Body")
+JSON = "application/json"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def json_response(body: bytes, status: int = 200) -> HTTPResponse:
+    return raw(body, status=status, content_type=JSON)
+
+
+def decode_body(request: Request, kind: type[Body]) -> Body:
+    try:
+        return msgspec.json.decode(request.body, type=kind)
+    except msgspec.ValidationError as exc:
+        field = re.search(r"at `\$\.?([^`]*)`", str(exc))
+        raise APIError(400, f"Invalid request: {exc}", param=field.group(1) if field else None) from None
+    except msgspec.DecodeError as exc:
+        raise APIError(400, f"The body is not valid JSON: {exc}") from None
+
+
+def failure_error(failure: wire.Failure) -> APIError:
+    headers = {"Retry-After": "1"} if failure.status == 503 else None
+    return APIError(failure.status, failure.message, failure.type, failure.param, failure.code, headers)
+
+
+def create_app(plan: ServePlan) -> Sanic:
+    app = Sanic("infersnap")
+    app.config.REQUEST_MAX_SIZE = plan.max_body_bytes
+    app.config.RESPONSE_TIMEOUT = 24 * 3600  # generations end on their own terms
+    app.config.KEEP_ALIVE_TIMEOUT = 30
+
+    @app.before_server_start
+    async def connect(app: Sanic, _loop) -> None:
+        app.ctx.broker = BrokerClient()
+        app.ctx.broker.start()
+
+    @app.after_server_stop
+    async def disconnect(app: Sanic, _loop) -> None:
+        await app.ctx.broker.close()
+
+    @app.exception(Exception)
+    async def on_error(request: Request, exc: Exception) -> HTTPResponse:
+        if isinstance(exc, APIError):
+            error = exc
+        elif isinstance(exc, SanicException):
+            status = exc.status_code
+            error = APIError(status, str(exc) or "request failed", code=STATUS_CODES.get(status))
+        elif isinstance(exc, BrokerUnavailable):
+            error = APIError(503, "the server is starting or restarting; retry shortly", headers={"Retry-After": "1"})
+        else:
+            log.exception("unexpected error on %s %s", request.method, request.path)
+            error = APIError(500, "internal server error")
+        return raw(error.body(), status=error.status, headers=error.headers, content_type=JSON)
+
+    @app.get("/health")
+    async def health(request: Request) -> HTTPResponse:
+        status = await request.app.ctx.broker.status()
+        if any(w.state == "ready" for w in status.workers):
+            return json_response(b'{"status":"ok"}')
+        raise APIError(503, "Loading model", type="unavailable_error", headers={"Retry-After": "1"})
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> HTTPResponse:
+        status = await request.app.ctx.broker.status()
+        cards = [schema.ModelCard(id=m, created=app.ctx.started) for m in wire.models_of(status)]
+        return json_response(msgspec.json.encode(schema.ModelList(data=cards)))
+
+    @app.get("/v1/models/<model_id:path>")
+    async def get_model(request: Request, model_id: str) -> HTTPResponse:
+        status = await request.app.ctx.broker.status()
+        for model in wire.models_of(status):
+            if model.lower() == model_id.lower():
+                return json_response(msgspec.json.encode(schema.ModelCard(id=model, created=app.ctx.started)))
+        raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> HTTPResponse | None:
+        body = decode_body(request, schema.ChatCompletionRequest)
+        generate = convert.chat_request(body, plan.model_name)
+        render = ChatRender(generate.id, generate.model)
+        return await complete(request, generate, render, body)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> HTTPResponse | None:
+        body = decode_body(request, schema.CompletionRequest)
+        generate = convert.completion_request(body, plan.model_name)
+        render = TextRender(generate.id, generate.model)
+        return await complete(request, generate, render, body)
+
+    app.ctx.started = schema.now()
+    return app
+
+
+async def complete(
+    request: Request, generate: wire.Generate, render: ChatRender | TextRender, body: schema.SamplingFields
+) -> HTTPResponse | None:
+    """Run one generation and answer with JSON, or with SSE when the body asks to stream."""
+    broker: BrokerClient = request.app.ctx.broker
+    outputs = await broker.submit(generate)
+    ended = False
+    try:
+        output = await outputs.get()
+        if output.failure is not None:  # before any byte is sent: a real HTTP error status
+            ended = True
+            raise failure_error(output.failure)
+        if not body.stream:
+            pieces = [output.text]
+            while output.finish_reason is None:
+                output = await outputs.get()
+                if output.failure is not None:
+                    ended = True
+                    raise failure_error(output.failure)
+                pieces.append(output.text)
+            ended = True
+            return json_response(render.response("".join(pieces), output))
+
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
+        first = True
+        while True:
+            if output.failure is not None:
+                ended = True
+                await response.send(b"data: " + failure_error(output.failure).body() + b"\n\n")
+                break
+            await response.send(b"data: " + render.chunk(output, first) + b"\n\n")
+            first = False
+            if output.finish_reason is not None:
+                ended = True
+                if include_usage:
+                    await response.send(b"data: " + render.usage_chunk(output) + b"\n\n")
+                break
+            output = await outputs.get()
+        await response.send(b"data: [DONE]\n\n")
+        await response.eof()
+        return None
+    finally:
+        # A client that went away (or any error) stops its generation at the worker.
+        if ended:
+            broker.forget(generate.id)
+        else:
+            broker.abort(generate.id)

@@ -1,0 +1,117 @@
+"""Outputs from the engine -> OpenAI response bodies, for chat and text completions.
+
+The two APIs differ only in how a piece of text is wrapped; each Render
+class knows one wrapping, and the request flow in app.py is shared.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from infersnap import wire
+from infersnap.frontend import schema
+
+_encode = msgspec.json.encode
+
+
+def usage(output: wire.Output) -> schema.Usage:
+    return schema.Usage(
+        prompt_tokens=output.prompt_tokens,
+        completion_tokens=output.completion_tokens,
+        total_tokens=output.prompt_tokens + output.completion_tokens,
+    )
+
+
+def timings(t: wire.Timings | None) -> schema.Timings | None:
+    if t is None:
+        return None
+    return schema.Timings(
+        prompt_n=t.prompt_n,
+        prompt_ms=round(t.prompt_ms, 3),
+        prompt_per_second=round(t.prompt_n * 1000 / t.prompt_ms, 3) if t.prompt_ms else 0.0,
+        predicted_n=t.predicted_n,
+        predicted_ms=round(t.predicted_ms, 3),
+        predicted_per_second=round(t.predicted_n * 1000 / t.predicted_ms, 3) if t.predicted_ms else 0.0,
+    )
+
+
+class ChatRender:
+    def __init__(self, request_id: str, model: str) -> None:
+        self.id, self.model, self.created = request_id, model, schema.now()
+
+    def chunk(self, output: wire.Output, first: bool) -> bytes:
+        delta = schema.Delta(role="assistant" if first else None, content=output.text)
+        return _encode(
+            schema.ChatCompletionChunk(
+                id=self.id,
+                object="chat.completion.chunk",
+                created=self.created,
+                model=self.model,
+                choices=[schema.ChunkChoice(index=0, delta=delta, finish_reason=output.finish_reason)],
+                timings=timings(output.timings),
+            )
+        )
+
+    def usage_chunk(self, last: wire.Output) -> bytes:
+        return _encode(
+            schema.ChatCompletionChunk(
+                id=self.id,
+                object="chat.completion.chunk",
+                created=self.created,
+                model=self.model,
+                choices=[],
+                usage=usage(last),
+            )
+        )
+
+    def response(self, text: str, last: wire.Output) -> bytes:
+        return _encode(
+            schema.ChatCompletion(
+                id=self.id,
+                object="chat.completion",
+                created=self.created,
+                model=self.model,
+                choices=[
+                    schema.ChatChoice(
+                        index=0,
+                        message=schema.AssistantMessage(role="assistant", content=text),
+                        finish_reason=last.finish_reason,
+                    )
+                ],
+                usage=usage(last),
+                timings=timings(last.timings),
+            )
+        )
+
+
+class TextRender:
+    def __init__(self, request_id: str, model: str) -> None:
+        self.id, self.model, self.created = request_id, model, schema.now()
+
+    def _completion(self, choices: list[schema.TextChoice], last: wire.Output | None, with_usage: bool) -> bytes:
+        return _encode(
+            schema.Completion(
+                id=self.id,
+                object="text_completion",
+                created=self.created,
+                model=self.model,
+                choices=choices,
+                usage=usage(last) if with_usage and last else None,
+                timings=timings(last.timings) if last else None,
+            )
+        )
+
+    def chunk(self, output: wire.Output, first: bool) -> bytes:
+        choice = schema.TextChoice(index=0, text=output.text, finish_reason=output.finish_reason)
+        return self._completion([choice], output if output.timings else None, with_usage=False)
+
+    def usage_chunk(self, last: wire.Output) -> bytes:
+        return _encode(
+            schema.Completion(
+                id=self.id, object="text_completion", created=self.created, model=self.model, choices=[], usage=usage(last)
+            )
+        )
+
+    def response(self, text: str, last: wire.Output) -> bytes:
+        choice = schema.TextChoice(index=0, text=text, finish_reason=last.finish_reason)
+        return self._completion([choice], last, with_usage=True)

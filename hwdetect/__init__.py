@@ -1,0 +1,1 @@
+"""Hardware detection: what compute devices a machine has, read from a root folder."""

@@ -1,0 +1,140 @@
+"""The user's configuration: known keys, their types and bounds, and the file they persist in.
+
+Only keys the user set are stored (config.json in the data folder); every
+other key reads as its default. `set` validates every value before it writes
+anything, and writes atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from infersnap import paths
+
+
+class ConfigError(ValueError):
+    """A key or value the user gave is not acceptable, or the file is unreadable."""
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    kind: type
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] = lambda value: None
+
+
+def _between(low: int, high: int) -> Callable[[Any], str | None]:
+    def check(value: int) -> str | None:
+        if not low <= value <= high:
+            return f"must be between {low} and {high}"
+        return None
+
+    return check
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+KEYS: dict[str, Key] = {
+    key.name: key
+    for key in (
+        Key("http.host", str, "127.0.0.1", "address the HTTP API listens on (0.0.0.0 for the LAN)", _non_empty),
+        Key("http.port", int, 8328, "TCP port of the HTTP API", _between(1, 65535)),
+        Key("http.max-body-bytes", int, 8 * 1024 * 1024, "largest request body accepted", _between(1024, 1 << 30)),
+        Key("model.path", str, "", "GGUF file to serve; empty means the default model (SmolLM2-135M-Instruct)"),
+        Key("model.name", str, "", "model id clients use; empty means the file name without .gguf"),
+        Key("worker.slots", int, 8, "sequences a worker generates at once (continuous batching)", _between(1, 256)),
+        Key("worker.context", int, 2048, "context length in tokens of each sequence", _between(128, 1 << 20)),
+        Key("worker.threads", int, 0, "CPU threads of the CPU worker; 0 means one per physical core", _between(0, 1024)),
+        Key("verbose", bool, False, "log more"),
+    )
+}
+
+
+def parse_value(key: Key, text: str) -> Any:
+    """Turn the text a user typed into the key's type, or raise ConfigError naming the problem."""
+    if key.kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "yes", "on", "1"):
+            value: Any = True
+        elif lowered in ("false", "no", "off", "0"):
+            value = False
+        else:
+            raise ConfigError(f"{key.name}: expected true or false, got {text!r}")
+    elif key.kind is int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ConfigError(f"{key.name}: expected a whole number, got {text!r}") from None
+    else:
+        value = text
+    problem = key.check(value)
+    if problem:
+        raise ConfigError(f"{key.name}: {problem}, got {text!r}")
+    return value
+
+
+def lookup(name: str) -> Key:
+    try:
+        return KEYS[name]
+    except KeyError:
+        raise ConfigError(f"unknown key {name!r}; known keys: {', '.join(KEYS)}") from None
+
+
+class Config:
+    """The keys a user set, on top of the defaults."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or paths.config_file()
+        self.user: dict[str, Any] = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        try:
+            stored = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"config file {self.path} is not valid JSON ({exc}); fix or remove it") from None
+        if not isinstance(stored, dict):
+            raise ConfigError(f"config file {self.path} must hold a JSON object")
+        return stored
+
+    def get(self, name: str) -> Any:
+        key = lookup(name)
+        value = self.user.get(name, key.default)
+        return value if isinstance(value, key.kind) else key.default
+
+    def values(self, prefix: str = "") -> dict[str, Any]:
+        """Every known key whose name is `prefix` or starts with `prefix.`, with its value."""
+        names = [n for n in KEYS if not prefix or n == prefix or n.startswith(prefix + ".")]
+        if not names:
+            raise ConfigError(f"unknown key {prefix!r}; known keys: {', '.join(KEYS)}")
+        return {n: self.get(n) for n in names}
+
+    def set_many(self, assignments: dict[str, str]) -> None:
+        """Validate every KEY=VALUE first; write only if all are good."""
+        parsed = {name: parse_value(lookup(name), text) for name, text in assignments.items()}
+        self.user.update(parsed)
+        self._write()
+
+    def unset(self, names: list[str]) -> None:
+        for name in names:
+            lookup(name)
+        for name in names:
+            self.user.pop(name, None)
+        self._write()
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.user, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, self.path)

@@ -1,0 +1,49 @@
+"""What `infersnap serve` decided at start: the settings every process it starts runs with.
+
+The supervisor reads the config once, resolves it into a ServePlan and
+writes it into the runtime folder; the broker, the frontend and the
+workers read that file, so all of them (and any of them restarted later)
+agree on one snapshot of the configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+
+class WorkerSpec(msgspec.Struct, frozen=True):
+    worker_id: str
+    device: str  # "cpu", "GPU.0", ...
+    engine: str  # engine manifest name, e.g. "cpu"
+    runtime: str  # "llamacpp" | "openvino"
+    cpus: list[int]  # logical CPUs the worker's threads may run on
+    threads: int
+
+
+class ServePlan(msgspec.Struct, frozen=True):
+    host: str
+    port: int
+    max_body_bytes: int
+    model_path: str
+    model_name: str
+    slots: int
+    context: int
+    verbose: bool
+    workers: list[WorkerSpec]
+
+    @property
+    def api_url(self) -> str:
+        shown = "localhost" if self.host in ("127.0.0.1", "::1", "localhost") else self.host
+        if shown in ("0.0.0.0", "::"):
+            shown = "localhost"
+        return f"http://{shown}:{self.port}/v1"
+
+
+def write(plan: ServePlan, path: Path) -> None:
+    path.write_bytes(msgspec.json.encode(plan))
+
+
+def read(path: Path) -> ServePlan:
+    return msgspec.json.decode(path.read_bytes(), type=ServePlan)

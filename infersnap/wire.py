@@ -1,0 +1,147 @@
+"""Every message that crosses a ZeroMQ socket, in one place.
+
+Messages are msgspec Structs encoded as msgpack arrays (array_like) with a
+tag as the first element, so each side decodes any message with one typed
+decoder. The frontend, the CLI, the broker and the workers all import this
+module; nothing else is shared between them.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class SamplingParams(msgspec.Struct, array_like=True, frozen=True):
+    max_tokens: int | None = None  # None: up to the end of the context
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int | None = None
+    stop: list[str] = []
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = {}
+
+
+class ChatMessage(msgspec.Struct, array_like=True, frozen=True):
+    role: str
+    content: str
+
+
+class Timings(msgspec.Struct, array_like=True):
+    """Like llama-server's `timings`: prompt processing and generation."""
+
+    prompt_n: int = 0
+    prompt_ms: float = 0.0
+    predicted_n: int = 0
+    predicted_ms: float = 0.0
+
+
+class Failure(msgspec.Struct, array_like=True, frozen=True):
+    """Why a request ended without an answer: becomes an OpenAI error body."""
+
+    status: int
+    message: str
+    type: str = "server_error"
+    code: str | None = None
+    param: str | None = None
+
+
+class Message(msgspec.Struct, tag=True, array_like=True):
+    """Base of every message on the wire."""
+
+
+# --- frontend or CLI -> broker -> worker -------------------------------------
+
+
+class Generate(Message):
+    """One completion request. Exactly one of `prompt` and `messages` is set."""
+
+    id: str
+    model: str
+    params: SamplingParams
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+
+
+class Abort(Message):
+    """Stop these requests; safe to send more than once or after they ended."""
+
+    ids: list[str]
+
+
+class StatusQuery(Message):
+    id: str  # echoed in the Status reply
+
+
+# --- worker -> broker -> frontend --------------------------------------------
+
+
+class Output(msgspec.Struct, array_like=True):
+    """What one request produced in one engine step."""
+
+    id: str
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | None while running
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: Timings | None = None  # set on the last output
+    failure: Failure | None = None
+
+
+class Results(Message):
+    """The outputs of one engine step, all requests together."""
+
+    outputs: list[Output]
+
+
+# --- worker <-> broker -------------------------------------------------------
+
+
+class WorkerInfo(msgspec.Struct, array_like=True):
+    worker_id: str
+    device: str
+    engine: str
+    model: str
+    slots: int
+    context: int
+    state: str  # "loading" | "ready" | "failed"
+    error: str = ""
+    running: int = 0
+    waiting: int = 0
+    pid: int = 0
+
+
+class WorkerStatus(Message):
+    """Sent by a worker when it starts, when its state changes, and as its heartbeat."""
+
+    info: WorkerInfo
+
+
+# --- broker -> CLI or frontend -----------------------------------------------
+
+
+class Status(Message):
+    id: str
+    endpoints: dict[str, str]
+    workers: list[WorkerInfo]
+
+
+def models_of(status: Status) -> list[str]:
+    """The distinct model ids that live workers serve or are loading."""
+    return sorted({w.model for w in status.workers if w.state != "failed"})
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(
+    Generate | Abort | StatusQuery | Results | WorkerStatus | Status
+)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(data: bytes) -> Message:
+    return _decoder.decode(data)

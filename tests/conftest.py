@@ -1,0 +1,97 @@
+"""Start the real `infersnap serve` with the real default model, isolated in its own data folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+INFERSNAP = str(Path(sys.executable).parent / "infersnap")
+START_TIMEOUT = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(env: dict[str, str], *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    result = subprocess.run([INFERSNAP, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"infersnap {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+    return result
+
+
+@dataclass
+class Server:
+    env: dict[str, str]
+    process: subprocess.Popen
+    log: Path
+    port: int
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.base}/v1"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+def data_env(data: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["INFERSNAP_DATA"] = str(data)
+    return env
+
+
+def start_server(data: Path, **settings: str) -> Server:
+    """Configure a data folder through `infersnap set`, start `infersnap serve`, wait until it answers."""
+    env = data_env(data)
+    port = int(settings.pop("http.port", free_port()))
+    cli(env, "set", f"http.port={port}", *(f"{k}={v}" for k, v in settings.items()))
+    log = data / "serve.log"
+    data.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        process = subprocess.Popen([INFERSNAP, "serve"], env=env, stdout=out, stderr=subprocess.STDOUT)
+    server = Server(env, process, log, port)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"infersnap serve exited with {process.returncode}:\n{log.read_text()}")
+        if "infersnap is serving" in log.read_text():
+            return server
+        time.sleep(0.2)
+    server.stop(signal.SIGKILL)
+    raise AssertionError(f"infersnap serve did not get ready in {START_TIMEOUT}s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    running = start_server(tmp_path_factory.mktemp("data"), **{"worker.slots": "4"})
+    yield running
+    assert running.stop() == 0, running.log.read_text()
+
+
+@pytest.fixture(scope="session")
+def model(server: Server) -> str:
+    return httpx.get(f"{server.url}/models").json()["data"][0]["id"]
+
+
+@pytest.fixture()
+def http(server: Server):
+    with httpx.Client(base_url=server.base, timeout=60) as client:
+        yield client

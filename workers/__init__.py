@@ -1,0 +1,1 @@
+"""Inference workers: one process per device, each owning one engine."""

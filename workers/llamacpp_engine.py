@@ -1,0 +1,306 @@
+"""The llama.cpp engine: continuous batching over llama-cpp-python's low-level API.
+
+One llama context holds `slots` sequences, each with its own KV cache stream
+and its own sampler chain. Every step is one llama_decode over a batch with
+the next token of each generating sequence plus chunks of prompts that are
+still being read, so a new request joins at the next step and a finished one
+leaves at once. A slot keeps the tokens of its last request in its KV cache,
+and a new request goes to the free slot that shares the longest prefix with
+it, so a repeated system prompt or chat history is read only once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import llama_cpp
+from llama_cpp import _internals
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from infersnap import wire
+from infersnap.workers.text import TextStream
+
+BATCH_TOKENS = 512  # tokens per llama_decode: decode tokens first, prompt chunks fill the rest
+
+
+@dataclass
+class Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose K/V this sequence holds
+
+
+@dataclass
+class Sequence:
+    request: wire.Generate
+    prompt: list[int]
+    max_tokens: int
+    slot: Slot | None = None
+    fed: int = 0  # prompt tokens already in the KV cache
+    sampler: _internals.LlamaSampler | None = None
+    next_token: int = -1  # sampled, not yet fed back
+    completion_tokens: int = 0
+    text: TextStream | None = None
+    prompt_evaluated: int = 0
+    started: float = 0.0
+    first_token_at: float = 0.0
+
+
+class EngineError(Exception):
+    """The engine could not start (bad model file, out of memory)."""
+
+
+class LlamaCppEngine:
+    def __init__(self, model_path: str, slots: int, context: int, threads: int) -> None:
+        llama_cpp.llama_backend_init()
+        model_params = llama_cpp.llama_model_default_params()
+        try:
+            self.model = _internals.LlamaModel(path_model=model_path, params=model_params, verbose=False)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
+        self.vocab = self.model.vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.context = min(context, self.model.n_ctx_train())
+
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self.context * slots
+        params.n_batch = BATCH_TOKENS
+        params.n_ubatch = BATCH_TOKENS
+        params.n_seq_max = slots
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.kv_unified = False  # each slot its own KV stream of `context` tokens
+        params.no_perf = True
+        try:
+            self.ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
+        self.batch = _internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)
+
+        self.free_slots = [Slot(seq_id) for seq_id in range(slots)]
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._pieces: dict[int, bytes] = {}
+        self._add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
+        self._chat_template = self._load_chat_template()
+
+    # --- requests in -------------------------------------------------------
+
+    def add(self, request: wire.Generate) -> wire.Output | None:
+        """Queue a request; return a failure Output at once if it cannot be served."""
+        try:
+            prompt = self._prompt_tokens(request)
+        except ValueError as exc:
+            return _failure(request.id, 400, f"could not format the prompt: {exc}", param="messages")
+        if not prompt:
+            return _failure(request.id, 400, "the prompt is empty", param="prompt")
+        asked = request.params.max_tokens
+        max_tokens = self.context - len(prompt) if asked is None else asked
+        if len(prompt) + max(max_tokens, 1) > self.context:
+            wanted = len(prompt) + (asked or 0)
+            return _failure(
+                request.id,
+                400,
+                f"This model's maximum context length is {self.context} tokens. However, you requested "
+                f"{wanted} tokens ({len(prompt)} in the prompt, {asked or 0} for the completion). "
+                "Please reduce the length of the prompt or the completion.",
+                param="messages" if request.messages is not None else "prompt",
+                code="context_length_exceeded",
+            )
+        self.waiting.append(Sequence(request=request, prompt=prompt, max_tokens=max_tokens))
+        return None
+
+    def abort(self, ids: list[str]) -> None:
+        """Drop these requests wherever they are; unknown ids are ignored."""
+        wanted = set(ids)
+        self.waiting = deque(s for s in self.waiting if s.request.id not in wanted)
+        for seq in [s for s in self.running if s.request.id in wanted]:
+            self._release(seq)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # --- one step ----------------------------------------------------------
+
+    def step(self) -> list[wire.Output]:
+        self._admit()
+        if not self.running:
+            return []
+        sampling_rows = self._fill_batch()
+        rc = llama_cpp.llama_decode(self.ctx.ctx, self.batch.batch)
+        if rc != 0:
+            outputs = [
+                _failure(s.request.id, 500, f"llama_decode failed with code {rc}") for s in self.running
+            ]
+            for seq in list(self.running):
+                self._release(seq)
+            return outputs
+        now = time.perf_counter()
+        outputs = []
+        for seq, row in sampling_rows:
+            output = self._sample(seq, row, now)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            slot = max(self.free_slots, key=lambda s: _common_prefix(s.cached, seq.prompt))
+            self.free_slots.remove(slot)
+            keep = min(_common_prefix(slot.cached, seq.prompt), len(seq.prompt) - 1)
+            self.ctx.kv_cache_seq_rm(slot.seq_id, keep, -1)
+            del slot.cached[keep:]
+            seq.slot, seq.fed = slot, keep
+            seq.prompt_evaluated = len(seq.prompt) - keep
+            seq.sampler = self._sampler(seq.request.params)
+            seq.text = TextStream(seq.request.params.stop)
+            seq.started = time.perf_counter()
+            self.running.append(seq)
+
+    def _fill_batch(self) -> list[tuple[Sequence, int]]:
+        """Put every generating sequence's next token, then prompt chunks, into the batch."""
+        batch = self.batch.batch
+        n = 0
+        rows: list[tuple[Sequence, int]] = []
+
+        def put(seq: Sequence, token: int, wants_logits: bool) -> None:
+            nonlocal n
+            slot = seq.slot
+            batch.token[n] = token
+            batch.pos[n] = len(slot.cached)
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot.seq_id
+            batch.logits[n] = wants_logits
+            slot.cached.append(token)
+            if wants_logits:
+                rows.append((seq, n))
+            n += 1
+
+        for seq in self.running:
+            if seq.fed == len(seq.prompt):
+                put(seq, seq.next_token, True)
+        for seq in self.running:
+            if seq.fed < len(seq.prompt) and n < BATCH_TOKENS:
+                chunk_end = min(len(seq.prompt), seq.fed + BATCH_TOKENS - n)
+                for i in range(seq.fed, chunk_end):
+                    put(seq, seq.prompt[i], i == len(seq.prompt) - 1)
+                seq.fed = chunk_end
+        batch.n_tokens = n
+        return rows
+
+    def _sample(self, seq: Sequence, row: int, now: float) -> wire.Output | None:
+        token = llama_cpp.llama_sampler_sample(seq.sampler.sampler, self.ctx.ctx, row)
+        if not seq.first_token_at:
+            seq.first_token_at = now
+        finish = None
+        if llama_cpp.llama_vocab_is_eog(self.vocab, token):
+            text, finish = seq.text.flush(), "stop"
+        else:
+            seq.completion_tokens += 1
+            text, hit_stop = seq.text.push(self._piece(token))
+            if hit_stop:
+                finish = "stop"
+            elif seq.completion_tokens >= seq.max_tokens or len(seq.slot.cached) + 1 >= self.context:
+                text += seq.text.flush()
+                finish = "length"
+        seq.next_token = token
+        if finish is None and not text:
+            return None
+        output = wire.Output(
+            id=seq.request.id,
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=seq.completion_tokens,
+        )
+        if finish is not None:
+            output.timings = wire.Timings(
+                prompt_n=seq.prompt_evaluated,
+                prompt_ms=(seq.first_token_at - seq.started) * 1000,
+                predicted_n=seq.completion_tokens,
+                predicted_ms=(now - seq.first_token_at) * 1000,
+            )
+            self._release(seq)
+        return output
+
+    def _release(self, seq: Sequence) -> None:
+        """Free the sequence's slot, keeping its KV cache for prefix reuse."""
+        self.running.remove(seq)
+        if seq.fed < len(seq.prompt):  # aborted while its prompt was half read
+            del seq.slot.cached[seq.fed :]
+        seq.sampler.close()
+        self.free_slots.append(seq.slot)
+
+    # --- helpers -----------------------------------------------------------
+
+    def _sampler(self, params: wire.SamplingParams) -> _internals.LlamaSampler:
+        sampler = _internals.LlamaSampler()
+        if params.logit_bias:
+            sampler.add_logit_bias(self.n_vocab, params.logit_bias)
+        if params.presence_penalty or params.frequency_penalty:
+            sampler.add_penalties(self.n_vocab, 64, 1.0, params.frequency_penalty, params.presence_penalty)
+        if params.temperature <= 0:
+            sampler.add_greedy()
+            return sampler
+        if params.top_k > 0:
+            sampler.add_top_k(params.top_k)
+        sampler.add_top_p(params.top_p, 1)
+        sampler.add_min_p(params.min_p, 1)
+        sampler.add_temp(params.temperature)
+        seed = params.seed if params.seed is not None else random.getrandbits(32)
+        sampler.add_dist(seed & 0xFFFFFFFF)
+        return sampler
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = ctypes.create_string_buffer(256)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            piece = buf.raw[: max(n, 0)]
+            self._pieces[token] = piece
+        return piece
+
+    def _load_chat_template(self) -> Jinja2ChatFormatter | None:
+        template = self.model.metadata().get("tokenizer.chat_template")
+        if not template:
+            return None
+        eos = llama_cpp.llama_vocab_eos(self.vocab)
+        bos = llama_cpp.llama_vocab_bos(self.vocab)
+        return Jinja2ChatFormatter(
+            template=template,
+            eos_token=self.model.token_get_text(eos) if eos != -1 else "",
+            bos_token=self.model.token_get_text(bos) if bos != -1 else "",
+        )
+
+    def _prompt_tokens(self, request: wire.Generate) -> list[int]:
+        if request.messages is not None:
+            if self._chat_template is None:
+                raise ValueError("the model has no chat template; use /v1/completions")
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            text = self._chat_template(messages=messages).prompt
+        else:
+            text = request.prompt or ""
+        return self.model.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True) if text else []
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _failure(request_id: str, status: int, message: str, param: str | None = None, code: str | None = None) -> wire.Output:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return wire.Output(
+        id=request_id,
+        finish_reason="error",
+        failure=wire.Failure(status=status, message=message, type=kind, code=code, param=param),
+    )

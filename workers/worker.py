@@ -1,0 +1,144 @@
+"""A worker process: one engine on one device, talking to the broker.
+
+Socket I/O runs on its own thread, so heartbeats keep flowing while the
+engine thread is inside a long llama_decode and the engine never waits on
+ZeroMQ. The engine thread takes requests from a queue and hands each step's
+outputs, already encoded, to the I/O thread over an inproc socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+
+import zmq
+
+from infersnap import paths, wire
+from infersnap.plan import ServePlan, WorkerSpec
+
+HEARTBEAT_SECONDS = 0.25
+OUTBOX = "inproc://outbox"
+
+log = logging.getLogger("infersnap.worker")
+
+
+class WorkerIO(threading.Thread):
+    """Owns the DEALER socket: requests in, results and heartbeats out."""
+
+    def __init__(self, zctx: zmq.Context, info: wire.WorkerInfo, inbox: queue.Queue) -> None:
+        super().__init__(name="worker-io", daemon=True)
+        self.info = info
+        self.inbox = inbox
+        self.dealer = zctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.IDENTITY, info.worker_id.encode())
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.connect(paths.socket_address("workers"))
+        self.outbox = zctx.socket(zmq.PULL)
+        self.outbox.setsockopt(zmq.LINGER, 0)
+        self.outbox.bind(OUTBOX)
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.dealer, zmq.POLLIN)
+        poller.register(self.outbox, zmq.POLLIN)
+        next_beat = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_beat:
+                self.dealer.send(wire.encode(wire.WorkerStatus(info=self.info)))
+                next_beat = now + HEARTBEAT_SECONDS
+            events = dict(poller.poll(max(1, int((next_beat - time.monotonic()) * 1000))))
+            if self.outbox in events:
+                while True:
+                    try:
+                        self.dealer.send(self.outbox.recv(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+            if self.dealer in events:
+                while True:
+                    try:
+                        self.inbox.put(wire.decode(self.dealer.recv(zmq.NOBLOCK)))
+                    except zmq.Again:
+                        break
+
+
+def pin_to(cpus: list[int]) -> None:
+    if cpus and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(0, cpus)
+        except OSError as exc:  # a CPU went offline, or a container forbids it
+            log.warning("could not pin to CPUs %s: %s", cpus, exc)
+
+
+def run(plan: ServePlan, spec: WorkerSpec) -> None:
+    pin_to(spec.cpus)
+    info = wire.WorkerInfo(
+        worker_id=spec.worker_id,
+        device=spec.device,
+        engine=spec.engine,
+        model=plan.model_name,
+        slots=plan.slots,
+        context=plan.context,
+        state="loading",
+        pid=os.getpid(),
+    )
+    zctx = zmq.Context()
+    inbox: queue.Queue = queue.Queue()
+    io = WorkerIO(zctx, info, inbox)
+    io.start()
+    outbox = zctx.socket(zmq.PUSH)
+    outbox.setsockopt(zmq.LINGER, 0)
+    outbox.connect(OUTBOX)
+
+    engine = None
+    try:
+        engine = load_engine(plan, spec)
+        info.context = engine.context
+        info.state = "ready"
+    except Exception as exc:  # the worker stays up to report why
+        log.error("worker %s failed to load: %s", spec.worker_id, exc)
+        info.state, info.error = "failed", str(exc)
+
+    while True:
+        message = inbox.get() if engine is None or not engine.busy else _next_or_none(inbox)
+        outputs: list[wire.Output] = []
+        while message is not None:
+            if isinstance(message, wire.Generate):
+                refused = _refuse(message, info) if engine is None else engine.add(message)
+                if refused is not None:
+                    outputs.append(refused)
+            elif isinstance(message, wire.Abort) and engine is not None:
+                engine.abort(message.ids)
+            message = _next_or_none(inbox)
+        if engine is not None:
+            outputs.extend(engine.step())
+            info.running, info.waiting = len(engine.running), len(engine.waiting)
+        if outputs:
+            outbox.send(wire.encode(wire.Results(outputs=outputs)))
+
+
+def load_engine(plan: ServePlan, spec: WorkerSpec):
+    """The engine for this worker's runtime; imported here so a worker loads only its own."""
+    if spec.runtime == "llamacpp":
+        from infersnap.workers.llamacpp_engine import LlamaCppEngine
+
+        return LlamaCppEngine(plan.model_path, plan.slots, plan.context, spec.threads)
+    raise ValueError(f"unknown runtime {spec.runtime!r}")
+
+
+def _next_or_none(inbox: queue.Queue):
+    try:
+        return inbox.get_nowait()
+    except queue.Empty:
+        return None
+
+
+def _refuse(request: wire.Generate, info: wire.WorkerInfo) -> wire.Output:
+    return wire.Output(
+        id=request.id,
+        finish_reason="error",
+        failure=wire.Failure(status=503, message=f"worker {info.worker_id} failed to load: {info.error}"),
+    )
