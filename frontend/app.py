@@ -50,12 +50,12 @@ def create_app(plan: ServePlan) -> Sanic:
     app.config.KEEP_ALIVE_TIMEOUT = 30
 
     @app.before_server_start
-    async def connect(app: Sanic, _loop) -> None:
+    async def connect(app: Sanic) -> None:
         app.ctx.broker = BrokerClient()
         app.ctx.broker.start()
 
     @app.after_server_stop
-    async def disconnect(app: Sanic, _loop) -> None:
+    async def disconnect(app: Sanic) -> None:
         await app.ctx.broker.close()
 
     @app.exception(Exception)

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import llama_cpp
-from llama_cpp import _internals
+from llama_cpp import _internals, _logger
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from infersnap import wire
@@ -54,7 +54,8 @@ class EngineError(Exception):
 
 
 class LlamaCppEngine:
-    def __init__(self, model_path: str, slots: int, context: int, threads: int) -> None:
+    def __init__(self, model_path: str, slots: int, context: int, threads: int, verbose: bool = False) -> None:
+        _logger.set_verbose(verbose)  # llama.cpp's own log: errors only unless asked
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
         try:

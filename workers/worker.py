@@ -125,7 +125,7 @@ def load_engine(plan: ServePlan, spec: WorkerSpec):
     if spec.runtime == "llamacpp":
         from infersnap.workers.llamacpp_engine import LlamaCppEngine
 
-        return LlamaCppEngine(plan.model_path, plan.slots, plan.context, spec.threads)
+        return LlamaCppEngine(plan.model_path, plan.slots, plan.context, spec.threads, plan.verbose)
     raise ValueError(f"unknown runtime {spec.runtime!r}")
 
 
