@@ -1,0 +1,113 @@
+"""The CLI, run as a user runs it: config get/set/unset, status, and serve's lifecycle."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import httpx
+import yaml
+
+from conftest import cli, data_env, free_port, start_server
+
+
+def test_get_shows_the_http_defaults(tmp_path):
+    env = data_env(tmp_path)
+    shown = yaml.safe_load(cli(env, "get", "http").stdout)
+    assert shown["http.host"] == "127.0.0.1" and isinstance(shown["http.port"], int)
+    assert all(key.startswith("http.") for key in shown)
+    assert cli(env, "get", "http.host").stdout.strip() == "127.0.0.1"
+
+
+def test_set_persists_and_unset_restores(tmp_path):
+    env = data_env(tmp_path)
+    default_port = cli(env, "get", "http.port").stdout.strip()
+    cli(env, "set", "http.port=9090", "http.host=0.0.0.0")
+    assert cli(env, "get", "http.port").stdout.strip() == "9090"
+    assert cli(env, "get", "http.host").stdout.strip() == "0.0.0.0"
+    assert json.loads(cli(env, "get", "http", "--format", "json").stdout)["http.port"] == 9090
+    cli(env, "unset", "http.port")
+    assert cli(env, "get", "http.port").stdout.strip() == default_port
+    assert cli(env, "get", "http.host").stdout.strip() == "0.0.0.0"
+
+
+def test_bad_set_changes_nothing(tmp_path):
+    env = data_env(tmp_path)
+    cli(env, "set", "http.port=9090")
+    for bad, words in [
+        (["http.port=70000"], "between"),
+        (["http.port=abc"], "whole number"),
+        (["http.port=9091", "no.such.key=1"], "unknown key"),
+        (["verbose=maybe"], "true or false"),
+        (["http.host="], "empty"),
+        (["http.port"], "KEY=VALUE"),
+    ]:
+        result = cli(env, "set", *bad, check=False)
+        assert result.returncode != 0 and words in result.stderr, result.stderr
+    assert cli(env, "get", "http.port").stdout.strip() == "9090"
+
+
+def test_get_unknown_key_fails(tmp_path):
+    result = cli(data_env(tmp_path), "get", "nope", check=False)
+    assert result.returncode != 0 and "unknown key" in result.stderr
+
+
+def test_status_without_a_server_says_so(tmp_path):
+    result = cli(data_env(tmp_path), "status", check=False)
+    assert result.returncode != 0 and "not running" in result.stderr
+
+
+def test_status_asks_the_running_server(server, model):
+    shown = yaml.safe_load(cli(server.env, "status").stdout)
+    assert shown["endpoints"]["openai"] == f"http://localhost:{server.port}/v1"
+    assert shown["model"] == model and shown["engine"] == "cpu"
+    [worker] = shown["workers"]
+    assert worker["device"] == "cpu" and worker["state"] == "ready" and worker["model"] == model
+    as_json = json.loads(cli(server.env, "status", "--format", "json").stdout)
+    assert as_json["workers"][0]["id"] == worker["id"]
+
+
+def test_restart_applies_a_new_port_and_ctrl_c_leaves_no_orphans(tmp_path):
+    first = start_server(tmp_path)
+    assert yaml.safe_load(cli(first.env, "status").stdout)["endpoints"]["openai"].endswith(f":{first.port}/v1")
+    second_port = free_port()
+    cli(first.env, "set", f"http.port={second_port}")  # persisted, applies on restart
+    assert httpx.get(f"{first.base}/health").status_code == 200
+    assert first.stop(signal.SIGINT) == 0
+
+    second = start_server(tmp_path, **{"http.port": str(second_port)})
+    try:
+        shown = yaml.safe_load(cli(second.env, "status").stdout)
+        assert shown["endpoints"]["openai"] == f"http://localhost:{second_port}/v1"
+        pids = [w["pid"] for w in shown["workers"]]
+        assert httpx.get(f"{second.base}/v1/models").status_code == 200
+    finally:
+        assert second.stop(signal.SIGINT) == 0
+    time.sleep(0.5)
+    for pid in pids:
+        assert not _alive(pid), f"worker {pid} outlived the server"
+    assert cli(second.env, "status", check=False).returncode != 0
+
+
+def test_a_killed_supervisor_takes_its_processes_along(tmp_path):
+    server = start_server(tmp_path)
+    pids = [w["pid"] for w in yaml.safe_load(cli(server.env, "status").stdout)["workers"]]
+    server.stop(signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie awaiting its parent counts as gone
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
