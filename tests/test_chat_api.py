@@ -5,9 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+import time
 
+import httpx
 import openai
 import pytest
+import yaml
+
+from conftest import cli
 
 STORY = [{"role": "user", "content": "Write a long story about a dragon who learns to cook."}]
 
@@ -188,3 +193,21 @@ def test_curl_as_in_the_guide(server, model):
         ["curl", "-s", f"{server.url}/chat/completions", "-d", body], capture_output=True, text=True, check=True
     )
     assert json.loads(chat.stdout)["choices"][0]["message"]["content"]
+
+
+def test_a_client_that_goes_away_stops_its_generation(server):
+    body = {"messages": STORY, "max_tokens": 1500, "stream": True, "temperature": 1.0, "logit_bias": {"2": -100}}
+    with httpx.Client(base_url=server.base, timeout=60) as client:
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            running = yaml.safe_load(cli(server.env, "status").stdout)["workers"][0]["running"]
+            assert running == 1
+        # leaving the block closes the connection mid-stream
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        worker = yaml.safe_load(cli(server.env, "status").stdout)["workers"][0]
+        if worker["running"] == 0 and worker["waiting"] == 0:
+            break
+        time.sleep(0.2)
+    assert worker["running"] == 0, "the abandoned generation is still running"
