@@ -138,6 +138,7 @@ class Broker:
             id=query_id,
             endpoints={"openai": self.plan.api_url},
             workers=[w.info for w in self.workers.values()],
+            in_flight=list(self.routes),
         )
 
     # --- workers -----------------------------------------------------------

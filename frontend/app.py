@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from typing import TypeVar
@@ -22,6 +23,7 @@ log = logging.getLogger("infersnap.frontend")
 Body = TypeVar("Body")
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+STALL_CHECK_SECONDS = 5.0
 
 
 def json_response(body: bytes, status: int = 200) -> HTTPResponse:
@@ -111,6 +113,27 @@ def create_app(plan: ServePlan) -> Sanic:
     return app
 
 
+async def next_output(broker: BrokerClient, request_id: str, outputs: asyncio.Queue[wire.Output]) -> wire.Output:
+    """The request's next output; an error Output if the broker no longer knows the request.
+
+    A broker that restarted has lost its routes: without this check such a
+    request would wait forever. Requests and status queries share one socket,
+    so the broker has always seen the request before it answers the query.
+    """
+    while True:
+        try:
+            return await asyncio.wait_for(outputs.get(), STALL_CHECK_SECONDS)
+        except asyncio.TimeoutError:
+            pass
+        try:
+            known = request_id in (await broker.status()).in_flight
+        except BrokerUnavailable:
+            known = False
+        if not known and outputs.empty():
+            failure = wire.Failure(503, "the server lost this request while restarting; please retry")
+            return wire.Output(id=request_id, finish_reason="error", failure=failure)
+
+
 async def complete(
     request: Request, generate: wire.Generate, render: ChatRender | TextRender, body: schema.SamplingFields
 ) -> HTTPResponse | None:
@@ -119,14 +142,14 @@ async def complete(
     outputs = await broker.submit(generate)
     ended = False
     try:
-        output = await outputs.get()
+        output = await next_output(broker, generate.id, outputs)
         if output.failure is not None:  # before any byte is sent: a real HTTP error status
             ended = True
             raise failure_error(output.failure)
         if not body.stream:
             pieces = [output.text]
             while output.finish_reason is None:
-                output = await outputs.get()
+                output = await next_output(broker, generate.id, outputs)
                 if output.failure is not None:
                     ended = True
                     raise failure_error(output.failure)
@@ -149,7 +172,7 @@ async def complete(
                 if include_usage:
                     await response.send(b"data: " + render.usage_chunk(output) + b"\n\n")
                 break
-            output = await outputs.get()
+            output = await next_output(broker, generate.id, outputs)
         await response.send(b"data: [DONE]\n\n")
         await response.eof()
         return None

@@ -126,6 +126,7 @@ class Status(Message):
     id: str
     endpoints: dict[str, str]
     workers: list[WorkerInfo]
+    in_flight: list[str] = []  # request ids the broker is routing now
 
 
 def models_of(status: Status) -> list[str]:

@@ -1,0 +1,63 @@
+"""No accepted request waits forever, even when a process behind the frontend dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from conftest import cli, start_server
+
+LONG = {
+    "messages": [{"role": "user", "content": "Write a very long story."}],
+    "max_tokens": 1500,
+    "logit_bias": {"2": -100},  # never stop early
+}
+
+
+def child_pid(server, module: str) -> int:
+    """The pid of the server's child process running `module`, read from /proc."""
+    for proc in Path("/proc").iterdir():
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes().decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == server.process.pid and module in cmdline:
+            return int(proc.name)
+    raise AssertionError(f"no {module} process under the server")
+
+
+def test_a_request_caught_in_a_broker_crash_ends_with_an_error_and_service_resumes(tmp_path):
+    server = start_server(tmp_path)
+    try:
+        replies: list[httpx.Response] = []
+        caller = threading.Thread(
+            target=lambda: replies.append(httpx.post(f"{server.url}/chat/completions", json=LONG, timeout=60))
+        )
+        caller.start()
+        deadline = time.monotonic() + 10
+        while yaml.safe_load(cli(server.env, "status").stdout)["workers"][0]["running"] == 0:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.1)
+        killed_at = time.monotonic()
+        os.kill(child_pid(server, "infersnap.broker"), signal.SIGKILL)
+        caller.join(30)
+        assert not caller.is_alive(), "the request hangs"
+        assert time.monotonic() - killed_at < 12
+        [reply] = replies
+        assert reply.status_code == 503 and reply.json()["error"]["message"]
+
+        deadline = time.monotonic() + 20
+        while httpx.get(f"{server.base}/health", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "service did not resume after the broker restarted"
+            time.sleep(0.2)
+        again = httpx.post(f"{server.url}/chat/completions", json={**LONG, "max_tokens": 5}, timeout=30)
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 5
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
