@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from typing import TypeVar
+from typing import Any, Callable, TypeVar
 
 import msgspec
 from sanic import Request, Sanic
@@ -97,19 +97,14 @@ def create_app(plan: ServePlan) -> Sanic:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> HTTPResponse | None:
-        body = decode_body(request, schema.ChatCompletionRequest)
-        generate = convert.chat_request(body, plan.model_name)
-        render = ChatRender(generate.id, generate.model)
-        return await complete(request, generate, render, body)
+        return await complete(request, schema.ChatCompletionRequest, convert.chat_request, ChatRender)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> HTTPResponse | None:
-        body = decode_body(request, schema.CompletionRequest)
-        generate = convert.completion_request(body, plan.model_name)
-        render = TextRender(generate.id, generate.model)
-        return await complete(request, generate, render, body)
+        return await complete(request, schema.CompletionRequest, convert.completion_request, TextRender)
 
     app.ctx.started = schema.now()
+    app.ctx.plan = plan
     return app
 
 
@@ -135,9 +130,15 @@ async def next_output(broker: BrokerClient, request_id: str, outputs: asyncio.Qu
 
 
 async def complete(
-    request: Request, generate: wire.Generate, render: ChatRender | TextRender, body: schema.SamplingFields
+    request: Request,
+    kind: type[schema.SamplingFields],
+    to_generate: Callable[[Any, str], wire.Generate],
+    render_class: type[ChatRender] | type[TextRender],
 ) -> HTTPResponse | None:
     """Run one generation and answer with JSON, or with SSE when the body asks to stream."""
+    body = decode_body(request, kind)
+    generate = to_generate(body, request.app.ctx.plan.model_name)
+    render = render_class(generate.id, generate.model)
     broker: BrokerClient = request.app.ctx.broker
     outputs = await broker.submit(generate)
     ended = False

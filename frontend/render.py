@@ -39,45 +39,30 @@ class ChatRender:
     def __init__(self, request_id: str, model: str) -> None:
         self.id, self.model, self.created = request_id, model, schema.now()
 
+    def _chunk(self, choices: list[schema.ChunkChoice], **extra: object) -> bytes:
+        return _encode(
+            schema.ChatCompletionChunk(
+                id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=choices, **extra
+            )
+        )
+
     def chunk(self, output: wire.Output, first: bool) -> bytes:
         delta = schema.Delta(role="assistant" if first else None, content=output.text)
-        return _encode(
-            schema.ChatCompletionChunk(
-                id=self.id,
-                object="chat.completion.chunk",
-                created=self.created,
-                model=self.model,
-                choices=[schema.ChunkChoice(index=0, delta=delta, finish_reason=output.finish_reason)],
-                timings=timings(output.timings),
-            )
-        )
+        choice = schema.ChunkChoice(index=0, delta=delta, finish_reason=output.finish_reason)
+        return self._chunk([choice], timings=timings(output.timings))
 
     def usage_chunk(self, last: wire.Output) -> bytes:
-        return _encode(
-            schema.ChatCompletionChunk(
-                id=self.id,
-                object="chat.completion.chunk",
-                created=self.created,
-                model=self.model,
-                choices=[],
-                usage=usage(last),
-            )
-        )
+        return self._chunk([], usage=usage(last))
 
     def response(self, text: str, last: wire.Output) -> bytes:
+        message = schema.AssistantMessage(role="assistant", content=text)
         return _encode(
             schema.ChatCompletion(
                 id=self.id,
                 object="chat.completion",
                 created=self.created,
                 model=self.model,
-                choices=[
-                    schema.ChatChoice(
-                        index=0,
-                        message=schema.AssistantMessage(role="assistant", content=text),
-                        finish_reason=last.finish_reason,
-                    )
-                ],
+                choices=[schema.ChatChoice(index=0, message=message, finish_reason=last.finish_reason)],
                 usage=usage(last),
                 timings=timings(last.timings),
             )
@@ -88,30 +73,20 @@ class TextRender:
     def __init__(self, request_id: str, model: str) -> None:
         self.id, self.model, self.created = request_id, model, schema.now()
 
-    def _completion(self, choices: list[schema.TextChoice], last: wire.Output | None, with_usage: bool) -> bytes:
+    def _completion(self, choices: list[schema.TextChoice], **extra: object) -> bytes:
         return _encode(
             schema.Completion(
-                id=self.id,
-                object="text_completion",
-                created=self.created,
-                model=self.model,
-                choices=choices,
-                usage=usage(last) if with_usage and last else None,
-                timings=timings(last.timings) if last else None,
+                id=self.id, object="text_completion", created=self.created, model=self.model, choices=choices, **extra
             )
         )
 
     def chunk(self, output: wire.Output, first: bool) -> bytes:
         choice = schema.TextChoice(index=0, text=output.text, finish_reason=output.finish_reason)
-        return self._completion([choice], output if output.timings else None, with_usage=False)
+        return self._completion([choice], timings=timings(output.timings))
 
     def usage_chunk(self, last: wire.Output) -> bytes:
-        return _encode(
-            schema.Completion(
-                id=self.id, object="text_completion", created=self.created, model=self.model, choices=[], usage=usage(last)
-            )
-        )
+        return self._completion([], usage=usage(last))
 
     def response(self, text: str, last: wire.Output) -> bytes:
         choice = schema.TextChoice(index=0, text=text, finish_reason=last.finish_reason)
-        return self._completion([choice], last, with_usage=True)
+        return self._completion([choice], usage=usage(last), timings=timings(last.timings))
