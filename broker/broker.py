@@ -5,7 +5,9 @@ announce themselves and heartbeat with WorkerStatus; a worker silent for
 longer than WORKER_TIMEOUT is dropped and its requests end with an error,
 so no request waits forever on a dead process. A request goes to the
 ready worker serving its model with the lowest load, counting a waiting
-request as four running ones, as vLLM does.
+request as four running ones, as vLLM does; when even that worker has
+`max_waiting` requests queued beyond its slots, the request is refused with
+503 at once.
 """
 
 from __future__ import annotations
@@ -118,6 +120,11 @@ class Broker:
             self._send(self.clients, client, _failed(request.id, failure))
             return
         worker = min(ready, key=lambda w: w.load)
+        if len(worker.in_flight) >= worker.info.slots + self.plan.max_waiting:
+            # Refuse at once rather than queue without end; the frontend adds Retry-After.
+            failure = wire.Failure(503, "the server is at capacity; retry shortly", code="server_overloaded")
+            self._send(self.clients, client, _failed(request.id, failure))
+            return
         self.routes[request.id] = Route(client=client, worker=worker.identity)
         worker.in_flight.add(request.id)
         self._send(self.workers_socket, worker.identity, request)

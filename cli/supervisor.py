@@ -45,6 +45,7 @@ def build_plan(config: Config) -> ServePlan:
         model_name=model_name,
         slots=config.get("worker.slots"),
         context=config.get("worker.context"),
+        max_waiting=config.get("queue.max-waiting"),
         verbose=config.get("verbose"),
         workers=[WorkerSpec("cpu-0", "cpu", "cpu", "llamacpp", cores, threads)],
     )

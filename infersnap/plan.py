@@ -30,6 +30,7 @@ class ServePlan(msgspec.Struct, frozen=True):
     model_name: str
     slots: int
     context: int
+    max_waiting: int
     verbose: bool
     workers: list[WorkerSpec]
 
