@@ -106,7 +106,11 @@ class Broker:
         serving = [w for w in self.workers.values() if w.info.model.lower() == request.model.lower()]
         ready = [w for w in serving if w.info.state == "ready"]
         if not ready:
-            if serving or not self.workers:
+            failed = [w.info for w in serving if w.info.state == "failed"]
+            if failed and len(failed) == len(serving):
+                reasons = "; ".join(f"{w.worker_id}: {w.error}" for w in failed)
+                failure = wire.Failure(503, f"no worker could load this model ({reasons})")
+            elif serving or not self.workers:
                 failure = wire.Failure(503, "no worker is ready to serve this model yet; retry shortly")
             else:
                 known = ", ".join(sorted({w.info.model for w in self.workers.values()}))
@@ -158,7 +162,8 @@ class Broker:
                 log.info("worker %s (%s) joined: %s", message.info.worker_id, message.info.device, message.info.state)
                 worker = self.workers[identity] = Worker(identity, message.info, now)
             elif worker.info.state != message.info.state:
-                log.info("worker %s is %s %s", message.info.worker_id, message.info.state, message.info.error)
+                log.info("worker %s is %s%s", message.info.worker_id, message.info.state,
+                         f": {message.info.error}" if message.info.error else "")
             worker.info, worker.last_seen = message.info, now
         elif isinstance(message, wire.Results) and worker is not None:
             worker.last_seen = now

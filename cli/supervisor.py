@@ -116,18 +116,31 @@ class Supervisor:
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.plan.port}/health"
 
+    def _frontend_answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(self._health_url(), timeout=2):
+                return True
+        except urllib.error.HTTPError:  # 503: it answers, no worker is ready
+            return True
+        except (urllib.error.URLError, OSError):
+            return False
+
     def _wait_until_ready(self) -> None:
-        url = self._health_url()
+        """Until every worker has loaded or failed, and the frontend answers."""
         while not self.stopping:
             for child in self.children:
                 if child.process.poll() is not None:
                     raise ServeError(f"the {child.name} process exited with code {child.process.returncode} at start")
             try:
-                with urllib.request.urlopen(url, timeout=2) as reply:
-                    if reply.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+                workers = query_status(timeout=0.5).workers
+            except NotRunning:
+                workers = []
+            settled = len(workers) == len(self.plan.workers) and all(w.state != "loading" for w in workers)
+            if settled and self._frontend_answers():
+                for worker in workers:
+                    if worker.state == "failed":
+                        print(f"infersnap: worker {worker.worker_id} failed: {worker.error}", file=sys.stderr, flush=True)
+                return
             time.sleep(0.2)
 
     def _watch(self) -> None:

@@ -13,6 +13,7 @@ from infersnap.frontend.app import create_app
 def main() -> None:
     plan = serve_plan.read(Path(sys.argv[1]))
     logging.basicConfig(level=logging.DEBUG if plan.verbose else logging.INFO, format="%(name)s: %(message)s")
+    logging.getLogger("sanic").propagate = False  # Sanic logs through its own handlers; print each line once
     app = create_app(plan)
     app.run(host=plan.host, port=plan.port, single_process=True, access_log=plan.verbose, motd=False)
 

@@ -61,3 +61,19 @@ def test_a_request_caught_in_a_broker_crash_ends_with_an_error_and_service_resum
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 5
     finally:
         assert server.stop(signal.SIGTERM) == 0
+
+
+def test_a_worker_that_cannot_load_is_reported_and_requests_get_503(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\0" * 64)
+    server = start_server(tmp_path / "data", **{"model.path": str(broken)})
+    try:
+        assert "failed" in server.log.read_text()
+        [worker] = yaml.safe_load(cli(server.env, "status").stdout)["workers"]
+        assert worker["state"] == "failed" and worker["error"]
+        health = httpx.get(f"{server.base}/health")
+        assert health.status_code == 503 and health.headers["retry-after"]
+        chat = httpx.post(f"{server.url}/chat/completions", json={**LONG, "max_tokens": 3}, timeout=10)
+        assert chat.status_code == 503 and chat.json()["error"]["message"]
+    finally:
+        assert server.stop() == 0
