@@ -38,6 +38,6 @@ def test_requests_past_the_queue_get_503_promptly(tmp_path):
         for reply, seconds in refused:
             assert reply.status_code == 503 and reply.headers["retry-after"]
             assert reply.json()["error"]["code"] == "server_overloaded"
-            assert seconds < 1.0
+            assert seconds < 2.0  # refused at once, not after the 100-token generations (~2.5 s)
     finally:
         assert server.stop() == 0
