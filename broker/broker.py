@@ -109,25 +109,25 @@ class Broker:
             failed = [w.info for w in serving if w.info.state == "failed"]
             if failed and len(failed) == len(serving):
                 reasons = "; ".join(f"{w.worker_id}: {w.error}" for w in failed)
-                failure = wire.Failure(503, f"no worker could load this model ({reasons})")
+                refusal = wire.failed(request.id, 503, f"no worker could load this model ({reasons})")
             elif serving or not self.workers:
-                failure = wire.Failure(503, "no worker is ready to serve this model yet; retry shortly")
+                refusal = wire.failed(request.id, 503, "no worker is ready to serve this model yet; retry shortly")
             else:
                 known = ", ".join(sorted({w.info.model for w in self.workers.values()}))
-                failure = wire.Failure(
+                refusal = wire.failed(
+                    request.id,
                     404,
                     f"The model '{request.model}' does not exist. Models served here: {known}",
-                    type="invalid_request_error",
                     code="model_not_found",
                     param="model",
                 )
-            self._send(self.clients, client, _failed(request.id, failure))
+            self._send(self.clients, client, wire.Results(outputs=[refusal]))
             return
         worker = min(ready, key=lambda w: w.load)
         if len(worker.in_flight) >= worker.info.slots + self.plan.max_waiting:
             # Refuse at once rather than queue without end; the frontend adds Retry-After.
-            failure = wire.Failure(503, "the server is at capacity; retry shortly", code="server_overloaded")
-            self._send(self.clients, client, _failed(request.id, failure))
+            refusal = wire.failed(request.id, 503, "the server is at capacity; retry shortly", code="server_overloaded")
+            self._send(self.clients, client, wire.Results(outputs=[refusal]))
             return
         self.routes[request.id] = Route(client=client, worker=worker.identity)
         worker.in_flight.add(request.id)
@@ -188,12 +188,12 @@ class Broker:
                 continue
             log.warning("worker %s went silent; dropping it", worker.info.worker_id)
             del self.workers[identity]
-            failure = wire.Failure(503, f"worker {worker.info.worker_id} stopped while serving this request")
+            message = f"worker {worker.info.worker_id} stopped while serving this request"
             by_client: dict[bytes, list[wire.Output]] = {}
             for request_id in worker.in_flight:
                 route = self.routes.pop(request_id, None)
                 if route is not None:
-                    by_client.setdefault(route.client, []).append(_failed(request_id, failure).outputs[0])
+                    by_client.setdefault(route.client, []).append(wire.failed(request_id, 503, message))
             for client, batch in by_client.items():
                 self._send(self.clients, client, wire.Results(outputs=batch))
 
@@ -202,7 +202,3 @@ class Broker:
             socket.send_multipart([identity, wire.encode(message)], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # the peer is gone or cannot take more
             log.warning("could not send to %r: %s", identity, exc)
-
-
-def _failed(request_id: str, failure: wire.Failure) -> wire.Results:
-    return wire.Results(outputs=[wire.Output(id=request_id, finish_reason="error", failure=failure)])

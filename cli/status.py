@@ -15,14 +15,13 @@ class NotRunning(Exception):
 
 def query_status(timeout: float = 2.0) -> wire.Status:
     """The broker's Status, or NotRunning if no server answers for this data folder."""
-    address = paths.socket_address("clients")
-    if not (paths.runtime_dir() / "clients.sock").exists():
+    if not paths.socket_file("clients").exists():
         raise NotRunning("infersnap is not running (no server for this data folder)")
     zctx = zmq.Context.instance()
     socket = zctx.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     try:
-        socket.connect(address)
+        socket.connect(paths.socket_address("clients"))
         query = wire.StatusQuery(id=uuid.uuid4().hex)
         socket.send(wire.encode(query))
         while socket.poll(int(timeout * 1000)):

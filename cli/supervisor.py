@@ -165,8 +165,8 @@ class Supervisor:
                 child.start()
 
     def _stop_all(self) -> None:
-        # Frontend first, so no new request arrives while the rest stop.
-        running = [c.process for c in reversed(self.children) if c.process and c.process.poll() is None]
+        # All get SIGTERM at once; whichever is still running after the grace period is killed.
+        running = [c.process for c in self.children if c.process and c.process.poll() is None]
         for process in running:
             process.terminate()
         deadline = time.monotonic() + STOP_GRACE_SECONDS

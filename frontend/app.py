@@ -42,7 +42,7 @@ def decode_body(request: Request, kind: type[Body]) -> Body:
 
 def failure_error(failure: wire.Failure) -> APIError:
     headers = {"Retry-After": "1"} if failure.status == 503 else None
-    return APIError(failure.status, failure.message, failure.type, failure.param, failure.code, headers)
+    return APIError(failure.status, failure.message, param=failure.param, code=failure.code, headers=headers)
 
 
 def create_app(plan: ServePlan) -> Sanic:
@@ -125,8 +125,7 @@ async def next_output(broker: BrokerClient, request_id: str, outputs: asyncio.Qu
         except BrokerUnavailable:
             known = False
         if not known and outputs.empty():
-            failure = wire.Failure(503, "the server lost this request while restarting; please retry")
-            return wire.Output(id=request_id, finish_reason="error", failure=failure)
+            return wire.failed(request_id, 503, "the server lost this request while restarting; please retry")
 
 
 async def complete(
@@ -141,35 +140,31 @@ async def complete(
     render = render_class(generate.id, generate.model)
     broker: BrokerClient = request.app.ctx.broker
     outputs = await broker.submit(generate)
-    ended = False
+    output: wire.Output | None = None  # the last one read; finish_reason set once the request ended
     try:
         output = await next_output(broker, generate.id, outputs)
-        if output.failure is not None:  # before any byte is sent: a real HTTP error status
-            ended = True
-            raise failure_error(output.failure)
         if not body.stream:
-            pieces = [output.text]
-            while output.finish_reason is None:
-                output = await next_output(broker, generate.id, outputs)
+            pieces = []
+            while True:
                 if output.failure is not None:
-                    ended = True
                     raise failure_error(output.failure)
                 pieces.append(output.text)
-            ended = True
-            return json_response(render.response("".join(pieces), output))
+                if output.finish_reason is not None:
+                    return json_response(render.response("".join(pieces), output))
+                output = await next_output(broker, generate.id, outputs)
 
+        if output.failure is not None:  # before any byte is sent: a real HTTP error status
+            raise failure_error(output.failure)
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
         first = True
         while True:
             if output.failure is not None:
-                ended = True
                 await response.send(b"data: " + failure_error(output.failure).body() + b"\n\n")
                 break
             await response.send(b"data: " + render.chunk(output, first) + b"\n\n")
             first = False
             if output.finish_reason is not None:
-                ended = True
                 if include_usage:
                     await response.send(b"data: " + render.usage_chunk(output) + b"\n\n")
                 break
@@ -178,8 +173,8 @@ async def complete(
         await response.eof()
         return None
     finally:
-        # A client that went away (or any error) stops its generation at the worker.
-        if ended:
+        # A request still generating when the handler ends (client gone, send failed) is stopped.
+        if output is not None and output.finish_reason is not None:
             broker.forget(generate.id)
         else:
             broker.abort(generate.id)

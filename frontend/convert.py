@@ -30,8 +30,8 @@ def _sampling(body: schema.SamplingFields, max_tokens: int | None) -> wire.Sampl
         min_p=pick(body.min_p, DEFAULTS.min_p),
         seed=body.seed,
         stop=stop,
-        presence_penalty=pick(body.presence_penalty, 0.0),
-        frequency_penalty=pick(body.frequency_penalty, 0.0),
+        presence_penalty=pick(body.presence_penalty, DEFAULTS.presence_penalty),
+        frequency_penalty=pick(body.frequency_penalty, DEFAULTS.frequency_penalty),
         logit_bias=logit_bias,
     )
 

@@ -40,6 +40,10 @@ def runtime_dir(create: bool = False) -> Path:
     return path
 
 
+def socket_file(name: str) -> Path:
+    """The file of one of the broker's sockets ("clients" or "workers")."""
+    return runtime_dir() / f"{name}.sock"
+
+
 def socket_address(name: str) -> str:
-    """The ipc:// address of one of the broker's sockets ("clients" or "workers")."""
-    return f"ipc://{runtime_dir() / name}.sock"
+    return f"ipc://{socket_file(name)}"

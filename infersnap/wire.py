@@ -39,11 +39,10 @@ class Timings(msgspec.Struct, array_like=True):
 
 
 class Failure(msgspec.Struct, array_like=True, frozen=True):
-    """Why a request ended without an answer: becomes an OpenAI error body."""
+    """Why a request ended without an answer: becomes an OpenAI error body (its type follows the status)."""
 
     status: int
     message: str
-    type: str = "server_error"
     code: str | None = None
     param: str | None = None
 
@@ -88,6 +87,11 @@ class Output(msgspec.Struct, array_like=True):
     completion_tokens: int = 0
     timings: Timings | None = None  # set on the last output
     failure: Failure | None = None
+
+
+def failed(request_id: str, status: int, message: str, *, param: str | None = None, code: str | None = None) -> Output:
+    """The last Output of a request that ends with an error instead of an answer."""
+    return Output(id=request_id, finish_reason="error", failure=Failure(status, message, code=code, param=param))
 
 
 class Results(Message):

@@ -95,14 +95,14 @@ class LlamaCppEngine:
         try:
             prompt = self._prompt_tokens(request)
         except ValueError as exc:
-            return _failure(request.id, 400, f"could not format the prompt: {exc}", param="messages")
+            return wire.failed(request.id, 400, f"could not format the prompt: {exc}", param="messages")
         if not prompt:
-            return _failure(request.id, 400, "the prompt is empty", param="prompt")
+            return wire.failed(request.id, 400, "the prompt is empty", param="prompt")
         asked = request.params.max_tokens
         max_tokens = self.context - len(prompt) if asked is None else asked
         if len(prompt) + max(max_tokens, 1) > self.context:
             wanted = len(prompt) + (asked or 0)
-            return _failure(
+            return wire.failed(
                 request.id,
                 400,
                 f"This model's maximum context length is {self.context} tokens. However, you requested "
@@ -135,7 +135,7 @@ class LlamaCppEngine:
         rc = llama_cpp.llama_decode(self.ctx.ctx, self.batch.batch)
         if rc != 0:
             outputs = [
-                _failure(s.request.id, 500, f"llama_decode failed with code {rc}") for s in self.running
+                wire.failed(s.request.id, 500, f"llama_decode failed with code {rc}") for s in self.running
             ]
             for seq in list(self.running):
                 self._release(seq)
@@ -151,9 +151,9 @@ class LlamaCppEngine:
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
-            slot = max(self.free_slots, key=lambda s: _common_prefix(s.cached, seq.prompt))
+            shared, slot = max(((_common_prefix(s.cached, seq.prompt), s) for s in self.free_slots), key=lambda p: p[0])
             self.free_slots.remove(slot)
-            keep = min(_common_prefix(slot.cached, seq.prompt), len(seq.prompt) - 1)
+            keep = min(shared, len(seq.prompt) - 1)  # at least one token is evaluated, for its logits
             self.ctx.kv_cache_seq_rm(slot.seq_id, keep, -1)
             del slot.cached[keep:]
             seq.slot, seq.fed = slot, keep
@@ -296,12 +296,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-def _failure(request_id: str, status: int, message: str, param: str | None = None, code: str | None = None) -> wire.Output:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return wire.Output(
-        id=request_id,
-        finish_reason="error",
-        failure=wire.Failure(status=status, message=message, type=kind, code=code, param=param),
-    )

@@ -107,7 +107,10 @@ def run(plan: ServePlan, spec: WorkerSpec) -> None:
         outputs: list[wire.Output] = []
         while message is not None:
             if isinstance(message, wire.Generate):
-                refused = _refuse(message, info) if engine is None else engine.add(message)
+                if engine is None:
+                    refused = wire.failed(message.id, 503, f"worker {info.worker_id} failed to load: {info.error}")
+                else:
+                    refused = engine.add(message)
                 if refused is not None:
                     outputs.append(refused)
             elif isinstance(message, wire.Abort) and engine is not None:
@@ -134,11 +137,3 @@ def _next_or_none(inbox: queue.Queue):
         return inbox.get_nowait()
     except queue.Empty:
         return None
-
-
-def _refuse(request: wire.Generate, info: wire.WorkerInfo) -> wire.Output:
-    return wire.Output(
-        id=request.id,
-        finish_reason="error",
-        failure=wire.Failure(status=503, message=f"worker {info.worker_id} failed to load: {info.error}"),
-    )
