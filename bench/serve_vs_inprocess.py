@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,24 +23,12 @@ from llama_cpp import Llama
 from infersnap.hwdetect.cpu import physical_core_cpus
 from infersnap.models import default_model_path
 
-INFERSNAP = str(Path(sys.executable).parent / "infersnap")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import start_server  # noqa: E402  (the tests' launcher: isolated data folder, free port)
 
 
 def prompt(i: int) -> list[dict]:
     return [{"role": "user", "content": f"Story number {i}: write a long story about a dragon who learns to cook."}]
-
-
-def start_server(data: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "INFERSNAP_DATA": data}
-    subprocess.run([INFERSNAP, "set", f"http.port={port}"], env=env, check=True)
-    server = subprocess.Popen([INFERSNAP, "serve"], env=env, stdout=subprocess.PIPE, text=True)
-    for line in server.stdout:
-        if "infersnap is serving" in line:
-            return server, f"http://127.0.0.1:{port}/v1"
-    raise SystemExit("infersnap serve did not start")
 
 
 def served_run(client: httpx.Client, url: str, i: int, max_tokens: int) -> tuple[float, float, int]:
@@ -92,7 +77,8 @@ def main() -> None:
     threads = len(physical_core_cpus())
     llm = Llama(str(default_model_path()), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
     with tempfile.TemporaryDirectory() as data:
-        server, url = start_server(data)
+        server = start_server(Path(data))
+        url = server.url
         try:
             served, inproc = [], []
             with httpx.Client(timeout=120) as client:
@@ -102,8 +88,7 @@ def main() -> None:
                     inproc.append(inprocess_run(llm, i, args.max_tokens))
                     served.append(served_run(client, url, i, args.max_tokens))
         finally:
-            server.terminate()
-            server.wait()
+            server.stop()
 
     def summary(runs: list[tuple[float, float, int]]) -> tuple[float, float, float]:
         return (

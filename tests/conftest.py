@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 INFERSNAP = str(Path(sys.executable).parent / "infersnap")
 START_TIMEOUT = 120
@@ -31,6 +32,14 @@ def cli(env: dict[str, str], *args: str, check: bool = True, timeout: float = 30
     return result
 
 
+def wait_until(condition, seconds: float, failure: str) -> None:
+    """Poll `condition` until it holds; fail with `failure` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.1)
+
+
 @dataclass
 class Server:
     env: dict[str, str]
@@ -45,6 +54,10 @@ class Server:
     @property
     def url(self) -> str:
         return f"{self.base}/v1"
+
+    def status(self) -> dict:
+        """What `infersnap status` prints, parsed."""
+        return yaml.safe_load(cli(self.env, "status").stdout)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:

@@ -10,7 +10,7 @@ import time
 import httpx
 import yaml
 
-from conftest import cli, data_env, free_port, start_server
+from conftest import cli, data_env, free_port, start_server, wait_until
 
 
 def test_get_shows_the_http_defaults(tmp_path):
@@ -71,7 +71,7 @@ def test_status_asks_the_running_server(server, model):
 
 def test_restart_applies_a_new_port_and_ctrl_c_leaves_no_orphans(tmp_path):
     first = start_server(tmp_path)
-    assert yaml.safe_load(cli(first.env, "status").stdout)["endpoints"]["openai"].endswith(f":{first.port}/v1")
+    assert first.status()["endpoints"]["openai"].endswith(f":{first.port}/v1")
     second_port = free_port()
     cli(first.env, "set", f"http.port={second_port}")  # persisted, applies on restart
     assert httpx.get(f"{first.base}/health").status_code == 200
@@ -79,7 +79,7 @@ def test_restart_applies_a_new_port_and_ctrl_c_leaves_no_orphans(tmp_path):
 
     second = start_server(tmp_path, **{"http.port": str(second_port)})
     try:
-        shown = yaml.safe_load(cli(second.env, "status").stdout)
+        shown = second.status()
         assert shown["endpoints"]["openai"] == f"http://localhost:{second_port}/v1"
         pids = [w["pid"] for w in shown["workers"]]
         assert httpx.get(f"{second.base}/v1/models").status_code == 200
@@ -93,12 +93,9 @@ def test_restart_applies_a_new_port_and_ctrl_c_leaves_no_orphans(tmp_path):
 
 def test_a_killed_supervisor_takes_its_processes_along(tmp_path):
     server = start_server(tmp_path)
-    pids = [w["pid"] for w in yaml.safe_load(cli(server.env, "status").stdout)["workers"]]
+    pids = [w["pid"] for w in server.status()["workers"]]
     server.stop(signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(p) for p in pids)
+    wait_until(lambda: not any(_alive(p) for p in pids), 10, "a child outlived the killed supervisor")
 
 
 def _alive(pid: int) -> bool:

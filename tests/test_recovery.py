@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import httpx
-import yaml
 
-from conftest import cli, start_server
+from conftest import start_server, wait_until
 
 LONG = {
     "messages": [{"role": "user", "content": "Write a very long story."}],
@@ -41,10 +40,7 @@ def test_a_request_caught_in_a_broker_crash_ends_with_an_error_and_service_resum
             target=lambda: replies.append(httpx.post(f"{server.url}/chat/completions", json=LONG, timeout=60))
         )
         caller.start()
-        deadline = time.monotonic() + 10
-        while yaml.safe_load(cli(server.env, "status").stdout)["workers"][0]["running"] == 0:
-            assert time.monotonic() < deadline, "the request never started"
-            time.sleep(0.1)
+        wait_until(lambda: server.status()["workers"][0]["running"] > 0, 10, "the request never started")
         killed_at = time.monotonic()
         os.kill(child_pid(server, "infersnap.broker"), signal.SIGKILL)
         caller.join(30)
@@ -53,10 +49,11 @@ def test_a_request_caught_in_a_broker_crash_ends_with_an_error_and_service_resum
         [reply] = replies
         assert reply.status_code == 503 and reply.json()["error"]["message"]
 
-        deadline = time.monotonic() + 20
-        while httpx.get(f"{server.base}/health", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, "service did not resume after the broker restarted"
-            time.sleep(0.2)
+        wait_until(
+            lambda: httpx.get(f"{server.base}/health", timeout=5).status_code == 200,
+            20,
+            "service did not resume after the broker restarted",
+        )
         again = httpx.post(f"{server.url}/chat/completions", json={**LONG, "max_tokens": 5}, timeout=30)
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 5
     finally:
@@ -69,7 +66,7 @@ def test_a_worker_that_cannot_load_is_reported_and_requests_get_503(tmp_path):
     server = start_server(tmp_path / "data", **{"model.path": str(broken)})
     try:
         assert "failed" in server.log.read_text()
-        [worker] = yaml.safe_load(cli(server.env, "status").stdout)["workers"]
+        [worker] = server.status()["workers"]
         assert worker["state"] == "failed" and worker["error"]
         health = httpx.get(f"{server.base}/health")
         assert health.status_code == 503 and health.headers["retry-after"]
