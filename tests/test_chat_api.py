@@ -199,7 +199,8 @@ def test_a_client_that_goes_away_stops_its_generation(server):
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             lines = response.iter_lines()
             next(line for line in lines if line.startswith("data: {"))
-            assert server.status()["workers"][0]["running"] == 1
+            # the broker learns a worker's load from its heartbeats (every 0.25 s)
+            wait_until(lambda: server.status()["workers"][0]["running"] == 1, 3, "the generation never showed as running")
         # leaving the block closes the connection mid-stream
 
     def idle() -> bool:
