@@ -15,11 +15,12 @@ import msgspec
 
 class WorkerSpec(msgspec.Struct, frozen=True):
     worker_id: str
-    device: str  # "cpu", "GPU.0", ...
-    engine: str  # engine manifest name, e.g. "cpu"
+    device: str  # "cpu", "GPU.0", "NPU", "cuda:0", ...
+    engine: str  # engine manifest name, e.g. "cpu-avx2"
     runtime: str  # "llamacpp" | "openvino"
     cpus: list[int]  # logical CPUs the worker's threads may run on
     threads: int
+    gpu_layers: int = 0  # llama.cpp layers offloaded to the device
 
 
 class ServePlan(msgspec.Struct, frozen=True):

@@ -22,6 +22,7 @@ from llama_cpp import _internals, _logger
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from infersnap import wire
+from infersnap.workers.limits import completion_budget
 from infersnap.workers.text import TextStream
 
 BATCH_TOKENS = 512  # tokens per llama_decode: decode tokens first, prompt chunks fill the rest
@@ -54,10 +55,13 @@ class EngineError(Exception):
 
 
 class LlamaCppEngine:
-    def __init__(self, model_path: str, slots: int, context: int, threads: int, verbose: bool = False) -> None:
+    def __init__(
+        self, model_path: str, slots: int, context: int, threads: int, gpu_layers: int = 0, verbose: bool = False
+    ) -> None:
         _logger.set_verbose(verbose)  # llama.cpp's own log: errors only unless asked
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = gpu_layers  # 0 on the CPU; a GPU engine offloads them all
         try:
             self.model = _internals.LlamaModel(path_model=model_path, params=model_params, verbose=False)
         except ValueError as exc:
@@ -96,21 +100,9 @@ class LlamaCppEngine:
             prompt = self._prompt_tokens(request)
         except ValueError as exc:
             return wire.failed(request.id, 400, f"could not format the prompt: {exc}", param="messages")
-        if not prompt:
-            return wire.failed(request.id, 400, "the prompt is empty", param="prompt")
-        asked = request.params.max_tokens
-        max_tokens = self.context - len(prompt) if asked is None else asked
-        if len(prompt) + max(max_tokens, 1) > self.context:
-            wanted = len(prompt) + (asked or 0)
-            return wire.failed(
-                request.id,
-                400,
-                f"This model's maximum context length is {self.context} tokens. However, you requested "
-                f"{wanted} tokens ({len(prompt)} in the prompt, {asked or 0} for the completion). "
-                "Please reduce the length of the prompt or the completion.",
-                param="messages" if request.messages is not None else "prompt",
-                code="context_length_exceeded",
-            )
+        max_tokens = completion_budget(request, prompt, self.context)
+        if isinstance(max_tokens, wire.Output):
+            return max_tokens
         self.waiting.append(Sequence(request=request, prompt=prompt, max_tokens=max_tokens))
         return None
 

@@ -123,12 +123,30 @@ def run(plan: ServePlan, spec: WorkerSpec) -> None:
             outbox.send(wire.encode(wire.Results(outputs=outputs)))
 
 
+# Which environment variable makes a GPU runtime see only the n-th device (numbered in PCI order).
+VISIBLE_DEVICES = {"cuda": ["CUDA_VISIBLE_DEVICES"], "amd": ["HIP_VISIBLE_DEVICES", "GGML_VK_VISIBLE_DEVICES"]}
+
+
+def only_device(device: str) -> None:
+    """Pin a llama.cpp GPU worker to its device, before the GPU runtime starts and reads these."""
+    kind, _, index = device.partition(":")
+    if kind in VISIBLE_DEVICES and index:
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # hwdetect numbers GPUs in PCI slot order too
+        for name in VISIBLE_DEVICES[kind]:
+            os.environ[name] = index
+
+
 def load_engine(plan: ServePlan, spec: WorkerSpec):
     """The engine for this worker's runtime; imported here so a worker loads only its own."""
     if spec.runtime == "llamacpp":
         from infersnap.workers.llamacpp_engine import LlamaCppEngine
 
-        return LlamaCppEngine(plan.model_path, plan.slots, plan.context, spec.threads, plan.verbose)
+        only_device(spec.device)
+        return LlamaCppEngine(plan.model_path, plan.slots, plan.context, spec.threads, spec.gpu_layers, plan.verbose)
+    if spec.runtime == "openvino":
+        from infersnap.workers.openvino_engine import OpenVinoEngine
+
+        return OpenVinoEngine(plan.model_path, spec.device, plan.slots, plan.context, spec.threads, plan.verbose)
     raise ValueError(f"unknown runtime {spec.runtime!r}")
 
 
