@@ -10,11 +10,22 @@ import click
 import yaml
 
 from infersnap import __version__
+from infersnap.cli import engines as engine_views
 from infersnap.cli.status import NotRunning, query_status, status_document
 from infersnap.config import Config, ConfigError
+from infersnap.engines import EngineChoiceError, manifests
+from infersnap.hwdetect import to_builtins
 from infersnap.models import ModelNotFound
 
 FORMATS = click.Choice(["yaml", "json"])
+TABLE_FORMATS = click.Choice(["table", "json"])
+ROOT = click.option(
+    "--root",
+    default="/",
+    show_default=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="read the machine from this folder instead (e.g. a recorded machine)",
+)
 
 
 def _load_config() -> Config:
@@ -105,6 +116,62 @@ def unset(keys: tuple[str, ...]) -> None:
         config.unset(list(keys))
     except ConfigError as exc:
         raise click.ClickException(f"{exc} (nothing was changed)") from None
+
+
+@main.command()
+@ROOT
+@click.option("--format", "fmt", type=FORMATS, default="yaml", show_default=True)
+def machine(root: str, fmt: str) -> None:
+    """What hardware detection finds: CPU, memory, disk, GPUs, NPUs, PCI devices."""
+    _emit(to_builtins(engine_views.detect(root)), fmt)
+
+
+@main.command()
+@ROOT
+@click.option("--format", "fmt", type=TABLE_FORMATS, default="table", show_default=True)
+def engines(root: str, fmt: str) -> None:
+    """Every engine, whether it can run on this machine, and (*) the ones that serve."""
+    found = engine_views.detect(root)
+    active = engine_views.active_engines(_load_config(), found)
+    if fmt == "json":
+        _emit(engine_views.engines_document(found, active), "json")
+    else:
+        click.echo(engine_views.format_table(engine_views.engines_table(found, active)))
+
+
+@main.command()
+@click.argument("name", required=False)
+@ROOT
+@click.option("--format", "fmt", type=FORMATS, default="yaml", show_default=True)
+def engine(name: str | None, root: str, fmt: str) -> None:
+    """An engine's manifest and its verdict on this machine (the active one when NAME is left out)."""
+    found = engine_views.detect(root)
+    active = engine_views.active_engines(_load_config(), found)
+    if name is None:
+        if not active:
+            raise click.ClickException("no engine can serve on this machine; see `infersnap engines`")
+        documents = [engine_views.engine_document(n, found, active) for n in sorted(active)]
+        _emit(documents[0] if len(documents) == 1 else documents, fmt)
+        return
+    if name not in manifests():
+        raise click.ClickException(f"unknown engine {name!r}; known engines: {', '.join(manifests())}")
+    _emit(engine_views.engine_document(name, found, active), fmt)
+
+
+@main.command("use-engine")
+@click.argument("names", nargs=-1)
+@click.option("--auto", is_flag=True, help="let infersnap pick the best engine for each device")
+@ROOT
+def use_engine(names: tuple[str, ...], auto: bool, root: str) -> None:
+    """Choose the engines that serve (one per device); applies when the server next starts."""
+    if bool(names) == auto:
+        raise click.UsageError("name one or more engines, or give --auto")
+    config = _load_config()
+    try:
+        value = engine_views.use_engines(config, engine_views.detect(root), list(names))
+    except (EngineChoiceError, ConfigError) as exc:
+        raise click.ClickException(f"{exc} (nothing was changed)") from None
+    click.echo(f"engines: {value} (restart `infersnap serve` to apply)")
 
 
 if __name__ == "__main__":

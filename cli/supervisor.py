@@ -21,6 +21,8 @@ from infersnap import paths
 from infersnap import plan as serve_plan
 from infersnap.cli.status import NotRunning, query_status
 from infersnap.config import Config
+from infersnap.engines import Assignment, EngineChoiceError, manifests, parse_choice, select
+from infersnap.hwdetect import Machine, detect
 from infersnap.hwdetect.cpu import physical_core_cpus
 from infersnap.models import resolve
 from infersnap.plan import ServePlan, WorkerSpec
@@ -35,8 +37,6 @@ class ServeError(Exception):
 
 def build_plan(config: Config) -> ServePlan:
     model_path, model_name = resolve(config.get("model.path"), config.get("model.name"))
-    cores = physical_core_cpus()
-    threads = config.get("worker.threads") or len(cores)
     return ServePlan(
         host=config.get("http.host"),
         port=config.get("http.port"),
@@ -47,8 +47,41 @@ def build_plan(config: Config) -> ServePlan:
         context=config.get("worker.context"),
         max_waiting=config.get("queue.max-waiting"),
         verbose=config.get("verbose"),
-        workers=[WorkerSpec("cpu-0", "cpu", "cpu", "llamacpp", cores, threads)],
+        workers=worker_specs(_assignments(config, detect()), physical_core_cpus(), config.get("worker.threads")),
     )
+
+
+def _assignments(config: Config, machine: Machine) -> list[Assignment]:
+    """The configured engines; the automatic choice, with a warning, when they cannot run here."""
+    try:
+        return select(machine, parse_choice(config.get("engines")))
+    except EngineChoiceError as exc:
+        print(f"infersnap: {exc}; serving with the automatic choice instead", file=sys.stderr, flush=True)
+        return select(machine)
+
+
+def worker_specs(assignments: list[Assignment], cores: list[int], cpu_threads: int) -> list[WorkerSpec]:
+    """One worker per (engine, device), named after its device. A GPU or NPU worker takes the
+    cores its host threads need from the end of the list, while the CPU worker keeps one at least."""
+    cpu_cores = list(cores)
+    accelerators = []
+    for assignment in (a for a in assignments if a.device != "cpu"):
+        manifest = manifests()[assignment.engine]
+        wanted = manifest.settings.host_threads
+        if 0 < wanted < len(cpu_cores):
+            own, cpu_cores = cpu_cores[-wanted:], cpu_cores[:-wanted]
+        else:
+            own = list(cores)
+        accelerators.append(
+            WorkerSpec(assignment.device, assignment.device, assignment.engine, manifest.runtime, own,
+                       max(wanted, 1), manifest.settings.gpu_layers)
+        )
+    cpu = [
+        WorkerSpec("cpu", "cpu", a.engine, manifests()[a.engine].runtime, cpu_cores, cpu_threads or len(cpu_cores))
+        for a in assignments
+        if a.device == "cpu"
+    ]
+    return cpu + accelerators
 
 
 def _die_with_parent() -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from infersnap import paths
+from infersnap.engines import EngineChoiceError, parse_choice
 
 
 class ConfigError(ValueError):
@@ -42,6 +43,14 @@ def _non_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+def _engine_names(value: str) -> str | None:
+    try:
+        parse_choice(value)
+    except EngineChoiceError as exc:
+        return str(exc)
+    return None
+
+
 KEYS: dict[str, Key] = {
     key.name: key
     for key in (
@@ -50,6 +59,7 @@ KEYS: dict[str, Key] = {
         Key("http.max-body-bytes", int, 8 * 1024 * 1024, "largest request body accepted", _between(1024, 1 << 30)),
         Key("model.path", str, "", "GGUF file to serve; empty means the default model (SmolLM2-135M-Instruct)"),
         Key("model.name", str, "", "model id clients use; empty means the file name without .gguf"),
+        Key("engines", str, "auto", "engines that serve, comma-separated (see `infersnap engines`); auto: the best per device", _engine_names),
         Key("worker.slots", int, 8, "sequences a worker generates at once (continuous batching)", _between(1, 256)),
         Key("worker.context", int, 2048, "context length in tokens of each sequence", _between(128, 1 << 20)),
         Key("worker.threads", int, 0, "CPU threads of the CPU worker; 0 means one per physical core", _between(0, 1024)),

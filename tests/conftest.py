@@ -92,9 +92,18 @@ def start_server(data: Path, **settings: str) -> Server:
     raise AssertionError(f"infersnap serve did not get ready in {START_TIMEOUT}s:\n{log.read_text()}")
 
 
+# The served path is tested on both runtimes: llama.cpp ("cpu", any CPU) and OpenVINO ("intel-cpu").
+ENGINES = ["cpu", "intel-cpu"]
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    running = start_server(tmp_path_factory.mktemp("data"), **{"worker.slots": "4"})
+def server(tmp_path_factory: pytest.TempPathFactory, engine: str):
+    running = start_server(tmp_path_factory.mktemp("data"), **{"worker.slots": "4", "engines": engine})
     yield running
     assert running.stop() == 0, running.log.read_text()
 

@@ -59,12 +59,13 @@ def test_status_without_a_server_says_so(tmp_path):
     assert result.returncode != 0 and "not running" in result.stderr
 
 
-def test_status_asks_the_running_server(server, model):
+def test_status_asks_the_running_server(server, model, engine):
     shown = yaml.safe_load(cli(server.env, "status").stdout)
     assert shown["endpoints"]["openai"] == f"http://localhost:{server.port}/v1"
-    assert shown["model"] == model and shown["engine"] == "cpu"
+    assert shown["model"] == model and shown["engine"] == engine
     [worker] = shown["workers"]
-    assert worker["device"] == "cpu" and worker["state"] == "ready" and worker["model"] == model
+    assert worker["device"] == "cpu" and worker["engine"] == engine
+    assert worker["state"] == "ready" and worker["model"] == model
     as_json = json.loads(cli(server.env, "status", "--format", "json").stdout)
     assert as_json["workers"][0]["id"] == worker["id"]
 
