@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench bench-engines clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test: setup
 
 bench: setup
 	$(PY) bench/serve_vs_inprocess.py
+
+bench-engines: setup
+	$(PY) bench/engines.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -20,7 +20,7 @@ MANIFESTS = Path(__file__).parent / "manifests"
 DeviceType = Literal["cpu", "gpu", "npu"]
 
 
-class DeviceRequirement(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, frozen=True):
+class DeviceRequirement(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, frozen=True, omit_defaults=True):
     type: DeviceType
     architecture: str | None = None  # cpu: "amd64", "arm64", ...
     manufacturer_id: str | None = None  # cpu: "GenuineIntel", "AuthenticAMD"
@@ -35,7 +35,7 @@ class Devices(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     anyof: list[DeviceRequirement] = []
 
 
-class Settings(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, frozen=True):
+class Settings(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, frozen=True, omit_defaults=True):
     gpu_layers: int = 0  # llama.cpp layers offloaded to the GPU
     host_threads: int = 0  # CPU threads a GPU/NPU worker needs, kept off the CPU worker's cores
 
