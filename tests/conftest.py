@@ -71,15 +71,15 @@ def data_env(data: Path) -> dict[str, str]:
     return env
 
 
-def start_server(data: Path, **settings: str) -> Server:
-    """Configure a data folder through `infersnap set`, start `infersnap serve`, wait until it answers."""
+def start_server(data: Path, command: list[str] | None = None, **settings: str) -> Server:
+    """Configure a data folder through `infersnap set`, start `infersnap serve` (or `command`), wait until it answers."""
     env = data_env(data)
     port = int(settings.pop("http.port", free_port()))
     cli(env, "set", f"http.port={port}", *(f"{k}={v}" for k, v in settings.items()))
     log = data / "serve.log"
     data.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        process = subprocess.Popen([INFERSNAP, "serve"], env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command or [INFERSNAP, "serve"], env=env, stdout=out, stderr=subprocess.STDOUT)
     server = Server(env, process, log, port)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from conftest import start_server, wait_until
+from infersnap.hwdetect import detect
 
 LONG = {
     "messages": [{"role": "user", "content": "Write a very long story."}],
@@ -72,5 +75,34 @@ def test_a_worker_that_cannot_load_is_reported_and_requests_get_503(tmp_path):
         assert health.status_code == 503 and health.headers["retry-after"]
         chat = httpx.post(f"{server.url}/chat/completions", json={**LONG, "max_tokens": 3}, timeout=10)
         assert chat.status_code == 503 and chat.json()["error"]["message"]
+    finally:
+        assert server.stop() == 0
+
+
+# `infersnap serve` as it is, with one more worker in its plan: OpenVINO on an Intel GPU this machine lacks.
+SERVE_WITH_A_MISSING_GPU = """
+import sys, msgspec
+from infersnap.cli.supervisor import Supervisor, build_plan
+from infersnap.config import Config
+from infersnap.plan import WorkerSpec
+plan = build_plan(Config())
+gpu = WorkerSpec("GPU.0", "GPU.0", "intel-gpu", "openvino", [0], 1)
+sys.exit(Supervisor(msgspec.structs.replace(plan, workers=[*plan.workers, gpu])).run())
+"""
+
+
+def test_a_device_that_fails_to_load_is_reported_and_the_others_go_on_serving(tmp_path):
+    if any(a.vendor == "intel" and a.kind == "gpu" for a in detect().accelerators):
+        pytest.skip("this machine has an Intel GPU, which would load")
+    server = start_server(tmp_path, command=[sys.executable, "-c", SERVE_WITH_A_MISSING_GPU])
+    try:
+        workers = {w["device"]: w for w in server.status()["workers"]}
+        assert workers["GPU.0"]["state"] == "failed" and "GPU.0" in workers["GPU.0"]["error"]
+        assert workers["GPU.0"]["engine"] == "intel-gpu" and workers["cpu"]["state"] == "ready"
+        assert "worker GPU.0 failed" in server.log.read_text()
+        assert httpx.get(f"{server.base}/health").status_code == 200
+        for _ in range(3):
+            chat = httpx.post(f"{server.url}/chat/completions", json={**LONG, "max_tokens": 3}, timeout=30)
+            assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 3
     finally:
         assert server.stop() == 0
