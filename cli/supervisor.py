@@ -46,6 +46,7 @@ def build_plan(config: Config) -> ServePlan:
         slots=config.get("worker.slots"),
         context=config.get("worker.context"),
         max_waiting=config.get("queue.max-waiting"),
+        request_timeout=config.get("queue.request-timeout"),
         verbose=config.get("verbose"),
         workers=worker_specs(_assignments(config, detect()), physical_core_cpus(), config.get("worker.threads")),
     )

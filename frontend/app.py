@@ -108,18 +108,28 @@ def create_app(plan: ServePlan) -> Sanic:
     return app
 
 
-async def next_output(broker: BrokerClient, request_id: str, outputs: asyncio.Queue[wire.Output]) -> wire.Output:
-    """The request's next output; an error Output if the broker no longer knows the request.
+async def next_output(
+    broker: BrokerClient, request_id: str, outputs: asyncio.Queue[wire.Output], deadline: float | None
+) -> wire.Output:
+    """The request's next output; an error Output if the broker no longer knows the request,
+    or if the request ran past its deadline (then it is stopped where it runs).
 
     A broker that restarted has lost its routes: without this check such a
     request would wait forever. Requests and status queries share one socket,
     so the broker has always seen the request before it answers the query.
     """
+    loop = asyncio.get_running_loop()
     while True:
+        wait = STALL_CHECK_SECONDS if deadline is None else min(STALL_CHECK_SECONDS, deadline - loop.time())
         try:
-            return await asyncio.wait_for(outputs.get(), STALL_CHECK_SECONDS)
+            return await asyncio.wait_for(outputs.get(), max(wait, 0))
         except asyncio.TimeoutError:
             pass
+        if deadline is not None and loop.time() >= deadline:
+            broker.abort(request_id)
+            return wire.failed(
+                request_id, 504, "the request took longer than the server's queue.request-timeout", code="timeout"
+            )
         try:
             known = request_id in (await broker.status()).in_flight
         except BrokerUnavailable:
@@ -139,10 +149,12 @@ async def complete(
     generate = to_generate(body, request.app.ctx.plan.model_name)
     render = render_class(generate.id, generate.model)
     broker: BrokerClient = request.app.ctx.broker
+    timeout = request.app.ctx.plan.request_timeout
+    deadline = asyncio.get_running_loop().time() + timeout if timeout else None
     outputs = await broker.submit(generate)
     output: wire.Output | None = None  # the last one read; finish_reason set once the request ended
     try:
-        output = await next_output(broker, generate.id, outputs)
+        output = await next_output(broker, generate.id, outputs, deadline)
         if not body.stream:
             pieces = []
             while True:
@@ -151,7 +163,7 @@ async def complete(
                 pieces.append(output.text)
                 if output.finish_reason is not None:
                     return json_response(render.response("".join(pieces), output))
-                output = await next_output(broker, generate.id, outputs)
+                output = await next_output(broker, generate.id, outputs, deadline)
 
         if output.failure is not None:  # before any byte is sent: a real HTTP error status
             raise failure_error(output.failure)
@@ -168,7 +180,7 @@ async def complete(
                 if include_usage:
                     await response.send(b"data: " + render.usage_chunk(output) + b"\n\n")
                 break
-            output = await next_output(broker, generate.id, outputs)
+            output = await next_output(broker, generate.id, outputs, deadline)
         await response.send(b"data: [DONE]\n\n")
         await response.eof()
         return None

@@ -64,6 +64,7 @@ KEYS: dict[str, Key] = {
         Key("worker.context", int, 2048, "context length in tokens of each sequence", _between(128, 1 << 20)),
         Key("worker.threads", int, 0, "CPU threads of the CPU worker; 0 means one per physical core", _between(0, 1024)),
         Key("queue.max-waiting", int, 64, "requests that may wait per worker beyond its slots; more get 503", _between(0, 100_000)),
+        Key("queue.request-timeout", int, 600, "seconds a request may take, waiting included, before it is stopped with 504; 0: no limit", _between(0, 86_400)),
         Key("verbose", bool, False, "log more"),
     )
 }

@@ -32,6 +32,7 @@ class ServePlan(msgspec.Struct, frozen=True):
     slots: int
     context: int
     max_waiting: int
+    request_timeout: int  # seconds from arrival to the last token; 0: no limit
     verbose: bool
     workers: list[WorkerSpec]
 

@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from conftest import start_server
+from conftest import start_server, wait_until
 
 LONG = {
     "messages": [{"role": "user", "content": "Write a long story."}],
@@ -39,5 +39,26 @@ def test_requests_past_the_queue_get_503_promptly(tmp_path):
             assert reply.status_code == 503 and reply.headers["retry-after"]
             assert reply.json()["error"]["code"] == "server_overloaded"
             assert seconds < 2.0  # refused at once, not after the 100-token generations (~2.5 s)
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_request_past_the_timeout_is_stopped_with_504(tmp_path):
+    server = start_server(tmp_path, **{"worker.slots": "1", "queue.request-timeout": "1"})
+    endless = {**LONG, "max_tokens": 1500}
+    try:
+        start = time.monotonic()
+        reply = httpx.post(f"{server.url}/chat/completions", json=endless, timeout=30)
+        assert reply.status_code == 504 and reply.json()["error"]["code"] == "timeout"
+        assert time.monotonic() - start < 3
+
+        with httpx.stream("POST", f"{server.url}/chat/completions", json={**endless, "stream": True}, timeout=30) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert r.status_code == 200 and '"code":"timeout"' in events[-2] and events[-1] == "data: [DONE]"
+
+        # the generation was stopped in the worker: its one slot serves the next request at once
+        wait_until(lambda: server.status()["workers"][0]["running"] == 0, 3, "the timed-out generation still runs")
+        quick = httpx.post(f"{server.url}/chat/completions", json={**LONG, "max_tokens": 5}, timeout=30)
+        assert quick.status_code == 200 and quick.json()["usage"]["completion_tokens"] == 5
     finally:
         assert server.stop() == 0
