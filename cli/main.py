@@ -174,5 +174,105 @@ def use_engine(names: tuple[str, ...], auto: bool, root: str) -> None:
     click.echo(f"engines: {value} (restart `infersnap serve` to apply)")
 
 
+class _Levels(click.ParamType):
+    name = "LEVELS"
+
+    def convert(self, value, param, ctx):  # noqa: ANN001, ANN201 - click's signature
+        if isinstance(value, list):
+            return value
+        from infersnap.cli.bench import parse_levels
+
+        try:
+            return parse_levels(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@main.command()
+@click.option("--url", help="the server's OpenAI base URL, e.g. http://host:8328/v1  [default: this infersnap's]")
+@click.option("--model", help="the model to ask for  [default: the first that GET {url}/models lists]")
+@click.option("--requests", "requests_", type=click.IntRange(min=1), help="requests per concurrency level  [default: 32, or unlimited with --duration]")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="seconds per level after which no new request starts")
+@click.option("--concurrency", "levels", type=_Levels(), default="1,2,4,8", show_default=True, help="comma list of concurrency levels, run in turn")
+@click.option("--prompt-tokens", type=click.IntRange(min=1), default=32, show_default=True, help="approximate prompt length (words)")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--stream/--no-stream", default=True, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--api-key", default="none", show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True, help="seconds before a request counts as an error")
+@click.option("--compare", "compare_url", help="a second server's base URL, loaded with the same requests, level by level")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON document instead of tables")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="write throughput and latency against concurrency to this PNG")
+def bench(
+    url: str | None,
+    model: str | None,
+    requests_: int | None,
+    duration: float | None,
+    levels: list[int],
+    prompt_tokens: int,
+    max_tokens: int,
+    stream: bool,
+    temperature: float,
+    api_key: str,
+    timeout: float,
+    compare_url: str | None,
+    as_json: bool,
+    plot_path: str | None,
+) -> None:
+    """Load an OpenAI-compatible server: throughput and latency at each concurrency level."""
+    from infersnap.cli import bench as b
+
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.ClickException("--plot needs matplotlib: pip install matplotlib (or infersnap[plot])") from None
+    if url is None:
+        try:
+            url = query_status().endpoints["openai"]
+        except NotRunning as exc:
+            raise click.ClickException(f"{exc}; start `infersnap serve` or give --url") from None
+    url = url.rstrip("/")
+    settings = b.Settings(
+        requests=requests_ if requests_ is not None or duration is not None else 32,
+        duration=duration,
+        prompt_tokens=prompt_tokens,
+        max_tokens=max_tokens,
+        stream=stream,
+        temperature=temperature,
+        api_key=api_key,
+        timeout=timeout,
+    )
+    try:
+        targets = [b.Target(url, model or b.first_model(url, api_key))]
+        if compare_url:
+            compare_url = compare_url.rstrip("/")
+            targets.append(b.Target(compare_url, model or b.first_model(compare_url, api_key)))
+    except b.BenchError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    progress = None
+    if not as_json and sys.stderr.isatty():
+        finished = 0
+        total = f"/{settings.requests * len(levels) * len(targets)}" if settings.requests else ""
+
+        def progress() -> None:
+            nonlocal finished
+            finished += 1
+            click.echo(f"\r{finished}{total} requests", err=True, nl=False)
+
+    runs = b.run_sweep(targets, levels, settings, progress)
+    if progress is not None:
+        click.echo("\r" + " " * 30 + "\r", err=True, nl=False)
+    if plot_path:
+        b.plot(runs, plot_path)
+    if as_json:
+        click.echo(json.dumps(b.json_report(targets, runs, levels, settings), indent=2))
+    else:
+        click.echo(b.text_report(targets, runs, settings) + (f"\nplot: {plot_path}" if plot_path else ""))
+    if all(r.done == 0 for results in runs for r in results):
+        raise click.ClickException("every request failed")
+
+
 if __name__ == "__main__":
     main()

@@ -146,6 +146,10 @@ class LlamaCppEngine:
             shared, slot = max(((_common_prefix(s.cached, seq.prompt), s) for s in self.free_slots), key=lambda p: p[0])
             self.free_slots.remove(slot)
             keep = min(shared, len(seq.prompt) - 1)  # at least one token is evaluated, for its logits
+            if seq.request.params.seed is not None:
+                # Logits differ in the last bits with how the prompt was split into batches, so a seeded
+                # request reads its whole prompt afresh: the same request then gives the same text.
+                keep = 0
             self.ctx.kv_cache_seq_rm(slot.seq_id, keep, -1)
             del slot.cached[keep:]
             seq.slot, seq.fed = slot, keep
