@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import random
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import llama_cpp
@@ -22,7 +21,7 @@ from llama_cpp import _internals, _logger
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from infersnap import wire
-from infersnap.workers.limits import completion_budget
+from infersnap.workers.engine_base import BatchingEngine, completion_budget
 from infersnap.workers.text import TextStream
 
 BATCH_TOKENS = 512  # tokens per llama_decode: decode tokens first, prompt chunks fill the rest
@@ -54,10 +53,11 @@ class EngineError(Exception):
     """The engine could not start (bad model file, out of memory)."""
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(BatchingEngine):
     def __init__(
         self, model_path: str, slots: int, context: int, threads: int, gpu_layers: int = 0, verbose: bool = False
     ) -> None:
+        super().__init__()
         _logger.set_verbose(verbose)  # llama.cpp's own log: errors only unless asked
         llama_cpp.llama_backend_init()
         model_params = llama_cpp.llama_model_default_params()
@@ -86,8 +86,6 @@ class LlamaCppEngine:
         self.batch = _internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)
 
         self.free_slots = [Slot(seq_id) for seq_id in range(slots)]
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
         self._pieces: dict[int, bytes] = {}
         self._add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
         self._chat_template = self._load_chat_template()
@@ -105,17 +103,6 @@ class LlamaCppEngine:
             return max_tokens
         self.waiting.append(Sequence(request=request, prompt=prompt, max_tokens=max_tokens))
         return None
-
-    def abort(self, ids: list[str]) -> None:
-        """Drop these requests wherever they are; unknown ids are ignored."""
-        wanted = set(ids)
-        self.waiting = deque(s for s in self.waiting if s.request.id not in wanted)
-        for seq in [s for s in self.running if s.request.id in wanted]:
-            self._release(seq)
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.running or self.waiting)
 
     # --- one step ----------------------------------------------------------
 

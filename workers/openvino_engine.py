@@ -22,12 +22,11 @@ import os
 import random
 import struct
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 from infersnap import wire
-from infersnap.workers.limits import completion_budget
+from infersnap.workers.engine_base import BatchingEngine, completion_budget
 from infersnap.workers.text import TextStream
 
 BATCH_TOKENS = 512  # tokens per pipeline step: decode tokens first, prompt chunks fill the rest
@@ -53,10 +52,11 @@ class Sequence:
     first_token_at: float = 0.0
 
 
-class OpenVinoEngine:
+class OpenVinoEngine(BatchingEngine):
     def __init__(
         self, model_path: str, device: str, slots: int, context: int, threads: int, verbose: bool = False
     ) -> None:
+        super().__init__()
         if not verbose:
             os.environ.setdefault("OPENVINO_LOG_LEVEL", "1")  # errors only; read when the core starts
         import numpy as np
@@ -100,8 +100,6 @@ class OpenVinoEngine:
         self.stop_ids.discard(-1)
         self._chat_template = self.tokenizer.chat_template
 
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
         self._next_id = 0
         self.verbose = verbose
 
@@ -122,17 +120,6 @@ class OpenVinoEngine:
             return wire.failed(request.id, 400, str(exc), param="logit_bias")
         self.waiting.append(Sequence(request=request, prompt=prompt, max_tokens=max_tokens, config=config))
         return None
-
-    def abort(self, ids: list[str]) -> None:
-        """Drop these requests wherever they are; unknown ids are ignored."""
-        wanted = set(ids)
-        self.waiting = deque(s for s in self.waiting if s.request.id not in wanted)
-        for seq in [s for s in self.running if s.request.id in wanted]:
-            self._release(seq)
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.running or self.waiting)
 
     # --- one step ----------------------------------------------------------
 

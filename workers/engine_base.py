@@ -1,0 +1,53 @@
+"""What every engine shares: the request queue, aborts, and the check before a request is queued."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from infersnap import wire
+
+
+class BatchingEngine:
+    """Requests wait in `waiting` until the engine admits them into `running`; the worker loop
+    reports both counts in its heartbeats. Subclasses set `context` and free a running
+    sequence's resources in `_release`."""
+
+    context: int
+
+    def __init__(self) -> None:
+        self.waiting: deque[Any] = deque()
+        self.running: list[Any] = []
+
+    def abort(self, ids: list[str]) -> None:
+        """Drop these requests wherever they are; unknown ids are ignored."""
+        wanted = set(ids)
+        self.waiting = deque(s for s in self.waiting if s.request.id not in wanted)
+        for seq in [s for s in self.running if s.request.id in wanted]:
+            self._release(seq)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def _release(self, seq: Any) -> None:
+        raise NotImplementedError
+
+
+def completion_budget(request: wire.Generate, prompt: list[int], context: int) -> int | wire.Output:
+    """How many tokens the request may generate, or the 400 to answer when it cannot fit the context."""
+    if not prompt:
+        return wire.failed(request.id, 400, "the prompt is empty", param="prompt")
+    asked = request.params.max_tokens
+    max_tokens = context - len(prompt) if asked is None else asked
+    if len(prompt) + max(max_tokens, 1) <= context:
+        return max_tokens
+    return wire.failed(
+        request.id,
+        400,
+        f"This model's maximum context length is {context} tokens. However, you requested "
+        f"{len(prompt) + (asked or 0)} tokens ({len(prompt)} in the prompt, {asked or 0} for the completion). "
+        "Please reduce the length of the prompt or the completion.",
+        param="messages" if request.messages is not None else "prompt",
+        code="context_length_exceeded",
+    )
