@@ -224,8 +224,10 @@ async def measure_level(
     concurrency: int,
     settings: Settings,
     progress: Callable[[], None] | None = None,
+    first_index: int = 0,
 ) -> LevelResult:
-    """`concurrency` workers send requests 0, 1, 2, … until `settings.requests` or `settings.duration` is reached."""
+    """`concurrency` workers send requests first_index, first_index + 1, … until `settings.requests`
+    or `settings.duration` is reached."""
     results: list[RequestResult] = []
     next_index = 0
     start = time.perf_counter()
@@ -235,7 +237,7 @@ async def measure_level(
         nonlocal next_index
         while time.perf_counter() < deadline and (settings.requests is None or next_index < settings.requests):
             index, next_index = next_index, next_index + 1
-            results.append(await one_request(client, target, index, settings))
+            results.append(await one_request(client, target, first_index + index, settings))
             if progress is not None:
                 progress()
 
@@ -257,9 +259,12 @@ async def _sweep(
 ) -> list[list[LevelResult]]:
     by_target: list[list[LevelResult]] = [[] for _ in targets]
     async with _client(settings) as client:
-        for concurrency in levels:  # interleaved: every target at this level, then the next level
+        for position, concurrency in enumerate(levels):  # interleaved: every target at this level, then the next
+            # Each level gets prompts of its own (the targets the same ones), so no level is served
+            # from prompt caches that an earlier level filled.
+            first = position * 1_000_000
             for i, target in enumerate(targets):
-                by_target[i].append(await measure_level(client, target, concurrency, settings, progress))
+                by_target[i].append(await measure_level(client, target, concurrency, settings, progress, first))
     return by_target
 
 
