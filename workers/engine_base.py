@@ -10,14 +10,25 @@ from infersnap import wire
 
 class BatchingEngine:
     """Requests wait in `waiting` until the engine admits them into `running`; the worker loop
-    reports both counts in its heartbeats. Subclasses set `context` and free a running
-    sequence's resources in `_release`."""
+    reports both counts in its heartbeats. Subclasses set `context`, tokenize in
+    `_prompt_tokens`, build their sequence in `_queue` and free its resources in `_release`."""
 
     context: int
 
     def __init__(self) -> None:
         self.waiting: deque[Any] = deque()
         self.running: list[Any] = []
+
+    def add(self, request: wire.Generate) -> wire.Output | None:
+        """Queue a request; return a failure Output at once if it cannot be served."""
+        try:
+            prompt = self._prompt_tokens(request)
+        except ValueError as exc:
+            return wire.failed(request.id, 400, f"could not format the prompt: {exc}", param="messages")
+        max_tokens = completion_budget(request, prompt, self.context)
+        if isinstance(max_tokens, wire.Output):
+            return max_tokens
+        return self._queue(request, prompt, max_tokens)
 
     def abort(self, ids: list[str]) -> None:
         """Drop these requests wherever they are; unknown ids are ignored."""
@@ -29,6 +40,14 @@ class BatchingEngine:
     @property
     def busy(self) -> bool:
         return bool(self.running or self.waiting)
+
+    def _prompt_tokens(self, request: wire.Generate) -> list[int]:
+        """The prompt as token ids (chat messages through the model's template); ValueError if it can't be made."""
+        raise NotImplementedError
+
+    def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int) -> wire.Output | None:
+        """Put a checked request in `waiting`, or refuse it with a failure Output."""
+        raise NotImplementedError
 
     def _release(self, seq: Any) -> None:
         raise NotImplementedError

@@ -21,7 +21,7 @@ from llama_cpp import _internals, _logger
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from infersnap import wire
-from infersnap.workers.engine_base import BatchingEngine, completion_budget
+from infersnap.workers.engine_base import BatchingEngine
 from infersnap.workers.text import TextStream
 
 BATCH_TOKENS = 512  # tokens per llama_decode: decode tokens first, prompt chunks fill the rest
@@ -92,15 +92,7 @@ class LlamaCppEngine(BatchingEngine):
 
     # --- requests in -------------------------------------------------------
 
-    def add(self, request: wire.Generate) -> wire.Output | None:
-        """Queue a request; return a failure Output at once if it cannot be served."""
-        try:
-            prompt = self._prompt_tokens(request)
-        except ValueError as exc:
-            return wire.failed(request.id, 400, f"could not format the prompt: {exc}", param="messages")
-        max_tokens = completion_budget(request, prompt, self.context)
-        if isinstance(max_tokens, wire.Output):
-            return max_tokens
+    def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int) -> wire.Output | None:
         self.waiting.append(Sequence(request=request, prompt=prompt, max_tokens=max_tokens))
         return None
 

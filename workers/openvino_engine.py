@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infersnap import wire
-from infersnap.workers.engine_base import BatchingEngine, completion_budget
+from infersnap.workers.engine_base import BatchingEngine
 from infersnap.workers.text import TextStream
 
 BATCH_TOKENS = 512  # tokens per pipeline step: decode tokens first, prompt chunks fill the rest
@@ -105,15 +105,7 @@ class OpenVinoEngine(BatchingEngine):
 
     # --- requests in -------------------------------------------------------
 
-    def add(self, request: wire.Generate) -> wire.Output | None:
-        """Queue a request; return a failure Output at once if it cannot be served."""
-        try:
-            prompt = self._prompt_tokens(request)
-        except ValueError as exc:
-            return wire.failed(request.id, 400, f"could not format the prompt: {exc}", param="messages")
-        max_tokens = completion_budget(request, prompt, self.context)
-        if isinstance(max_tokens, wire.Output):
-            return max_tokens
+    def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int) -> wire.Output | None:
         try:
             config = self._config(request.params, max(max_tokens, 1))
         except ValueError as exc:
