@@ -6,16 +6,22 @@ import msgspec
 
 from infersnap import hwdetect, paths
 from infersnap.config import Config
-from infersnap.engines import AUTO, EngineChoiceError, Verdict, manifests, parse_choice, select, verdicts
+from infersnap.engines import AUTO, Assignment, EngineChoiceError, Verdict, manifests, parse_choice, select, verdicts
 from infersnap.hwdetect import Machine
+
+
+def serving_assignments(config: Config, machine: Machine) -> tuple[list[Assignment], str | None]:
+    """The (engine, device) pairs `serve` runs: the configured engines; the automatic choice,
+    with the reason, when they cannot run on this machine (the config itself is kept)."""
+    try:
+        return select(machine, parse_choice(config.get("engines"))), None
+    except EngineChoiceError as exc:
+        return select(machine), f"{exc}; serving with the automatic choice instead"
 
 
 def active_engines(config: Config, machine: Machine) -> set[str]:
     """The engines `serve` would start with this config on this machine."""
-    try:
-        return {a.engine for a in select(machine, parse_choice(config.get("engines")))}
-    except EngineChoiceError:
-        return set()
+    return {a.engine for a in serving_assignments(config, machine)[0]}
 
 
 def compat_word(verdict: Verdict) -> str:

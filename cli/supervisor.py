@@ -21,8 +21,8 @@ from infersnap import paths
 from infersnap import plan as serve_plan
 from infersnap.cli.status import NotRunning, query_status
 from infersnap.config import Config
-from infersnap.engines import Assignment, EngineChoiceError, manifests, parse_choice, select
-from infersnap.hwdetect import Machine, detect
+from infersnap.cli.engines import detect, serving_assignments
+from infersnap.engines import Assignment, manifests
 from infersnap.hwdetect.cpu import physical_core_cpus
 from infersnap.models import resolve
 from infersnap.plan import ServePlan, WorkerSpec
@@ -37,6 +37,9 @@ class ServeError(Exception):
 
 def build_plan(config: Config) -> ServePlan:
     model_path, model_name = resolve(config.get("model.path"), config.get("model.name"))
+    assignments, warning = serving_assignments(config, detect("/"))
+    if warning:
+        print(f"infersnap: {warning}", file=sys.stderr, flush=True)
     return ServePlan(
         host=config.get("http.host"),
         port=config.get("http.port"),
@@ -48,17 +51,8 @@ def build_plan(config: Config) -> ServePlan:
         max_waiting=config.get("queue.max-waiting"),
         request_timeout=config.get("queue.request-timeout"),
         verbose=config.get("verbose"),
-        workers=worker_specs(_assignments(config, detect()), physical_core_cpus(), config.get("worker.threads")),
+        workers=worker_specs(assignments, physical_core_cpus(), config.get("worker.threads")),
     )
-
-
-def _assignments(config: Config, machine: Machine) -> list[Assignment]:
-    """The configured engines; the automatic choice, with a warning, when they cannot run here."""
-    try:
-        return select(machine, parse_choice(config.get("engines")))
-    except EngineChoiceError as exc:
-        print(f"infersnap: {exc}; serving with the automatic choice instead", file=sys.stderr, flush=True)
-        return select(machine)
 
 
 def worker_specs(assignments: list[Assignment], cores: list[int], cpu_threads: int) -> list[WorkerSpec]:

@@ -41,6 +41,26 @@ class BatchingEngine:
     def busy(self) -> bool:
         return bool(self.running or self.waiting)
 
+    def _output(self, seq: Any, text: str, finish: str | None, completion_tokens: int, prompt_evaluated: int,
+                now: float) -> wire.Output:
+        """One step's Output of a sequence; the last one (finish set) carries the timings and frees the sequence."""
+        output = wire.Output(
+            id=seq.request.id,
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=completion_tokens,
+        )
+        if finish is not None:
+            output.timings = wire.Timings(
+                prompt_n=prompt_evaluated,
+                prompt_ms=(seq.first_token_at - seq.started) * 1000,
+                predicted_n=completion_tokens,
+                predicted_ms=(now - seq.first_token_at) * 1000,
+            )
+            self._release(seq)
+        return output
+
     def _prompt_tokens(self, request: wire.Generate) -> list[int]:
         """The prompt as token ids (chat messages through the model's template); ValueError if it can't be made."""
         raise NotImplementedError

@@ -187,22 +187,7 @@ class LlamaCppEngine(BatchingEngine):
         seq.next_token = token
         if finish is None and not text:
             return None
-        output = wire.Output(
-            id=seq.request.id,
-            text=text,
-            finish_reason=finish,
-            prompt_tokens=len(seq.prompt),
-            completion_tokens=seq.completion_tokens,
-        )
-        if finish is not None:
-            output.timings = wire.Timings(
-                prompt_n=seq.prompt_evaluated,
-                prompt_ms=(seq.first_token_at - seq.started) * 1000,
-                predicted_n=seq.completion_tokens,
-                predicted_ms=(now - seq.first_token_at) * 1000,
-            )
-            self._release(seq)
-        return output
+        return self._output(seq, text, finish, seq.completion_tokens, seq.prompt_evaluated, now)
 
     def _release(self, seq: Sequence) -> None:
         """Free the sequence's slot, keeping its KV cache for prefix reuse."""

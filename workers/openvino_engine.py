@@ -214,22 +214,7 @@ class OpenVinoEngine(BatchingEngine):
             text += seq.text.flush()
         if finish is None and not text:
             return None
-        output = wire.Output(
-            id=seq.request.id,
-            text=text,
-            finish_reason=finish,
-            prompt_tokens=len(seq.prompt),
-            completion_tokens=len(seq.ids),
-        )
-        if finish is not None:
-            output.timings = wire.Timings(
-                prompt_n=len(seq.prompt),
-                prompt_ms=(seq.first_token_at - seq.started) * 1000,
-                predicted_n=len(seq.ids),
-                predicted_ms=(now - seq.first_token_at) * 1000,
-            )
-            self._release(seq)
-        return output
+        return self._output(seq, text, finish, len(seq.ids), len(seq.prompt), now)
 
     def _dropped(self, seq: Sequence) -> wire.Output:
         self._release(seq)
