@@ -52,6 +52,9 @@ def build_plan(config: Config) -> ServePlan:
         request_timeout=config.get("queue.request-timeout"),
         verbose=config.get("verbose"),
         workers=worker_specs(assignments, physical_core_cpus(), config.get("worker.threads")),
+        max_tokens=config.get("limits.max-tokens"),
+        max_n=config.get("limits.max-n"),
+        drain_timeout=config.get("queue.drain-timeout"),
     )
 
 

@@ -57,6 +57,11 @@ KEYS: dict[str, Key] = {
         Key("http.host", str, "127.0.0.1", "address the HTTP API listens on (0.0.0.0 for the LAN)", _non_empty),
         Key("http.port", int, 8328, "TCP port of the HTTP API", _between(1, 65535)),
         Key("http.max-body-bytes", int, 8 * 1024 * 1024, "largest request body accepted", _between(1024, 1 << 30)),
+        Key("http.api-keys", str, "", "API keys clients must send as `Authorization: Bearer KEY`, comma-separated; empty: none needed"),
+        Key("http.api-keys-file", str, "", "file with more API keys, one per line (# starts a comment)"),
+        Key("http.cors-origins", str, "", "browser origins allowed to call the API, comma-separated, * for any; empty: none"),
+        Key("limits.max-tokens", int, 32768, "largest max_tokens a request may ask for", _between(1, 1 << 24)),
+        Key("limits.max-n", int, 1, "largest n (choices per request) a request may ask for", _between(1, 128)),
         Key("model.path", str, "", "GGUF file to serve; empty means the default model (SmolLM2-135M-Instruct)"),
         Key("model.name", str, "", "model id clients use; empty means the file name without .gguf"),
         Key("engines", str, "auto", "engines that serve, comma-separated (see `infersnap engines`); auto: the best per device", _engine_names),
@@ -65,6 +70,7 @@ KEYS: dict[str, Key] = {
         Key("worker.threads", int, 0, "CPU threads of the CPU worker; 0 means one per physical core", _between(0, 1024)),
         Key("queue.max-waiting", int, 64, "requests that may wait per worker beyond its slots; more get 503", _between(0, 100_000)),
         Key("queue.request-timeout", int, 600, "seconds a request may take, waiting included, before it is stopped with 504; 0: no limit", _between(0, 86_400)),
+        Key("queue.drain-timeout", int, 30, "seconds running requests may take to finish after SIGTERM before they are stopped", _between(0, 3600)),
         Key("verbose", bool, False, "log more"),
     )
 }

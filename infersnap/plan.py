@@ -35,6 +35,11 @@ class ServePlan(msgspec.Struct, frozen=True):
     request_timeout: int  # seconds from arrival to the last token; 0: no limit
     verbose: bool
     workers: list[WorkerSpec]
+    api_keys: list[str] = []  # empty: no key needed
+    cors_origins: list[str] = []  # empty: no CORS headers; ["*"]: any origin
+    max_tokens: int = 32768  # the largest max_tokens a request may ask for
+    max_n: int = 1
+    drain_timeout: int = 30  # seconds running requests may take after SIGTERM
 
     @property
     def api_url(self) -> str:
