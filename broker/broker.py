@@ -1,13 +1,20 @@
 """Routes requests from frontends (and CLI queries) to workers, and results back.
 
-Two ROUTER sockets: clients (frontends and the CLI) and workers. Workers
-announce themselves and heartbeat with WorkerStatus; a worker silent for
-longer than WORKER_TIMEOUT is dropped and its requests end with an error,
-so no request waits forever on a dead process. A request goes to the
-ready worker serving its model with the lowest load, counting a waiting
-request as four running ones, as vLLM does; when even that worker has
-`max_waiting` requests queued beyond its slots, the request is refused with
-503 at once.
+Two ROUTER sockets: clients (frontends, the CLI, the supervisor) and
+workers. Workers announce themselves and heartbeat with WorkerStatus.
+
+A worker gets a request only when it has a free slot, so every request a
+worker holds is one it is generating. The rest wait here, in arrival order,
+and go to whichever worker serving their model frees a slot first (the
+least loaded when several can take one). That keeps the queue in the one
+process that outlives a worker: when a worker dies (silent for longer than
+WORKER_TIMEOUT, or back with a new pid) the requests it was generating end
+with a 503, and the queued ones, which it never saw, go to the next worker
+that can take them. The queue is bounded: a request that can neither run
+nor wait within `max_waiting` per ready worker is refused with 503 at once.
+
+On Drain (SIGTERM to `infersnap serve`) new requests get 503; accepted ones
+may finish until the grace period ends, then end with a 503 too.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ import zmq
 from infersnap import paths, wire
 from infersnap.plan import ServePlan
 
-WORKER_TIMEOUT = 1.5  # seconds without a heartbeat before a worker counts as dead
-TICK_MS = 250
+WORKER_TIMEOUT = 1.2  # seconds without a heartbeat (sent every 0.25 s) before a worker counts as dead
+TICK_MS = 100
+RESTARTING = "restarting"  # the state of a worker whose process stopped, until it comes back
 
 log = logging.getLogger("infersnap.broker")
 
@@ -34,17 +42,24 @@ class Route:
 
 
 @dataclass
+class Queued:
+    client: bytes
+    request: wire.Generate
+
+
+@dataclass
 class Worker:
     identity: bytes
     info: wire.WorkerInfo
     last_seen: float
-    in_flight: set[str] = field(default_factory=set)
+    in_flight: set[str] = field(default_factory=set)  # requests it is generating
+
+    def serves(self, model: str) -> bool:
+        return self.info.model.lower() == model.lower()
 
     @property
-    def load(self) -> int:
-        # The broker's own count is current; the heartbeat's split tells how many wait.
-        waiting = min(self.info.waiting, len(self.in_flight))
-        return 4 * waiting + (len(self.in_flight) - waiting)
+    def free_slots(self) -> int:
+        return self.info.slots - len(self.in_flight) if self.info.state == "ready" else 0
 
 
 class Broker:
@@ -54,7 +69,9 @@ class Broker:
         self.clients = self._bind("clients")
         self.workers_socket = self._bind("workers")
         self.workers: dict[bytes, Worker] = {}
-        self.routes: dict[str, Route] = {}
+        self.routes: dict[str, Route] = {}  # dispatched requests
+        self.queue: dict[str, Queued] = {}  # accepted, waiting for a slot; dicts keep arrival order
+        self.drain_deadline: float | None = None
 
     def _bind(self, name: str) -> zmq.Socket:
         socket = self.zctx.socket(zmq.ROUTER)
@@ -74,7 +91,7 @@ class Broker:
                 self._drain(self.workers_socket, self._on_worker)
             if self.clients in events:
                 self._drain(self.clients, self._on_client)
-            self._reap(time.monotonic())
+            self._tick(time.monotonic())
 
     @staticmethod
     def _drain(socket: zmq.Socket, handle) -> None:
@@ -96,46 +113,79 @@ class Broker:
 
     def _on_client(self, client: bytes, message: wire.Message) -> None:
         if isinstance(message, wire.Generate):
-            self._route(client, message)
+            self._accept(client, message)
         elif isinstance(message, wire.Abort):
             self._abort(message.ids)
         elif isinstance(message, wire.StatusQuery):
             self._send(self.clients, client, self.status(message.id))
+        elif isinstance(message, wire.Drain) and self.drain_deadline is None:
+            log.info("draining: new requests are refused; %d accepted ones get %.0fs to finish",
+                     len(self.routes) + len(self.queue), message.grace)
+            self.drain_deadline = time.monotonic() + message.grace
 
-    def _route(self, client: bytes, request: wire.Generate) -> None:
-        serving = [w for w in self.workers.values() if w.info.model.lower() == request.model.lower()]
+    def _accept(self, client: bytes, request: wire.Generate) -> None:
+        refusal = self._refusal(request)
+        if refusal is not None:
+            self._send(self.clients, client, wire.Results(outputs=[refusal]))
+            return
+        self.queue[request.id] = Queued(client, request)
+        self._dispatch()
+
+    def _refusal(self, request: wire.Generate) -> wire.Output | None:
+        """Why this request cannot be accepted now, as its error Output; None if it can."""
+        if self.drain_deadline is not None:
+            return wire.failed(request.id, 503, "the server is shutting down", code="shutting_down")
+        serving = [w for w in self.workers.values() if w.serves(request.model)]
         ready = [w for w in serving if w.info.state == "ready"]
         if not ready:
             failed = [w.info for w in serving if w.info.state == "failed"]
             if failed and len(failed) == len(serving):
                 reasons = "; ".join(f"{w.worker_id}: {w.error}" for w in failed)
-                refusal = wire.failed(request.id, 503, f"no worker could load this model ({reasons})")
-            elif serving or not self.workers:
-                refusal = wire.failed(request.id, 503, "no worker is ready to serve this model yet; retry shortly")
-            else:
-                known = ", ".join(sorted({w.info.model for w in self.workers.values()}))
-                refusal = wire.failed(
-                    request.id,
-                    404,
-                    f"The model '{request.model}' does not exist. Models served here: {known}",
-                    code="model_not_found",
-                    param="model",
-                )
-            self._send(self.clients, client, wire.Results(outputs=[refusal]))
-            return
-        worker = min(ready, key=lambda w: w.load)
-        if len(worker.in_flight) >= worker.info.slots + self.plan.max_waiting:
+                return wire.failed(request.id, 503, f"no worker could load this model ({reasons})")
+            if serving or not self.workers:
+                return wire.failed(request.id, 503, "no worker is ready to serve this model yet; retry shortly")
+            known = ", ".join(sorted({w.info.model for w in self.workers.values()}))
+            return wire.failed(
+                request.id,
+                404,
+                f"The model '{request.model}' does not exist. Models served here: {known}",
+                code="model_not_found",
+                param="model",
+            )
+        room = sum(w.free_slots for w in ready) + self.plan.max_waiting * len(ready)
+        if sum(q.request.model.lower() == request.model.lower() for q in self.queue.values()) >= room:
             # Refuse at once rather than queue without end; the frontend adds Retry-After.
-            refusal = wire.failed(request.id, 503, "the server is at capacity; retry shortly", code="server_overloaded")
-            self._send(self.clients, client, wire.Results(outputs=[refusal]))
-            return
-        self.routes[request.id] = Route(client=client, worker=worker.identity)
-        worker.in_flight.add(request.id)
-        self._send(self.workers_socket, worker.identity, request)
+            return wire.failed(request.id, 503, "the server is at capacity; retry shortly", code="server_overloaded")
+        return None
+
+    def _dispatch(self) -> None:
+        """Hand queued requests, oldest first, to workers with a free slot; end those no worker can serve."""
+        full: set[str] = set()  # models whose workers have no free slot left
+        for request_id, queued in list(self.queue.items()):
+            model = queued.request.model.lower()
+            if model in full:
+                continue
+            serving = [w for w in self.workers.values() if w.serves(model)]
+            if all(w.info.state == "failed" for w in serving):  # none left to wait for
+                del self.queue[request_id]
+                failure = wire.failed(request_id, 503, "no worker can serve this model any more")
+                self._send(self.clients, queued.client, wire.Results(outputs=[failure]))
+                continue
+            free = [w for w in serving if w.free_slots > 0]
+            if not free:
+                full.add(model)
+                continue
+            worker = max(free, key=lambda w: w.free_slots / w.info.slots)
+            del self.queue[request_id]
+            self.routes[request_id] = Route(client=queued.client, worker=worker.identity)
+            worker.in_flight.add(request_id)
+            self._send(self.workers_socket, worker.identity, queued.request)
 
     def _abort(self, ids: list[str]) -> None:
         by_worker: dict[bytes, list[str]] = {}
         for request_id in ids:
+            if self.queue.pop(request_id, None) is not None:
+                continue  # no worker has it
             route = self.routes.pop(request_id, None)
             if route is not None:
                 by_worker.setdefault(route.worker, []).append(request_id)
@@ -143,13 +193,16 @@ class Broker:
                     self.workers[route.worker].in_flight.discard(request_id)
         for identity, worker_ids in by_worker.items():
             self._send(self.workers_socket, identity, wire.Abort(ids=worker_ids))
+        self._dispatch()
 
     def status(self, query_id: str) -> wire.Status:
         return wire.Status(
             id=query_id,
             endpoints={"openai": self.plan.api_url},
             workers=[w.info for w in self.workers.values()],
-            in_flight=list(self.routes),
+            in_flight=[*self.routes, *self.queue],
+            waiting=len(self.queue),
+            draining=self.drain_deadline is not None,
         )
 
     # --- workers -----------------------------------------------------------
@@ -158,44 +211,70 @@ class Broker:
         now = time.monotonic()
         worker = self.workers.get(identity)
         if isinstance(message, wire.WorkerStatus):
-            if worker is None:
-                log.info("worker %s (%s) joined: %s", message.info.worker_id, message.info.device, message.info.state)
-                worker = self.workers[identity] = Worker(identity, message.info, now)
-            elif worker.info.state != message.info.state:
-                log.info("worker %s is %s%s", message.info.worker_id, message.info.state,
+            if worker is not None and worker.info.pid != message.info.pid and worker.info.state != RESTARTING:
+                self._lost(worker, "restarted")  # back faster than its heartbeat could be missed
+            if worker is None or worker.info.state != message.info.state:
+                log.info("worker %s (%s) is %s%s", message.info.worker_id, message.info.device, message.info.state,
                          f": {message.info.error}" if message.info.error else "")
+            if worker is None:
+                worker = self.workers[identity] = Worker(identity, message.info, now)
             worker.info, worker.last_seen = message.info, now
+            self._dispatch()
         elif isinstance(message, wire.Results) and worker is not None:
             worker.last_seen = now
             self._relay(worker, message.outputs)
 
     def _relay(self, worker: Worker, outputs: list[wire.Output]) -> None:
         by_client: dict[bytes, list[wire.Output]] = {}
+        ended = False
         for output in outputs:
             route = self.routes.get(output.id)
             if route is None:  # aborted meanwhile
                 continue
             by_client.setdefault(route.client, []).append(output)
             if output.finish_reason is not None:
+                output.worker = worker.info.worker_id
                 del self.routes[output.id]
                 worker.in_flight.discard(output.id)
+                ended = True
         for client, batch in by_client.items():
             self._send(self.clients, client, wire.Results(outputs=batch))
+        if ended:
+            self._dispatch()
 
-    def _reap(self, now: float) -> None:
-        for identity, worker in list(self.workers.items()):
-            if now - worker.last_seen <= WORKER_TIMEOUT:
-                continue
-            log.warning("worker %s went silent; dropping it", worker.info.worker_id)
-            del self.workers[identity]
-            message = f"worker {worker.info.worker_id} stopped while serving this request"
-            by_client: dict[bytes, list[wire.Output]] = {}
-            for request_id in worker.in_flight:
-                route = self.routes.pop(request_id, None)
-                if route is not None:
-                    by_client.setdefault(route.client, []).append(wire.failed(request_id, 503, message))
-            for client, batch in by_client.items():
-                self._send(self.clients, client, wire.Results(outputs=batch))
+    def _lost(self, worker: Worker, why: str) -> None:
+        """The worker's process is gone: end what it was generating; what waits here goes elsewhere."""
+        log.warning("worker %s %s; %d requests it was generating end with an error",
+                    worker.info.worker_id, why, len(worker.in_flight))
+        message = f"worker {worker.info.worker_id} stopped while generating this request; please retry"
+        by_client: dict[bytes, list[wire.Output]] = {}
+        for request_id in worker.in_flight:
+            route = self.routes.pop(request_id, None)
+            if route is not None:
+                by_client.setdefault(route.client, []).append(wire.failed(request_id, 503, message))
+        for client, batch in by_client.items():
+            self._send(self.clients, client, wire.Results(outputs=batch))
+        if worker.in_flight:  # in case it is alive after all (stalled, not dead): stop its work
+            self._send(self.workers_socket, worker.identity, wire.Abort(ids=list(worker.in_flight)))
+        worker.in_flight.clear()
+        worker.info.state, worker.info.error = RESTARTING, f"the worker process {why}; waiting for it to come back"
+        worker.info.running = worker.info.waiting = 0
+
+    def _tick(self, now: float) -> None:
+        for worker in self.workers.values():
+            if worker.info.state != RESTARTING and now - worker.last_seen > WORKER_TIMEOUT:
+                self._lost(worker, "went silent")
+        if self.drain_deadline is not None and now >= self.drain_deadline and (self.routes or self.queue):
+            self._end_all("the server shut down before this request finished")
+        self._dispatch()
+
+    def _end_all(self, message: str) -> None:
+        by_client: dict[bytes, list[wire.Output]] = {}
+        for request_id, entry in [*self.routes.items(), *self.queue.items()]:
+            by_client.setdefault(entry.client, []).append(wire.failed(request_id, 503, message, code="shutting_down"))
+        self._abort([*self.routes, *self.queue])
+        for client, batch in by_client.items():
+            self._send(self.clients, client, wire.Results(outputs=batch))
 
     def _send(self, socket: zmq.Socket, identity: bytes, message: wire.Message) -> None:
         try:

@@ -33,6 +33,17 @@ def query_status(timeout: float = 2.0) -> wire.Status:
         socket.close()
 
 
+def request_drain(grace: float) -> None:
+    """Ask the broker to refuse new requests and to end accepted ones after `grace` seconds."""
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 1000)  # the message goes out before close returns
+    try:
+        socket.connect(paths.socket_address("clients"))
+        socket.send(wire.encode(wire.Drain(grace=grace)))
+    finally:
+        socket.close()
+
+
 def status_document(status: wire.Status) -> dict:
     """The status as `infersnap status` prints it."""
     engines = sorted({w.engine for w in status.workers})
@@ -40,6 +51,8 @@ def status_document(status: wire.Status) -> dict:
         "engine": ", ".join(engines) if engines else None,
         "endpoints": dict(status.endpoints),
         "model": ", ".join(wire.models_of(status)) or None,
+        "waiting": status.waiting,
+        **({"draining": True} if status.draining else {}),
         "workers": [
             {
                 "id": w.worker_id,
@@ -53,6 +66,7 @@ def status_document(status: wire.Status) -> dict:
                 "running": w.running,
                 "waiting": w.waiting,
                 "pid": w.pid,
+                **({"restarts": w.restarts} if w.restarts else {}),
             }
             for w in status.workers
         ],

@@ -9,6 +9,7 @@ that exits on its own is started again, with a growing pause if it keeps failing
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -19,13 +20,14 @@ from dataclasses import dataclass
 
 from infersnap import paths
 from infersnap import plan as serve_plan
-from infersnap.cli.status import NotRunning, query_status
+from infersnap.cli import access_keys
+from infersnap.cli.status import NotRunning, query_status, request_drain
 from infersnap.config import Config
 from infersnap.cli.engines import detect, serving_assignments
 from infersnap.engines import Assignment, manifests
 from infersnap.hwdetect.cpu import physical_core_cpus
 from infersnap.models import resolve
-from infersnap.plan import ServePlan, WorkerSpec
+from infersnap.plan import RESTARTS_VARIABLE, ServePlan, WorkerSpec
 
 STOP_GRACE_SECONDS = 10
 MAX_BACKOFF_SECONDS = 30
@@ -36,6 +38,13 @@ class ServeError(Exception):
 
 
 def build_plan(config: Config) -> ServePlan:
+    try:
+        api_keys = access_keys.api_keys(config.get("http.api-keys"), config.get("http.api-keys-file"))
+    except access_keys.KeysFileError as exc:
+        raise ServeError(str(exc)) from None
+    open_warning = access_keys.open_network_warning(config.get("http.host"), config.get("http.port"), api_keys)
+    if open_warning:
+        print(f"infersnap: {open_warning}", file=sys.stderr, flush=True)
     model_path, model_name = resolve(config.get("model.path"), config.get("model.name"))
     assignments, warning = serving_assignments(config, detect("/"))
     if warning:
@@ -52,6 +61,8 @@ def build_plan(config: Config) -> ServePlan:
         request_timeout=config.get("queue.request-timeout"),
         verbose=config.get("verbose"),
         workers=worker_specs(assignments, physical_core_cpus(), config.get("worker.threads")),
+        api_keys=api_keys,
+        cors_origins=access_keys.cors_origins(config.get("http.cors-origins")),
         max_tokens=config.get("limits.max-tokens"),
         max_n=config.get("limits.max-n"),
         drain_timeout=config.get("queue.drain-timeout"),
@@ -92,12 +103,14 @@ class Child:
     name: str
     argv: list[str]
     process: subprocess.Popen | None = None
-    failures: int = 0
+    failures: int = 0  # in a row, each followed by a longer pause
+    restarts: int = 0
     restart_at: float = 0.0
     started_at: float = 0.0
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv, start_new_session=True, preexec_fn=_die_with_parent)
+        env = {**os.environ, RESTARTS_VARIABLE: str(self.restarts)}
+        self.process = subprocess.Popen(self.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         self.started_at = time.monotonic()
 
 
@@ -115,6 +128,7 @@ class Supervisor:
         ]
         self.children.append(Child("frontend", [*module, "infersnap.frontend", plan_arg]))
         self.stopping = False
+        self.hurry = False  # a second signal: stop without waiting for running requests
 
     def run(self) -> int:
         try:
@@ -127,20 +141,44 @@ class Supervisor:
         serve_plan.write(self.plan, self.plan_file)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        serving = False
         try:
             for child in self.children:
                 child.start()
             self._wait_until_ready()
             print(f"infersnap is serving {self.plan.model_name} at {self.plan.api_url}", flush=True)
+            serving = True
             while not self.stopping:
                 self._watch()
                 time.sleep(0.2)
         finally:
+            if serving:
+                self._drain()
             self._stop_all()
         return 0
 
     def _on_signal(self, *_: object) -> None:
+        self.hurry = self.stopping
         self.stopping = True
+
+    def _drain(self) -> None:
+        """New requests get 503 while running ones finish, for up to the drain timeout."""
+        try:
+            request_drain(self.plan.drain_timeout)
+            running = len(query_status(timeout=1).in_flight)
+        except NotRunning:
+            return
+        if running:
+            print(f"infersnap: stopping; letting {running} running requests finish "
+                  f"(up to {self.plan.drain_timeout}s; signal again to stop now)", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + self.plan.drain_timeout + 2  # the broker ends them at the timeout
+        while running and not self.hurry and time.monotonic() < deadline:
+            time.sleep(0.1)
+            try:
+                running = len(query_status(timeout=1).in_flight)
+            except NotRunning:
+                return
+        time.sleep(0.3)  # the frontend writes the last bytes of the answers that just ended
 
     def _health_url(self) -> str:
         host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.plan.host, self.plan.host)
@@ -193,6 +231,7 @@ class Supervisor:
                 child.restart_at = now + delay
             elif now >= child.restart_at:
                 child.restart_at = 0.0
+                child.restarts += 1
                 child.start()
 
     def _stop_all(self) -> None:

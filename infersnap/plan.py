@@ -12,6 +12,8 @@ from pathlib import Path
 
 import msgspec
 
+RESTARTS_VARIABLE = "INFERSNAP_RESTARTS"  # in a restarted child's environment: how often it was restarted
+
 
 class WorkerSpec(msgspec.Struct, frozen=True):
     worker_id: str

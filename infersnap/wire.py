@@ -74,6 +74,12 @@ class StatusQuery(Message):
     id: str  # echoed in the Status reply
 
 
+class Drain(Message):
+    """Shutting down: refuse new requests; those accepted may run `grace` seconds more, then end with 503."""
+
+    grace: float
+
+
 # --- worker -> broker -> frontend --------------------------------------------
 
 
@@ -87,6 +93,7 @@ class Output(msgspec.Struct, array_like=True):
     completion_tokens: int = 0
     timings: Timings | None = None  # set on the last output
     failure: Failure | None = None
+    worker: str = ""  # on the last output: the worker that served it (the broker fills it in)
 
 
 def failed(request_id: str, status: int, message: str, *, param: str | None = None, code: str | None = None) -> Output:
@@ -115,6 +122,7 @@ class WorkerInfo(msgspec.Struct, array_like=True):
     running: int = 0
     waiting: int = 0
     pid: int = 0
+    restarts: int = 0  # times the supervisor restarted this worker's process
 
 
 class WorkerStatus(Message):
@@ -130,7 +138,9 @@ class Status(Message):
     id: str
     endpoints: dict[str, str]
     workers: list[WorkerInfo]
-    in_flight: list[str] = []  # request ids the broker is routing now
+    in_flight: list[str] = []  # request ids the broker is routing now, queued ones included
+    waiting: int = 0  # requests queued in the broker for a free slot
+    draining: bool = False
 
 
 def models_of(status: Status) -> list[str]:
@@ -140,7 +150,7 @@ def models_of(status: Status) -> list[str]:
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(
-    Generate | Abort | StatusQuery | Results | WorkerStatus | Status
+    Generate | Abort | StatusQuery | Drain | Results | WorkerStatus | Status
 )
 
 

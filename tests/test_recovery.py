@@ -106,3 +106,82 @@ def test_a_device_that_fails_to_load_is_reported_and_the_others_go_on_serving(tm
             assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 3
     finally:
         assert server.stop() == 0
+
+
+def stream_events(url: str, body: dict, events: list[str], started: threading.Event) -> None:
+    """Stream a chat completion, appending each `data:` line to `events` as it arrives."""
+    with httpx.stream("POST", f"{url}/chat/completions", json={**body, "stream": True}, timeout=60) as reply:
+        for line in reply.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+                started.set()
+
+
+def test_a_killed_worker_is_noticed_at_once_what_it_ran_ends_with_an_error_what_waited_is_served(tmp_path):
+    server = start_server(tmp_path, **{"worker.slots": "1"})
+    try:
+        running: list[str] = []
+        started = threading.Event()
+        streamer = threading.Thread(target=stream_events, args=(server.url, LONG, running, started))
+        streamer.start()
+        assert started.wait(20), "the first request never started"
+        waited: list[httpx.Response] = []  # queued behind it: the worker never saw it
+        queued = threading.Thread(
+            target=lambda: waited.append(
+                httpx.post(f"{server.url}/chat/completions", json={**LONG, "max_tokens": 5}, timeout=60)
+            )
+        )
+        queued.start()
+        wait_until(lambda: server.status()["waiting"] == 1, 5, "the second request is not waiting in the broker")
+
+        killed_at = time.monotonic()
+        os.kill(child_pid(server, "infersnap.workers"), signal.SIGKILL)
+        streamer.join(10)
+        detected = time.monotonic() - killed_at
+        assert not streamer.is_alive(), "the running request hangs"
+        assert detected < 2.0, f"the dead worker was noticed after {detected:.2f}s"
+        assert '"error"' in running[-2] and "stopped" in running[-2] and running[-1] == "data: [DONE]"
+
+        queued.join(60)  # served once the worker is back
+        [reply] = waited
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 5
+        [worker] = server.status()["workers"]
+        assert worker["state"] == "ready" and worker["restarts"] == 1
+        assert "1 requests it was generating end with an error" in server.log.read_text()
+    finally:
+        assert server.stop() == 0
+
+
+def test_sigterm_lets_running_requests_finish_refuses_new_ones_and_exits_0(tmp_path):
+    server = start_server(tmp_path, **{"worker.slots": "2"})
+    events: list[str] = []
+    started = threading.Event()
+    body = {**LONG, "max_tokens": 150, "stream_options": {"include_usage": True}}
+    streamer = threading.Thread(target=stream_events, args=(server.url, body, events, started))
+    streamer.start()
+    assert started.wait(20), "the request never started"
+    server.process.send_signal(signal.SIGTERM)
+    wait_until(lambda: server.status().get("draining"), 5, "the server did not start draining")
+    refused = httpx.post(f"{server.url}/chat/completions", json={**LONG, "max_tokens": 3}, timeout=10)
+    assert refused.status_code == 503 and refused.headers["retry-after"]
+    assert refused.json()["error"]["code"] == "shutting_down"
+    assert httpx.get(f"{server.base}/health").status_code == 503
+    streamer.join(60)
+    assert events[-1] == "data: [DONE]" and '"finish_reason":"length"' in events[-3]
+    assert '"completion_tokens":150' in events[-2]
+    assert server.process.wait(15) == 0
+
+
+def test_past_the_drain_timeout_running_requests_end_with_an_error_and_the_server_exits_0(tmp_path):
+    server = start_server(tmp_path, **{"worker.slots": "1", "queue.drain-timeout": "1"})
+    events: list[str] = []
+    started = threading.Event()
+    streamer = threading.Thread(target=stream_events, args=(server.url, LONG, events, started))
+    streamer.start()
+    assert started.wait(20), "the request never started"
+    stopped_at = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    streamer.join(10)
+    assert not streamer.is_alive() and '"shutting_down"' in events[-2] and events[-1] == "data: [DONE]"
+    assert server.process.wait(15) == 0
+    assert time.monotonic() - stopped_at < 6

@@ -17,7 +17,7 @@ import time
 import zmq
 
 from infersnap import paths, wire
-from infersnap.plan import ServePlan, WorkerSpec
+from infersnap.plan import RESTARTS_VARIABLE, ServePlan, WorkerSpec
 
 HEARTBEAT_SECONDS = 0.25
 OUTBOX = "inproc://outbox"
@@ -84,6 +84,7 @@ def run(plan: ServePlan, spec: WorkerSpec) -> None:
         context=plan.context,
         state="loading",
         pid=os.getpid(),
+        restarts=int(os.environ.get(RESTARTS_VARIABLE, "0")),
     )
     zctx = zmq.Context()
     inbox: queue.Queue = queue.Queue()
