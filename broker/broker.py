@@ -7,11 +7,12 @@ A worker gets a request only when it has a free slot, so every request a
 worker holds is one it is generating. The rest wait here, in arrival order,
 and go to whichever worker serving their model frees a slot first (the
 least loaded when several can take one). That keeps the queue in the one
-process that outlives a worker: when a worker dies (silent for longer than
-WORKER_TIMEOUT, or back with a new pid) the requests it was generating end
-with a 503, and the queued ones, which it never saw, go to the next worker
-that can take them. The queue is bounded: a request that can neither run
-nor wait within `max_waiting` per ready worker is refused with 503 at once.
+process that outlives a worker: when a worker dies (the supervisor reports
+its exit at once; a new pid or a heartbeat missed for WORKER_TIMEOUT tell
+too) the requests it was generating end with a 503, and the queued ones,
+which it never saw, go to the next worker that can take them. The queue is
+bounded: a request that can neither run nor wait within `max_waiting` per
+ready worker is refused with 503 at once.
 
 On Drain (SIGTERM to `infersnap serve`) new requests get 503; accepted ones
 may finish until the grace period ends, then end with a 503 too.
@@ -28,7 +29,9 @@ import zmq
 from infersnap import paths, wire
 from infersnap.plan import ServePlan
 
-WORKER_TIMEOUT = 1.2  # seconds without a heartbeat (sent every 0.25 s) before a worker counts as dead
+# Seconds without a heartbeat (sent every 0.25 s) before a live worker counts as stuck. A worker whose
+# process ends is reported at once by the supervisor (WorkerExited); this is for one that hangs.
+WORKER_TIMEOUT = 10.0
 TICK_MS = 100
 RESTARTING = "restarting"  # the state of a worker whose process stopped, until it comes back
 
@@ -118,6 +121,10 @@ class Broker:
             self._abort(message.ids)
         elif isinstance(message, wire.StatusQuery):
             self._send(self.clients, client, self.status(message.id))
+        elif isinstance(message, wire.WorkerExited):
+            worker = self.workers.get(message.worker_id.encode())
+            if worker is not None and worker.info.state != RESTARTING:
+                self._lost(worker, f"exited with code {message.code}")
         elif isinstance(message, wire.Drain) and self.drain_deadline is None:
             log.info("draining: new requests are refused; %d accepted ones get %.0fs to finish",
                      len(self.routes) + len(self.queue), message.grace)
@@ -196,6 +203,8 @@ class Broker:
         self._dispatch()
 
     def status(self, query_id: str) -> wire.Status:
+        for worker in self.workers.values():  # exact here; the worker's own count is a heartbeat old
+            worker.info.running = len(worker.in_flight)
         return wire.Status(
             id=query_id,
             endpoints={"openai": self.plan.api_url},

@@ -33,13 +33,13 @@ def query_status(timeout: float = 2.0) -> wire.Status:
         socket.close()
 
 
-def request_drain(grace: float) -> None:
-    """Ask the broker to refuse new requests and to end accepted ones after `grace` seconds."""
+def tell_broker(message: wire.Message) -> None:
+    """Send the broker a message that needs no reply (Drain, WorkerExited)."""
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 1000)  # the message goes out before close returns
     try:
         socket.connect(paths.socket_address("clients"))
-        socket.send(wire.encode(wire.Drain(grace=grace)))
+        socket.send(wire.encode(message), zmq.NOBLOCK)
     finally:
         socket.close()
 

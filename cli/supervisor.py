@@ -18,10 +18,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from infersnap import paths
+from infersnap import paths, wire
 from infersnap import plan as serve_plan
 from infersnap.cli import access_keys
-from infersnap.cli.status import NotRunning, query_status, request_drain
+from infersnap.cli.status import NotRunning, query_status, tell_broker
 from infersnap.config import Config
 from infersnap.cli.engines import detect, serving_assignments
 from infersnap.engines import Assignment, manifests
@@ -102,6 +102,7 @@ def _die_with_parent() -> None:
 class Child:
     name: str
     argv: list[str]
+    worker_id: str = ""  # for a worker process
     process: subprocess.Popen | None = None
     failures: int = 0  # in a row, each followed by a longer pause
     restarts: int = 0
@@ -124,7 +125,8 @@ class Supervisor:
         # Start order matters: the broker binds the sockets the others connect to.
         self.children = [Child("broker", [*module, "infersnap.broker", plan_arg])]
         self.children += [
-            Child(f"worker {w.worker_id}", [*module, "infersnap.workers", plan_arg, w.worker_id]) for w in plan.workers
+            Child(f"worker {w.worker_id}", [*module, "infersnap.workers", plan_arg, w.worker_id], w.worker_id)
+            for w in plan.workers
         ]
         self.children.append(Child("frontend", [*module, "infersnap.frontend", plan_arg]))
         self.stopping = False
@@ -164,7 +166,7 @@ class Supervisor:
     def _drain(self) -> None:
         """New requests get 503 while running ones finish, for up to the drain timeout."""
         try:
-            request_drain(self.plan.drain_timeout)
+            tell_broker(wire.Drain(grace=self.plan.drain_timeout))
             running = len(query_status(timeout=1).in_flight)
         except NotRunning:
             return
@@ -220,6 +222,8 @@ class Supervisor:
                     child.failures = 0  # it has run long enough to count as healthy
                 continue
             if not child.restart_at:
+                if child.worker_id:  # the broker ends its requests now, not after a missed heartbeat
+                    tell_broker(wire.WorkerExited(child.worker_id, child.process.returncode))
                 child.failures += 1
                 delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2 ** (child.failures - 1))
                 print(

@@ -74,6 +74,13 @@ class StatusQuery(Message):
     id: str  # echoed in the Status reply
 
 
+class WorkerExited(Message):
+    """From the supervisor: a worker's process ended (its requests will get no more output)."""
+
+    worker_id: str
+    code: int
+
+
 class Drain(Message):
     """Shutting down: refuse new requests; those accepted may run `grace` seconds more, then end with 503."""
 
@@ -150,7 +157,7 @@ def models_of(status: Status) -> list[str]:
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(
-    Generate | Abort | StatusQuery | Drain | Results | WorkerStatus | Status
+    Generate | Abort | StatusQuery | Drain | WorkerExited | Results | WorkerStatus | Status
 )
 
 
