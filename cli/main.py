@@ -29,10 +29,16 @@ ROOT = click.option(
 
 
 def _load_config() -> Config:
-    try:
-        return Config()
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+    """The config as is; a damaged file is left to whoever acts on it (see Config)."""
+    return Config()
+
+
+def _config_for_reading(then: str = "showing the defaults in its place") -> Config:
+    """The config for a command that only reads it: a damaged file is warned about, not fatal."""
+    config = Config()
+    if config.problem:
+        click.echo(f"infersnap: warning: {config.problem}; {then}; to fix: {config.remedy}", err=True)
+    return config
 
 
 def _emit(document: Any, fmt: str) -> None:
@@ -57,8 +63,13 @@ def serve() -> None:
     """Serve the configured model until stopped (Ctrl-C)."""
     from infersnap.cli.supervisor import ServeError, serve as run_server
 
+    config = _load_config()
     try:
-        sys.exit(run_server(_load_config()))
+        config.check()
+    except ConfigError as exc:
+        raise click.ClickException(f"not starting: {exc}") from None
+    try:
+        sys.exit(run_server(config))
     except (ServeError, ModelNotFound, PermissionError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -67,6 +78,7 @@ def serve() -> None:
 @click.option("--format", "fmt", type=FORMATS, default="yaml", show_default=True)
 def status(fmt: str) -> None:
     """Ask the running server for its API URL, engine, model and workers."""
+    _config_for_reading("`infersnap serve` will refuse to start until it is fixed")
     try:
         current = query_status()
     except NotRunning as exc:
@@ -79,7 +91,7 @@ def status(fmt: str) -> None:
 @click.option("--format", "fmt", type=FORMATS, default="yaml", show_default=True)
 def get(key: str, fmt: str) -> None:
     """Print a config key's value, or every key under a prefix (e.g. `http`)."""
-    config = _load_config()
+    config = _config_for_reading()
     try:
         values = config.values(key)
     except ConfigError as exc:
@@ -132,7 +144,7 @@ def machine(root: str, fmt: str) -> None:
 def engines(root: str, fmt: str) -> None:
     """Every engine, whether it can run on this machine, and (*) the ones that serve."""
     found = engine_views.detect(root)
-    active = engine_views.active_engines(_load_config(), found)
+    active = engine_views.active_engines(_config_for_reading("using the defaults in its place"), found)
     if fmt == "json":
         _emit(engine_views.engines_document(found, active), "json")
     else:
@@ -146,7 +158,7 @@ def engines(root: str, fmt: str) -> None:
 def engine(name: str | None, root: str, fmt: str) -> None:
     """An engine's manifest and its verdict on this machine (the active one when NAME is left out)."""
     found = engine_views.detect(root)
-    active = engine_views.active_engines(_load_config(), found)
+    active = engine_views.active_engines(_config_for_reading("using the defaults in its place"), found)
     if name is None:
         if not active:
             raise click.ClickException("no engine can serve on this machine; see `infersnap engines`")

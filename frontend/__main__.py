@@ -15,7 +15,8 @@ def main() -> None:
     logging.basicConfig(level=logging.DEBUG if plan.verbose else logging.INFO, format="%(name)s: %(message)s")
     logging.getLogger("sanic").propagate = False  # Sanic logs through its own handlers; print each line once
     app = create_app(plan)
-    app.run(host=plan.host, port=plan.port, single_process=True, access_log=plan.verbose, motd=False)
+    # A burst of clients (a load test, a LAN) must not overflow the kernel's accept queue: Sanic's default is 100.
+    app.run(host=plan.host, port=plan.port, single_process=True, access_log=plan.verbose, motd=False, backlog=1024)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ KEYS: dict[str, Key] = {
         Key("http.max-body-bytes", int, 8 * 1024 * 1024, "largest request body accepted", _between(1024, 1 << 30)),
         Key("http.api-keys", str, "", "API keys clients must send as `Authorization: Bearer KEY`, comma-separated; empty: none needed"),
         Key("http.api-keys-file", str, "", "file with more API keys, one per line (# starts a comment)"),
+        Key("http.send-timeout", int, 30, "seconds a client may leave a streamed answer unread before it is dropped and its generation stopped", _between(1, 3600)),
         Key("http.cors-origins", str, "", "browser origins allowed to call the API, comma-separated, * for any; empty: none"),
         Key("limits.max-tokens", int, 32768, "largest max_tokens a request may ask for", _between(1, 1 << 24)),
         Key("limits.max-n", int, 1, "largest n (choices per request) a request may ask for", _between(1, 128)),
@@ -106,11 +107,32 @@ def lookup(name: str) -> Key:
         raise ConfigError(f"unknown key {name!r}; known keys: {', '.join(KEYS)}") from None
 
 
+def stored_problem(key: Key, value: Any) -> str | None:
+    """What is wrong with a value read from the file for `key`, or None if it is good."""
+    if key.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"expected a whole number, got {value!r}"
+    if key.kind is bool and not isinstance(value, bool):
+        return f"expected true or false, got {value!r}"
+    if key.kind is str and not isinstance(value, str):
+        return f"expected a string, got {value!r}"
+    problem = key.check(value)
+    return f"{problem}, got {value!r}" if problem else None
+
+
 class Config:
-    """The keys a user set, on top of the defaults."""
+    """The keys a user set, on top of the defaults.
+
+    A damaged file never stops the constructor: `problem` says what is wrong with
+    it (the whole file when it cannot be read as a JSON object, or the keys holding
+    bad values), and every key it cannot supply reads as its default. Whoever
+    acts on the values decides: `check()` refuses, `set_many` and `unset` refuse to
+    write over a file they could not read, or to leave bad values behind.
+    """
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or paths.config_file()
+        self.unreadable: str | None = None  # why the whole file could not be used
+        self.bad_keys: dict[str, str] = {}  # known key -> what is wrong with its stored value
         self.user: dict[str, Any] = self._read()
 
     def _read(self) -> dict[str, Any]:
@@ -118,18 +140,50 @@ class Config:
             text = self.path.read_text()
         except FileNotFoundError:
             return {}
+        except (OSError, UnicodeDecodeError) as exc:
+            self.unreadable = f"cannot be read ({exc})"
+            return {}
         try:
             stored = json.loads(text)
         except ValueError as exc:
-            raise ConfigError(f"config file {self.path} is not valid JSON ({exc}); fix or remove it") from None
+            self.unreadable = f"is not valid JSON ({exc})"
+            return {}
         if not isinstance(stored, dict):
-            raise ConfigError(f"config file {self.path} must hold a JSON object")
+            self.unreadable = f"must hold a JSON object, not {type(stored).__name__}"
+            return {}
+        for name, value in stored.items():
+            if name in KEYS:
+                problem = stored_problem(KEYS[name], value)
+                if problem:
+                    self.bad_keys[name] = problem
         return stored
+
+    @property
+    def problem(self) -> str | None:
+        """What is wrong with the file, naming it; None when it is good (or absent)."""
+        if self.unreadable:
+            return f"config file {self.path} {self.unreadable}"
+        if self.bad_keys:
+            shown = "; ".join(f"{name}: {problem}" for name, problem in self.bad_keys.items())
+            return f"config file {self.path} holds bad values ({shown})"
+        return None
+
+    @property
+    def remedy(self) -> str:
+        if self.unreadable:
+            return "fix or remove the file"
+        return f"fix the file, or `infersnap set` or `infersnap unset` {' '.join(self.bad_keys)}"
+
+    def check(self) -> None:
+        """Raise ConfigError naming the file and what is wrong with it, if anything is."""
+        if self.problem:
+            raise ConfigError(f"{self.problem}; {self.remedy}")
 
     def get(self, name: str) -> Any:
         key = lookup(name)
-        value = self.user.get(name, key.default)
-        return value if isinstance(value, key.kind) else key.default
+        if name in self.bad_keys:
+            return key.default
+        return self.user.get(name, key.default)
 
     def values(self, prefix: str = "") -> dict[str, Any]:
         """Every known key whose name is `prefix` or starts with `prefix.`, with its value."""
@@ -141,15 +195,29 @@ class Config:
     def set_many(self, assignments: dict[str, str]) -> None:
         """Validate every KEY=VALUE first; write only if all are good."""
         parsed = {name: parse_value(lookup(name), text) for name, text in assignments.items()}
+        self._refuse_to_write(fixed=set(parsed))
         self.user.update(parsed)
         self._write()
+        for name in parsed:
+            self.bad_keys.pop(name, None)
 
     def unset(self, names: list[str]) -> None:
         for name in names:
             lookup(name)
+        self._refuse_to_write(fixed=set(names))
         for name in names:
             self.user.pop(name, None)
+            self.bad_keys.pop(name, None)
         self._write()
+
+    def _refuse_to_write(self, fixed: set[str]) -> None:
+        """A file that could not be read is never written over: what the user had would be lost.
+        Bad values must go in the same command (set or unset them), not stay behind."""
+        if self.unreadable:
+            raise ConfigError(f"{self.problem}; not writing over it: {self.remedy} first")
+        left = [name for name in self.bad_keys if name not in fixed]
+        if left:
+            raise ConfigError(f"{self.problem}; set or unset {' '.join(left)} too, or fix the file")
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,12 +32,32 @@ def runtime_dir(create: bool = False) -> Path:
     digest = hashlib.sha1(str(data_dir()).encode()).hexdigest()[:12]
     path = base / f"infersnap-{os.getuid()}-{digest}"
     if create:
-        path.mkdir(mode=0o700, exist_ok=True)
-        info = path.stat()
-        if info.st_uid != os.getuid():
-            raise PermissionError(f"{path} belongs to another user")
-        os.chmod(path, 0o700)
+        _make_private(path)
     return path
+
+
+def _make_private(path: Path) -> None:
+    """Create `path` as a folder of mode 0700, or take the one there if it is this user's own folder.
+
+    The temp dir is shared by every user, so what is already at `path` may be another
+    user's plant: a symlink is never followed (root following one would chmod and fill
+    the folder it points to) and a folder of another user is refused. The checks and the
+    chmod go through one file descriptor, so nothing can be swapped in between them.
+    """
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:  # ELOOP: a symlink; ENOTDIR: some other file
+        raise PermissionError(f"{path} is not a folder (a symlink or another file); remove it ({exc.strerror})") from None
+    try:
+        if os.fstat(fd).st_uid != os.getuid():
+            raise PermissionError(f"{path} belongs to another user; remove it")
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
 
 
 def socket_file(name: str) -> Path:

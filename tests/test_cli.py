@@ -8,6 +8,7 @@ import signal
 import time
 
 import httpx
+import pytest
 import yaml
 
 from conftest import cli, data_env, free_port, start_server, wait_until
@@ -35,7 +36,13 @@ def test_set_persists_and_unset_restores(tmp_path):
 
 def test_bad_set_changes_nothing(tmp_path):
     env = data_env(tmp_path)
-    cli(env, "set", "http.port=9090")
+    config = tmp_path / "config.json"
+    result = cli(env, "set", "http.port=9091", "worker.slots=0", check=False)
+    assert result.returncode != 0 and "worker.slots" in result.stderr and "between" in result.stderr
+    assert not config.exists()  # no file is made for a refused set either
+
+    cli(env, "set", "http.port=9090", "worker.slots=4")
+    before = config.read_bytes()
     for bad, words in [
         (["http.port=70000"], "between"),
         (["http.port=abc"], "whole number"),
@@ -43,10 +50,84 @@ def test_bad_set_changes_nothing(tmp_path):
         (["verbose=maybe"], "true or false"),
         (["http.host="], "empty"),
         (["http.port"], "KEY=VALUE"),
+        # several assignments where only the last is bad: none of them is applied
+        (["http.port=9091", "worker.slots=8", "verbose=true", "queue.max-waiting=-1"], "queue.max-waiting: must be between"),
+        (["http.port=9091", "worker.slots=8", "worker.context=lots"], "worker.context: expected a whole number"),
+        (["http.port=9091", "http.host=0.0.0.0", "engines=no-such-engine"], "engines"),
+        (["http.port=9091", "worker.slots=8", "http.port"], "KEY=VALUE"),
     ]:
         result = cli(env, "set", *bad, check=False)
         assert result.returncode != 0 and words in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert config.read_bytes() == before, f"set {bad} changed config.json"
     assert cli(env, "get", "http.port").stdout.strip() == "9090"
+    assert cli(env, "get", "worker.slots").stdout.strip() == "4"
+
+
+DAMAGED = {
+    "not JSON": "{http.port: 9090,\n",
+    "not an object": '["http.port", 9090]\n',
+    "a wrong type": '{"http.port": "9090", "worker.slots": 4}\n',
+    "a bool for a number": '{"http.port": true, "worker.slots": 4}\n',
+    "out of range": '{"http.port": 70000, "worker.slots": 4}\n',
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED)
+def test_a_damaged_config_is_a_warning_for_get(tmp_path, damage):
+    env = data_env(tmp_path)
+    default_port = cli(env, "get", "http.port").stdout.strip()
+    config = tmp_path / "config.json"
+    config.write_text(DAMAGED[damage])
+
+    shown = cli(env, "get", "http.port")  # exit 0
+    assert shown.stdout.strip() == default_port
+    assert "warning" in shown.stderr and str(config) in shown.stderr, shown.stderr
+    if damage not in ("not JSON", "not an object"):
+        assert "http.port" in shown.stderr  # names the bad key
+        assert cli(env, "get", "worker.slots").stdout.strip() == "4"  # the good keys still apply
+    everything = cli(env, "get", "--format", "json")
+    assert json.loads(everything.stdout)["http.port"] == int(default_port)
+    assert "Traceback" not in everything.stderr
+    assert config.read_text() == DAMAGED[damage]  # reading leaves it alone
+
+
+@pytest.mark.parametrize("damage", DAMAGED)
+def test_set_and_serve_refuse_a_damaged_config(tmp_path, damage):
+    env = data_env(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text(DAMAGED[damage])
+    for command in (["set", "worker.context=4096"], ["unset", "worker.context"], ["set", "verbose=true", "worker.slots=2"]):
+        refused = cli(env, *command, check=False)
+        assert refused.returncode != 0 and str(config) in refused.stderr, refused.stderr
+        assert "nothing was changed" in refused.stderr and "Traceback" not in refused.stderr
+        assert config.read_text() == DAMAGED[damage], f"{command} wrote over the damaged file"
+
+    refused = cli(env, "serve", check=False, timeout=60)
+    assert refused.returncode != 0 and "not starting" in refused.stderr and str(config) in refused.stderr
+    assert "Traceback" not in refused.stderr, refused.stderr
+    assert config.read_text() == DAMAGED[damage]
+
+    if damage in ("not JSON", "not an object"):
+        return
+    # a bad value is fixed by setting (or unsetting) that very key; the rest of the file is kept
+    cli(env, "set", "http.port=9090", "verbose=true")
+    assert json.loads(config.read_text()) == {"http.port": 9090, "verbose": True, "worker.slots": 4}
+    shown = cli(env, "get", "http.port")
+    assert shown.stdout.strip() == "9090" and shown.stderr == ""
+
+
+def test_status_warns_about_a_damaged_config_and_still_answers(tmp_path):
+    server = start_server(tmp_path)
+    config = tmp_path / "config.json"
+    try:
+        for damage, text in DAMAGED.items():
+            config.write_text(text)
+            shown = cli(server.env, "status")  # exit 0
+            assert "warning" in shown.stderr and str(config) in shown.stderr, (damage, shown.stderr)
+            assert yaml.safe_load(shown.stdout)["endpoints"]["openai"] == f"http://localhost:{server.port}/v1"
+    finally:
+        assert server.stop() == 0, server.log.read_text()
 
 
 def test_get_unknown_key_fails(tmp_path):
