@@ -66,6 +66,7 @@ def build_plan(config: Config) -> ServePlan:
         max_tokens=config.get("limits.max-tokens"),
         max_n=config.get("limits.max-n"),
         drain_timeout=config.get("queue.drain-timeout"),
+        send_timeout=config.get("http.send-timeout"),
     )
 
 

@@ -42,6 +42,7 @@ class ServePlan(msgspec.Struct, frozen=True):
     max_tokens: int = 32768  # the largest max_tokens a request may ask for
     max_n: int = 1
     drain_timeout: int = 30  # seconds running requests may take after SIGTERM
+    send_timeout: int = 30  # seconds a stream may stay unread before its client is dropped
 
     @property
     def api_url(self) -> str:
