@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 from typing import Any, Callable, TypeVar
 
 import msgspec
@@ -13,9 +14,10 @@ from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, raw
 
 from infersnap import wire
-from infersnap.frontend import convert, schema
+from infersnap.frontend import access, convert, metrics, openapi, schema
 from infersnap.frontend.broker_client import BrokerClient, BrokerUnavailable
 from infersnap.frontend.errors import STATUS_CODES, APIError
+from infersnap.frontend.metrics import RequestRecord
 from infersnap.frontend.render import ChatRender, TextRender
 from infersnap.plan import ServePlan
 
@@ -24,6 +26,7 @@ Body = TypeVar("Body")
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 STALL_CHECK_SECONDS = 5.0
+STREAM_SEND_BUFFER = 16 * 1024  # bytes; the kernel doubles it, asyncio adds 64 KiB before a send waits
 
 
 def json_response(body: bytes, status: int = 200) -> HTTPResponse:
@@ -38,6 +41,10 @@ def decode_body(request: Request, kind: type[Body]) -> Body:
         raise APIError(400, f"Invalid request: {exc}", param=field.group(1) if field else None) from None
     except msgspec.DecodeError as exc:
         raise APIError(400, f"The body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:  # invalid UTF-8 inside a string
+        raise APIError(400, f"The body is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+    except RecursionError:  # unknown fields are skipped recursively
+        raise APIError(400, "The body is nested too deeply") from None
 
 
 def failure_error(failure: wire.Failure) -> APIError:
@@ -77,6 +84,8 @@ def create_app(plan: ServePlan) -> Sanic:
     @app.get("/health")
     async def health(request: Request) -> HTTPResponse:
         status = await request.app.ctx.broker.status()
+        if status.draining:
+            raise APIError(503, "Shutting down", type="unavailable_error", headers={"Retry-After": "1"})
         if any(w.state == "ready" for w in status.workers):
             return json_response(b'{"status":"ok"}')
         raise APIError(503, "Loading model", type="unavailable_error", headers={"Retry-After": "1"})
@@ -105,6 +114,9 @@ def create_app(plan: ServePlan) -> Sanic:
 
     app.ctx.started = schema.now()
     app.ctx.plan = plan
+    app.ctx.metrics = metrics.install(app)
+    access.install(app, plan)
+    openapi.install(app, plan)
     return app
 
 
@@ -138,55 +150,94 @@ async def next_output(
             return wire.failed(request_id, 503, "the server lost this request while restarting; please retry")
 
 
+class ClientStalled(Exception):
+    """A streaming client left the answer unread for longer than http.send-timeout."""
+
+
+def bound_send_buffer(request: Request) -> None:
+    """Cap what the kernel buffers for a stream (Linux would grow it to megabytes), so that
+    a client that stops reading shows as a send that waits, within a few hundred tokens."""
+    connection = request.transport.get_extra_info("socket")
+    if connection is not None:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
+
+
+async def send_event(response: Any, data: bytes, timeout: float) -> None:
+    """Send one SSE event. Sending waits while the connection's buffers are full, that is while
+    the client reads nothing; past `timeout` seconds of that the client counts as stalled."""
+    try:
+        await asyncio.wait_for(response.send(b"data: " + data + b"\n\n"), timeout)
+    except asyncio.TimeoutError:
+        raise ClientStalled from None
+
+
 async def complete(
     request: Request,
     kind: type[schema.SamplingFields],
     to_generate: Callable[[Any, str], wire.Generate],
     render_class: type[ChatRender] | type[TextRender],
 ) -> HTTPResponse | None:
-    """Run one generation and answer with JSON, or with SSE when the body asks to stream."""
-    body = decode_body(request, kind)
-    generate = to_generate(body, request.app.ctx.plan.model_name)
-    render = render_class(generate.id, generate.model)
-    broker: BrokerClient = request.app.ctx.broker
-    timeout = request.app.ctx.plan.request_timeout
-    deadline = asyncio.get_running_loop().time() + timeout if timeout else None
-    outputs = await broker.submit(generate)
+    """Run one generation and answer with JSON, or with SSE when the body asks to stream;
+    count it in the metrics and log its line however it ends."""
+    record = RequestRecord(request.app.ctx.metrics, request.path.removeprefix("/v1/"))
     output: wire.Output | None = None  # the last one read; finish_reason set once the request ended
     try:
-        output = await next_output(broker, generate.id, outputs, deadline)
-        if not body.stream:
-            pieces = []
+        body = decode_body(request, kind)
+        convert.check_limits(body, request.app.ctx.plan)
+        generate = to_generate(body, request.app.ctx.plan.model_name)
+        record.request_id, record.model = generate.id, generate.model
+        render = render_class(generate.id, generate.model)
+        broker: BrokerClient = request.app.ctx.broker
+        timeout = request.app.ctx.plan.request_timeout
+        deadline = asyncio.get_running_loop().time() + timeout if timeout else None
+        outputs = await broker.submit(generate)
+        try:
+            output = await next_output(broker, generate.id, outputs, deadline)
+            record.output_arrived()
+            if not body.stream:
+                pieces = []
+                while True:
+                    if output.failure is not None:
+                        raise failure_error(output.failure)
+                    pieces.append(output.text)
+                    if output.finish_reason is not None:
+                        record.status = 200
+                        return json_response(render.response("".join(pieces), output))
+                    output = await next_output(broker, generate.id, outputs, deadline)
+
+            if output.failure is not None:  # before any byte is sent: a real HTTP error status
+                raise failure_error(output.failure)
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            send_timeout = request.app.ctx.plan.send_timeout
+            bound_send_buffer(request)
+            response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
+            first = True
             while True:
                 if output.failure is not None:
-                    raise failure_error(output.failure)
-                pieces.append(output.text)
+                    await send_event(response, failure_error(output.failure).body(), send_timeout)
+                    break
+                await send_event(response, render.chunk(output, first), send_timeout)
+                first = False
                 if output.finish_reason is not None:
-                    return json_response(render.response("".join(pieces), output))
+                    if include_usage:
+                        await send_event(response, render.usage_chunk(output), send_timeout)
+                    break
                 output = await next_output(broker, generate.id, outputs, deadline)
-
-        if output.failure is not None:  # before any byte is sent: a real HTTP error status
-            raise failure_error(output.failure)
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
-        first = True
-        while True:
-            if output.failure is not None:
-                await response.send(b"data: " + failure_error(output.failure).body() + b"\n\n")
-                break
-            await response.send(b"data: " + render.chunk(output, first) + b"\n\n")
-            first = False
-            if output.finish_reason is not None:
-                if include_usage:
-                    await response.send(b"data: " + render.usage_chunk(output) + b"\n\n")
-                break
-            output = await next_output(broker, generate.id, outputs, deadline)
-        await response.send(b"data: [DONE]\n\n")
-        await response.eof()
+            await send_event(response, b"[DONE]", send_timeout)
+            await response.eof()
+            record.status = output.failure.status if output.failure is not None else 200
+            return None
+        finally:
+            # A request still generating when the handler ends (client gone, send failed) is stopped.
+            if output is not None and output.finish_reason is not None:
+                broker.forget(generate.id)
+            else:
+                broker.abort(generate.id)
+    except APIError as exc:
+        record.status = exc.status
+        raise
+    except ClientStalled:
+        request.transport.close()  # its generation was stopped on the way out (output unfinished)
         return None
     finally:
-        # A request still generating when the handler ends (client gone, send failed) is stopped.
-        if output is not None and output.finish_reason is not None:
-            broker.forget(generate.id)
-        else:
-            broker.abort(generate.id)
+        record.finish(output if output is not None and output.finish_reason is not None else None)

@@ -53,9 +53,10 @@ class BrokerClient:
                     future.set_result(message)
 
     async def submit(self, request: wire.Generate) -> asyncio.Queue[wire.Output]:
+        message = wire.encode(request)  # first: a request that cannot be encoded leaves nothing behind
         queue: asyncio.Queue[wire.Output] = asyncio.Queue()
         self.requests[request.id] = queue
-        await self.socket.send(wire.encode(request))
+        await self.socket.send(message)
         return queue
 
     def forget(self, request_id: str) -> None:

@@ -7,8 +7,24 @@ import uuid
 from infersnap import wire
 from infersnap.frontend import schema
 from infersnap.frontend.errors import APIError
+from infersnap.plan import ServePlan
 
 DEFAULTS = wire.SamplingParams()
+MAX_TOKEN_ID = 2**31 - 1  # token ids are int32 in both runtimes
+
+
+def check_limits(body: schema.SamplingFields, plan: ServePlan) -> None:
+    """The server's request limits (limits.max-tokens, limits.max-n): 400 naming the field over its limit."""
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(body, field, None)
+        if value is not None and value > plan.max_tokens:
+            raise APIError(
+                400,
+                f"{field} is {value}, but this server allows at most {plan.max_tokens} (limits.max-tokens)",
+                param=field,
+            )
+    if body.n is not None and body.n > plan.max_n:
+        raise APIError(400, f"n is {body.n}, but this server allows at most {plan.max_n} (limits.max-n)", param="n")
 
 
 def _sampling(body: schema.SamplingFields, max_tokens: int | None) -> wire.SamplingParams:
@@ -18,10 +34,9 @@ def _sampling(body: schema.SamplingFields, max_tokens: int | None) -> wire.Sampl
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     logit_bias: dict[int, float] = {}
     for token, bias in (body.logit_bias or {}).items():
-        try:
-            logit_bias[int(token)] = bias
-        except ValueError:
-            raise APIError(400, f"logit_bias keys must be token ids, got {token!r}", param="logit_bias") from None
+        if not (token.isascii() and token.isdigit() and len(token) <= 10 and int(token) <= MAX_TOKEN_ID):
+            raise APIError(400, f"logit_bias keys must be token ids, got {token[:100]!r}", param="logit_bias")
+        logit_bias[int(token)] = bias
     return wire.SamplingParams(
         max_tokens=max_tokens,
         temperature=pick(body.temperature, DEFAULTS.temperature),

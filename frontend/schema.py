@@ -20,6 +20,9 @@ Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
+# Bounded so that every accepted number fits the wire (msgpack, int64) and the engines (int32 top_k).
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+TopK = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 Stop = str | Annotated[list[str], Meta(max_length=16)]
 LogitBias = dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]]
 
@@ -46,15 +49,15 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: Probability | None = None
-    top_k: Annotated[int, Meta(ge=0)] | None = None
+    top_k: TopK | None = None
     min_p: Probability | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: Stop | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logit_bias: LogitBias | None = None
-    n: Annotated[int, Meta(ge=1, le=1)] = 1
-    stream: bool = False
+    n: PositiveInt | None = None  # None: 1; the upper bound is the server's limits.max-n (see convert.check_limits)
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
@@ -37,6 +39,21 @@ def assert_error(reply, status: int, param: str | None = None, code: str | None 
         ({**GOOD, "top_p": 1.5}, "top_p"),
         ({**GOOD, "presence_penalty": -3}, "presence_penalty"),
         ({**GOOD, "n": 3}, "n"),
+        ({**GOOD, "n": 0}, "n"),
+        ({"messages": None}, "messages"),
+        ({"messages": [None]}, "messages[0]"),
+        ({"messages": [{"role": None, "content": "Hi"}]}, "messages[0].role"),
+        ({**GOOD, "max_tokens": 10**30}, "max_tokens"),
+        ({**GOOD, "max_tokens": 1.5}, "max_tokens"),
+        ({**GOOD, "max_completion_tokens": 10**6}, "max_completion_tokens"),
+        ({**GOOD, "temperature": 1e308}, "temperature"),
+        ({**GOOD, "temperature": "NaN"}, "temperature"),
+        ({**GOOD, "seed": 2**70}, "seed"),
+        ({**GOOD, "seed": 2**63}, "seed"),
+        ({**GOOD, "top_k": 2**40}, "top_k"),
+        ({**GOOD, "logit_bias": {"9" * 30: 1}}, "logit_bias"),
+        ({**GOOD, "logit_bias": {"1" * 5000: 1}}, "logit_bias"),
+        ({**GOOD, "logit_bias": {"-1": 1}}, "logit_bias"),
         ({**GOOD, "stop": 5}, "stop"),
         ({**GOOD, "logit_bias": {"token": 1}}, "logit_bias"),
         ({**GOOD, "logit_bias": {"10": 500}}, None),
@@ -48,9 +65,85 @@ def test_invalid_chat_bodies_are_400(http, body, param):
     assert_error(http.post("/v1/chat/completions", json=body), 400, param)
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b'{"messages": [', b"not json", b"[1, 2]", b"\xff\xfe{}"])
+DEEP = 10_000
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"{",
+        b'{"messages": [',
+        b"not json",
+        b"[1, 2]",
+        b"[]",
+        b'"x"',
+        b"1",
+        b"null",
+        b"\xff\xfe{}",
+        b"\xef\xbb\xbf" + b'{"messages": [{"role": "user", "content": "Hi"}]}',  # a BOM: not JSON either
+        b'{"messages": [{"role": "user", "content": "\xff\xc3"}]}',  # invalid UTF-8 inside a string
+        b'{"messages": [{"role": "user", "content": "\\ud800"}]}',  # a lone surrogate
+        b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}',
+        b'{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1e999}',
+        # 10000 levels of nesting, in an unknown field (skipped: must not blow the stack), in a field, unclosed
+        b'{"messages": [{"role": "user", "content": "Hi"}], "x": ' + b"[" * DEEP + b"]" * DEEP + b"}",
+        b'{"messages": [{"role": "user", "content": "Hi"}], "x": ' + b'{"a":' * DEEP + b"1" + b"}" * DEEP + b"}",
+        b'{"messages": [{"role": "user", "content": ' + b"[" * DEEP + b"]" * DEEP + b"}]}",
+        b'{"messages": [{"role": "user", "content": "Hi"}], "stop": ' + b"[" * DEEP,
+    ],
+)
 def test_malformed_json_is_400(http, raw):
-    assert_error(http.post("/v1/chat/completions", content=raw), 400)
+    error = assert_error(http.post("/v1/chat/completions", content=raw), 400)
+    assert len(error["message"]) < 1000
+
+
+def test_form_bodies_are_400(http):
+    assert_error(http.post("/v1/chat/completions", data={"messages": "Hi", "max_tokens": "2"}), 400)
+    assert_error(http.post("/v1/chat/completions", files={"body": ("body.json", b'{"messages": []}')}), 400)
+
+
+def test_json_is_read_whatever_the_content_type(http):
+    """Like llama-server (and so that `curl -d` works): a JSON body is JSON under any Content-Type."""
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/octet-stream"):
+        reply = http.post("/v1/chat/completions", content=json.dumps(GOOD), headers={"content-type": content_type})
+        assert reply.status_code == 200, reply.text
+
+
+def test_unknown_fields_and_null_options_are_accepted(http):
+    body = {
+        **GOOD,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        "response_format": {"type": "text"},
+        "x": {"deep": [[[None]]]},
+        "max_completion_tokens": None,
+        "n": None,
+        "stream": None,
+        "seed": -1,
+        "logprobs": None,
+    }
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+    text = {"prompt": "Hi", "max_tokens": 1, "n": 1, "seed": 2**63 - 1}
+    assert http.post("/v1/completions", json=text).status_code == 200
+
+
+def test_limits(http):
+    """limits.max-tokens (default 32768) and limits.max-n (default 1): 400 naming the field and the limit."""
+    for field in ("max_tokens", "max_completion_tokens"):
+        error = assert_error(http.post("/v1/chat/completions", json={**GOOD, field: 32769}), 400, field)
+        assert "32768" in error["message"] and "limits.max-tokens" in error["message"]
+    error = assert_error(http.post("/v1/completions", json={"prompt": "Hi", "n": 2}), 400, "n")
+    assert "at most 1" in error["message"]
+    # at the limit, the context decides
+    at_limit = {"prompt": "Hi", "max_tokens": 32768}
+    assert_error(http.post("/v1/completions", json=at_limit), 400, code="context_length_exceeded")
+
+
+def test_a_megabyte_of_content(http):
+    body = {"messages": [{"role": "user", "content": "x" * (1 << 20)}], "max_tokens": 1}
+    reply = http.post("/v1/chat/completions", json=body)
+    if reply.status_code != 200:
+        assert_error(reply, 400, code="context_length_exceeded")
 
 
 def test_invalid_completion_body_is_400(http):
@@ -62,7 +155,7 @@ def test_context_length_exceeded(http):
     long_prompt = "hello " * 5000
     error = assert_error(http.post("/v1/completions", json={"prompt": long_prompt}), 400, code="context_length_exceeded")
     assert "maximum context length" in error["message"]
-    too_many = {**GOOD, "max_tokens": 100_000}
+    too_many = {**GOOD, "max_tokens": 30_000}  # under limits.max-tokens, over the context
     assert_error(http.post("/v1/chat/completions", json=too_many), 400, code="context_length_exceeded")
 
 
@@ -75,6 +168,8 @@ def test_unknown_route_is_404_and_wrong_method_405(http):
     assert_error(http.get("/v1/nothing-here"), 404)
     assert_error(http.get("/v1/chat/completions"), 405)
     assert_error(http.delete("/v1/models"), 405)
+    assert_error(http.post("/health"), 405)
+    assert_error(http.put("/v1/completions", json={"prompt": "Hi"}), 405)
 
 
 def test_body_over_the_limit_is_413(http):

@@ -243,7 +243,10 @@ class LlamaCppEngine(BatchingEngine):
             if self._chat_template is None:
                 raise ValueError("the model has no chat template; use /v1/completions")
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            text = self._chat_template(messages=messages).prompt
+            try:
+                text = self._chat_template(messages=messages).prompt
+            except Exception as exc:  # the template rejects these messages (jinja's raise_exception)
+                raise ValueError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
         else:
             text = request.prompt or ""
         return self.model.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True) if text else []

@@ -111,7 +111,7 @@ def run(plan: ServePlan, spec: WorkerSpec) -> None:
                 if engine is None:
                     refused = wire.failed(message.id, 503, f"worker {info.worker_id} failed to load: {info.error}")
                 else:
-                    refused = engine.add(message)
+                    refused = _add(engine, message)
                 if refused is not None:
                     outputs.append(refused)
             elif isinstance(message, wire.Abort) and engine is not None:
@@ -149,6 +149,15 @@ def load_engine(plan: ServePlan, spec: WorkerSpec):
 
         return OpenVinoEngine(plan.model_path, spec.device, plan.slots, plan.context, spec.threads, plan.verbose)
     raise ValueError(f"unknown runtime {spec.runtime!r}")
+
+
+def _add(engine, request: wire.Generate) -> wire.Output | None:
+    """engine.add, where an unexpected error fails this one request, not the worker and all it runs."""
+    try:
+        return engine.add(request)
+    except Exception:
+        log.exception("request %s could not be added", request.id)
+        return wire.failed(request.id, 500, "the engine could not take this request")
 
 
 def _next_or_none(inbox: queue.Queue):

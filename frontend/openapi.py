@@ -1,0 +1,149 @@
+"""GET /openapi.json: an OpenAPI 3.1 document generated from the msgspec Structs the routes use.
+
+Built once when the app is created, from the same types the request bodies
+decode into, so the document cannot drift from what the server accepts. The
+server's limits (limits.max-tokens, limits.max-n) appear as the maxima of
+`max_tokens`, `max_completion_tokens` and `n`. The route sits outside /v1,
+so it needs no API key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from sanic import Request, Sanic
+from sanic.response import HTTPResponse, raw
+
+from infersnap import __version__
+from infersnap.frontend import schema
+from infersnap.frontend.errors import ErrorBody
+from infersnap.plan import ServePlan
+
+REF = "#/components/schemas/{name}"
+ERRORS = {
+    400: "Invalid request: malformed JSON, a wrong type or an out-of-range value (`param` names the field), "
+    "or a prompt that does not fit the context (`code: context_length_exceeded`)",
+    401: "Missing or wrong API key (only when the server has http.api-keys)",
+    404: "Unknown model (`code: model_not_found`)",
+    413: "Body larger than http.max-body-bytes",
+    503: "No worker ready yet, or every queue is full (`code: server_overloaded`); comes with Retry-After",
+    504: "The request ran past queue.request-timeout (`code: timeout`)",
+}
+
+
+def install(app: Sanic, plan: ServePlan) -> None:
+    """Build the document once and serve it at GET /openapi.json."""
+    document = msgspec.json.encode(build(plan))
+
+    async def openapi_json(request: Request) -> HTTPResponse:
+        return raw(document, content_type="application/json")
+
+    app.add_route(openapi_json, "/openapi.json", methods=["GET"], name="openapi_json")
+
+
+def build(plan: ServePlan) -> dict[str, Any]:
+    types = [
+        schema.ChatCompletionRequest,
+        schema.CompletionRequest,
+        schema.ChatCompletion,
+        schema.ChatCompletionChunk,
+        schema.Completion,
+        schema.ModelList,
+        schema.ModelCard,
+        ErrorBody,
+    ]
+    _, components = msgspec.json.schema_components(types, ref_template=REF)
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        properties = components[name]["properties"]
+        for field in ("max_tokens", "max_completion_tokens"):
+            if field in properties:
+                _set_maximum(properties[field], plan.max_tokens)
+        _set_maximum(properties["n"], plan.max_n)
+    components["Health"] = {
+        "title": "Health",
+        "type": "object",
+        "properties": {"status": {"const": "ok"}},
+        "required": ["status"],
+    }
+
+    secured = {"security": [{"bearer": []}]} if plan.api_keys else {}
+
+    def operation(summary: str, ok: dict[str, Any], errors: list[int], body: str | None = None) -> dict[str, Any]:
+        responses: dict[str, Any] = {"200": {"description": "OK", "content": ok}}
+        for status in errors:
+            responses[str(status)] = {"description": ERRORS[status], "content": _json("ErrorBody")}
+        op: dict[str, Any] = {"summary": summary, "responses": responses}
+        if body is not None:
+            op["requestBody"] = {"required": True, "content": _json(body)}
+        return op
+
+    def v1(op: dict[str, Any]) -> dict[str, Any]:
+        return {**op, **secured}
+
+    completion_errors = [400, 401, 404, 413, 503, 504]
+    paths = {
+        "/v1/chat/completions": {
+            "post": v1(
+                operation(
+                    "Chat completion, with the model's own chat template",
+                    {**_json("ChatCompletion"), **_sse("ChatCompletionChunk")},
+                    completion_errors,
+                    body="ChatCompletionRequest",
+                )
+            )
+        },
+        "/v1/completions": {
+            "post": v1(
+                operation(
+                    "Text completion",
+                    {**_json("Completion"), **_sse("Completion")},
+                    completion_errors,
+                    body="CompletionRequest",
+                )
+            )
+        },
+        "/v1/models": {"get": v1(operation("The models served here", _json("ModelList"), [401, 503]))},
+        "/v1/models/{model}": {
+            "get": {
+                **v1(operation("One model", _json("ModelCard"), [401, 404, 503])),
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+            }
+        },
+        "/health": {"get": operation("200 once a worker is ready; 503 while loading", _json("Health"), [503])},
+    }
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "infersnap",
+            "version": __version__,
+            "description": 'An OpenAI-compatible API. Every error is {"error": {"message", "type", "param", "code"}}.',
+        },
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+    if plan.api_keys:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    return document
+
+
+def _json(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": REF.format(name=name)}}}
+
+
+def _sse(name: str) -> dict[str, Any]:
+    return {
+        "text/event-stream": {
+            "schema": {
+                "type": "string",
+                "description": f"With `stream: true`: `data: {{{name}}}` events, then `data: [DONE]`",
+            }
+        }
+    }
+
+
+def _set_maximum(prop: dict[str, Any], maximum: int) -> None:
+    """Set the maximum on the integer schema of a property (itself, or its integer branch of anyOf)."""
+    for option in prop.get("anyOf", [prop]):
+        if option.get("type") == "integer":
+            option["maximum"] = maximum
