@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, data_env, start_server
+from conftest import cli, data_env, process_tree, start_server
 
 NOBODY = 65534
 
@@ -66,25 +66,6 @@ def runtime_dir(server) -> Path:
     code = "from infersnap import paths; print(paths.runtime_dir())"
     out = subprocess.run([sys.executable, "-c", code], env=server.env, capture_output=True, text=True, check=True)
     return Path(out.stdout.strip())
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
 
 
 def process_uid(pid: int) -> int:
