@@ -12,7 +12,10 @@ its exit at once; a new pid or a heartbeat missed for WORKER_TIMEOUT tell
 too) the requests it was generating end with a 503, and the queued ones,
 which it never saw, go to the next worker that can take them. The queue is
 bounded: a request that can neither run nor wait within `max_waiting` per
-ready worker is refused with 503 at once.
+ready worker is refused with 503 at once. Tokenizer lookups (Tokenize,
+Detokenize) skip the queue: each goes at once to a ready worker serving its
+model, takes no slot, and is routed back (or ended with a 503 when that
+worker is lost) like a request.
 
 On Drain (SIGTERM to `infersnap serve`) new requests get 503; accepted ones
 may finish until the grace period ends, then end with a 503 too.
@@ -56,6 +59,7 @@ class Worker:
     info: wire.WorkerInfo
     last_seen: float
     in_flight: set[str] = field(default_factory=set)  # requests it is generating
+    lookups: set[str] = field(default_factory=set)  # tokenizer lookups it is answering (they take no slot)
 
     def serves(self, model: str) -> bool:
         return self.info.model.lower() == model.lower()
@@ -115,7 +119,7 @@ class Broker:
     # --- clients -----------------------------------------------------------
 
     def _on_client(self, client: bytes, message: wire.Message) -> None:
-        if isinstance(message, wire.Generate):
+        if isinstance(message, (wire.Generate, wire.Tokenize, wire.Detokenize)):
             self._accept(client, message)
         elif isinstance(message, wire.Abort):
             self._abort(message.ids)
@@ -130,15 +134,21 @@ class Broker:
                      len(self.routes) + len(self.queue), message.grace)
             self.drain_deadline = time.monotonic() + message.grace
 
-    def _accept(self, client: bytes, request: wire.Generate) -> None:
+    def _accept(self, client: bytes, request: wire.Generate | wire.Tokenize | wire.Detokenize) -> None:
         refusal = self._refusal(request)
         if refusal is not None:
             self._send(self.clients, client, wire.Results(outputs=[refusal]))
-            return
-        self.queue[request.id] = Queued(client, request)
-        self._dispatch()
+        elif isinstance(request, wire.Generate):
+            self.queue[request.id] = Queued(client, request)
+            self._dispatch()
+        else:  # a lookup goes straight to the least busy ready worker: it needs no slot
+            ready = [w for w in self.workers.values() if w.serves(request.model) and w.info.state == "ready"]
+            worker = min(ready, key=lambda w: len(w.in_flight) + len(w.lookups))
+            self.routes[request.id] = Route(client=client, worker=worker.identity)
+            worker.lookups.add(request.id)
+            self._send(self.workers_socket, worker.identity, request)
 
-    def _refusal(self, request: wire.Generate) -> wire.Output | None:
+    def _refusal(self, request: wire.Generate | wire.Tokenize | wire.Detokenize) -> wire.Output | None:
         """Why this request cannot be accepted now, as its error Output; None if it can."""
         if self.drain_deadline is not None:
             return wire.failed(request.id, 503, "the server is shutting down", code="shutting_down")
@@ -159,6 +169,8 @@ class Broker:
                 code="model_not_found",
                 param="model",
             )
+        if not isinstance(request, wire.Generate):  # a lookup never waits, so there is always room
+            return None
         room = sum(w.free_slots for w in ready) + self.plan.max_waiting * len(ready)
         if sum(q.request.model.lower() == request.model.lower() for q in self.queue.values()) >= room:
             # Refuse at once rather than queue without end; the frontend adds Retry-After.
@@ -198,6 +210,7 @@ class Broker:
                 by_worker.setdefault(route.worker, []).append(request_id)
                 if route.worker in self.workers:
                     self.workers[route.worker].in_flight.discard(request_id)
+                    self.workers[route.worker].lookups.discard(request_id)
         for identity, worker_ids in by_worker.items():
             self._send(self.workers_socket, identity, wire.Abort(ids=worker_ids))
         self._dispatch()
@@ -232,6 +245,12 @@ class Broker:
         elif isinstance(message, wire.Results) and worker is not None:
             worker.last_seen = now
             self._relay(worker, message.outputs)
+        elif isinstance(message, wire.TokenizeResult) and worker is not None:
+            worker.last_seen = now
+            worker.lookups.discard(message.id)
+            route = self.routes.pop(message.id, None)
+            if route is not None:  # else aborted meanwhile
+                self._send(self.clients, route.client, message)
 
     def _relay(self, worker: Worker, outputs: list[wire.Output]) -> None:
         by_client: dict[bytes, list[wire.Output]] = {}
@@ -257,7 +276,7 @@ class Broker:
                     worker.info.worker_id, why, len(worker.in_flight))
         message = f"worker {worker.info.worker_id} stopped while generating this request; please retry"
         by_client: dict[bytes, list[wire.Output]] = {}
-        for request_id in worker.in_flight:
+        for request_id in [*worker.in_flight, *worker.lookups]:
             route = self.routes.pop(request_id, None)
             if route is not None:
                 by_client.setdefault(route.client, []).append(wire.failed(request_id, 503, message))
@@ -266,6 +285,7 @@ class Broker:
         if worker.in_flight:  # in case it is alive after all (stalled, not dead): stop its work
             self._send(self.workers_socket, worker.identity, wire.Abort(ids=list(worker.in_flight)))
         worker.in_flight.clear()
+        worker.lookups.clear()
         worker.info.state, worker.info.error = RESTARTING, f"the worker process {why}; waiting for it to come back"
         worker.info.running = worker.info.waiting = 0
 

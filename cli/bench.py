@@ -151,7 +151,8 @@ def request_body(model: str, prompt: str, settings: Settings) -> dict[str, Any]:
     return body
 
 
-def _error_text(status: int, body: bytes) -> str:
+def error_text(status: int, body: bytes) -> str:
+    """An HTTP error in one line: the OpenAI error body's message, else the start of the body."""
     message = body.decode(errors="replace").strip()[:200]
     try:
         message = json.loads(body)["error"]["message"]
@@ -165,7 +166,7 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], sta
     usage_tokens: int | None = None
     async with client.stream("POST", f"{url}/chat/completions", json=body) as response:
         if response.status_code != 200:
-            return RequestResult(error=_error_text(response.status_code, await response.aread()))
+            return RequestResult(error=error_text(response.status_code, await response.aread()))
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -196,7 +197,7 @@ async def _whole(client: httpx.AsyncClient, url: str, body: dict[str, Any], star
     response = await client.post(f"{url}/chat/completions", json=body)
     end = time.perf_counter()
     if response.status_code != 200:
-        return RequestResult(error=_error_text(response.status_code, response.content))
+        return RequestResult(error=error_text(response.status_code, response.content))
     document = response.json()
     tokens = (document.get("usage") or {}).get("completion_tokens")
     if tokens is None:
@@ -287,7 +288,7 @@ def first_model(url: str, api_key: str = "none", timeout: float = 10.0) -> str:
     except httpx.HTTPError as exc:
         raise BenchError(f"cannot reach {url}/models: {type(exc).__name__}: {exc}") from None
     if response.status_code != 200:
-        raise BenchError(f"{url}/models: {_error_text(response.status_code, response.content)}")
+        raise BenchError(f"{url}/models: {error_text(response.status_code, response.content)}")
     try:
         return response.json()["data"][0]["id"]
     except (ValueError, KeyError, IndexError, TypeError):

@@ -186,6 +186,17 @@ def use_engine(names: tuple[str, ...], auto: bool, root: str) -> None:
     click.echo(f"engines: {value} (restart `infersnap serve` to apply)")
 
 
+@main.command()
+@click.option("--system", help="a system prompt that opens the conversation (and survives /reset)")
+@click.option("--max-tokens", type=click.IntRange(min=1), help="the longest answer, in tokens  [default: the server's]")
+@click.option("--temperature", type=click.FloatRange(0, 2), help="0 picks the likeliest token  [default: the server's]")
+def chat(system: str | None, max_tokens: int | None, temperature: float | None) -> None:
+    """Chat with the running server in the terminal; /reset forgets, /exit leaves."""
+    from infersnap.cli.chat import run
+
+    run(_config_for_reading("using the defaults in its place"), system, max_tokens, temperature)
+
+
 class _Levels(click.ParamType):
     name = "LEVELS"
 

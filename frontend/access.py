@@ -1,7 +1,8 @@
 """Who may call the HTTP API: API keys for /v1/, and CORS for browsers, as Sanic middleware.
 
-With API keys set, every request under /v1/ needs `Authorization: Bearer KEY`
-with one of them, else 401 in OpenAI's shape; /health and other routes stay
+With API keys set, every request under /v1/ (and to /tokenize and
+/detokenize, which use the model too) needs `Authorization: Bearer KEY` with
+one of them, else 401 in OpenAI's shape; /health and other routes stay
 open. With CORS origins set, OPTIONS preflights are answered (without a key:
 browsers send none on a preflight) and responses to an allowed origin carry
 Access-Control-Allow-Origin. Sanic runs response middleware inside
@@ -22,6 +23,7 @@ from infersnap.plan import ServePlan
 ALLOW_METHODS = "GET, POST, OPTIONS"
 ALLOW_HEADERS = "Authorization, Content-Type"
 MAX_AGE_SECONDS = 600
+KEYED_OUTSIDE_V1 = ("/tokenize", "/detokenize")  # llama-server's routes: they use the model, so a key too
 NO_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header "
     "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
@@ -41,7 +43,8 @@ def _install_keys(app: Sanic, api_keys: list[str]) -> None:
     keys = [key.encode() for key in api_keys]
 
     async def require_key(request: Request) -> None:
-        if not (request.path == "/v1" or request.path.startswith("/v1/")):
+        path = request.path
+        if not (path == "/v1" or path.startswith("/v1/") or path.rstrip("/") in KEYED_OUTSIDE_V1):
             return
         scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
         token = token.strip()

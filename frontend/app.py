@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 import socket
+import uuid
 from typing import Any, Callable, TypeVar
 
 import msgspec
@@ -112,12 +113,51 @@ def create_app(plan: ServePlan) -> Sanic:
     async def completions(request: Request) -> HTTPResponse | None:
         return await complete(request, schema.CompletionRequest, convert.completion_request, TextRender)
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> HTTPResponse:
+        body = decode_body(request, schema.TokenizeRequest)
+        message = wire.Tokenize(
+            id=f"tok-{uuid.uuid4().hex}",
+            model=body.model or plan.model_name,
+            content=body.content,
+            add_special=body.add_special,
+            with_pieces=body.with_pieces,
+        )
+        result = await lookup(request, message)
+        tokens: list[int | schema.TokenPiece] = list(result.tokens)
+        if body.with_pieces:
+            tokens = [schema.TokenPiece(t, piece_json(p)) for t, p in zip(result.tokens, result.pieces)]
+        return json_response(msgspec.json.encode(schema.TokenizeResponse(tokens=tokens)))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> HTTPResponse:
+        body = decode_body(request, schema.DetokenizeRequest)
+        model = body.model or plan.model_name
+        result = await lookup(request, wire.Detokenize(id=f"detok-{uuid.uuid4().hex}", model=model, tokens=body.tokens))
+        return json_response(msgspec.json.encode(schema.DetokenizeResponse(content=result.content)))
+
     app.ctx.started = schema.now()
     app.ctx.plan = plan
     app.ctx.metrics = metrics.install(app)
     access.install(app, plan)
     openapi.install(app, plan)
     return app
+
+
+async def lookup(request: Request, message: wire.Tokenize | wire.Detokenize) -> wire.TokenizeResult:
+    """A worker tokenizer's answer; its failure (unknown model, bad token id, no worker) as the HTTP error."""
+    result = await request.app.ctx.broker.lookup(message)
+    if result.failure is not None:
+        raise failure_error(result.failure)
+    return result
+
+
+def piece_json(piece: bytes) -> str | list[int]:
+    """A token's piece as llama-server shows it: text, or its bytes when they are not UTF-8 on their own."""
+    try:
+        return piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(piece)
 
 
 async def next_output(
@@ -186,7 +226,7 @@ async def complete(
         convert.check_limits(body, request.app.ctx.plan)
         generate = to_generate(body, request.app.ctx.plan.model_name)
         record.request_id, record.model = generate.id, generate.model
-        render = render_class(generate.id, generate.model)
+        render = render_class(generate.id, generate.model, body)
         broker: BrokerClient = request.app.ctx.broker
         timeout = request.app.ctx.plan.request_timeout
         deadline = asyncio.get_running_loop().time() + timeout if timeout else None
@@ -211,21 +251,21 @@ async def complete(
             send_timeout = request.app.ctx.plan.send_timeout
             bound_send_buffer(request)
             response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
-            first = True
             while True:
                 if output.failure is not None:
                     await send_event(response, failure_error(output.failure).body(), send_timeout)
                     break
-                await send_event(response, render.chunk(output, first), send_timeout)
-                first = False
+                for event in render.chunks(output):
+                    await send_event(response, event, send_timeout)
                 if output.finish_reason is not None:
                     if include_usage:
                         await send_event(response, render.usage_chunk(output), send_timeout)
                     break
                 output = await next_output(broker, generate.id, outputs, deadline)
+            # Ended: a client that closes as soon as it reads [DONE] still got its whole answer.
+            record.status = output.failure.status if output.failure is not None else 200
             await send_event(response, b"[DONE]", send_timeout)
             await response.eof()
-            record.status = output.failure.status if output.failure is not None else 200
             return None
         finally:
             # A request still generating when the handler ends (client gone, send failed) is stopped.

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
+
+import msgspec
 
 from infersnap import wire
-from infersnap.frontend import schema
+from infersnap.frontend import schema, tools
 from infersnap.frontend.errors import APIError
 from infersnap.plan import ServePlan
 
@@ -27,7 +30,10 @@ def check_limits(body: schema.SamplingFields, plan: ServePlan) -> None:
         raise APIError(400, f"n is {body.n}, but this server allows at most {plan.max_n} (limits.max-n)", param="n")
 
 
-def _sampling(body: schema.SamplingFields, max_tokens: int | None) -> wire.SamplingParams:
+def _sampling(
+    body: schema.SamplingFields, max_tokens: int | None, constraint: dict[str, Any] | None = None
+) -> wire.SamplingParams:
+    """The sampling settings; the output is held to `constraint` (a forced tool call), else to response_format."""
     def pick(value, default):
         return default if value is None else value
 
@@ -37,6 +43,8 @@ def _sampling(body: schema.SamplingFields, max_tokens: int | None) -> wire.Sampl
         if not (token.isascii() and token.isdigit() and len(token) <= 10 and int(token) <= MAX_TOKEN_ID):
             raise APIError(400, f"logit_bias keys must be token ids, got {token[:100]!r}", param="logit_bias")
         logit_bias[int(token)] = bias
+    if constraint is None:
+        constraint = _response_schema(body.response_format)
     return wire.SamplingParams(
         max_tokens=max_tokens,
         temperature=pick(body.temperature, DEFAULTS.temperature),
@@ -48,7 +56,17 @@ def _sampling(body: schema.SamplingFields, max_tokens: int | None) -> wire.Sampl
         presence_penalty=pick(body.presence_penalty, DEFAULTS.presence_penalty),
         frequency_penalty=pick(body.frequency_penalty, DEFAULTS.frequency_penalty),
         logit_bias=logit_bias,
+        json_schema=None if constraint is None else msgspec.json.encode(constraint).decode(),
     )
+
+
+def _response_schema(response_format: schema.ResponseFormat | None) -> dict[str, Any] | None:
+    """The JSON schema response_format asks for: json_object is any object; text (or none) is unconstrained."""
+    if isinstance(response_format, schema.JSONSchemaFormat) and response_format.json_schema.schema is not None:
+        return tools.normalized(response_format.json_schema.schema, "response_format")
+    if isinstance(response_format, (schema.JSONObjectFormat, schema.JSONSchemaFormat)):
+        return {"type": "object"}
+    return None
 
 
 def _message_text(index: int, message: schema.ChatMessageIn) -> str:
@@ -71,12 +89,42 @@ def _message_text(index: int, message: schema.ChatMessageIn) -> str:
     return "".join(texts)
 
 
+def _history(messages: list[schema.ChatMessageIn]) -> list[wire.ChatMessage]:
+    """The messages for the chat template. Tool calls and results become text turns the template knows:
+    an assistant's calls are the JSON it wrote, and results (consecutive ones joined) a user turn."""
+    history: list[wire.ChatMessage] = []
+    call_names: dict[str, str] = {}  # tool_call_id -> function name, to label results
+    for i, message in enumerate(messages):
+        text = _message_text(i, message)
+        if message.role == "assistant" and message.tool_calls:
+            call_names.update((c.id, c.function.name) for c in message.tool_calls)
+            text = "\n".join(([text] if text else []) + [tools.call_text(c) for c in message.tool_calls])
+        if message.role != "tool":
+            history.append(wire.ChatMessage(role=message.role, content=text))
+            continue
+        text = tools.result_text(call_names.get(message.tool_call_id or "") or message.name or "tool", text)
+        if i > 0 and messages[i - 1].role == "tool":  # the results of one turn's calls: one user turn
+            history[-1] = wire.ChatMessage(role="user", content=history[-1].content + "\n" + text)
+        else:
+            history.append(wire.ChatMessage(role="user", content=text))
+    return history
+
+
 def chat_request(body: schema.ChatCompletionRequest, model: str) -> wire.Generate:
-    messages = [wire.ChatMessage(role=m.role, content=_message_text(i, m)) for i, m in enumerate(body.messages)]
+    messages = _history(body.messages)
+    toolset = tools.from_request(body)
+    constraint = None
+    if toolset is not None:
+        # the tools' description joins the system message (templates take one, first)
+        if messages[0].role in ("system", "developer"):
+            messages[0] = wire.ChatMessage(messages[0].role, messages[0].content + "\n\n" + toolset.instructions())
+        else:
+            messages.insert(0, wire.ChatMessage("system", toolset.instructions()))
+        constraint = toolset.constraint()
     return wire.Generate(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         model=body.model or model,
-        params=_sampling(body, body.max_completion_tokens or body.max_tokens),
+        params=_sampling(body, body.max_completion_tokens or body.max_tokens, constraint),
         messages=messages,
     )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from infersnap import wire
-from infersnap.frontend import schema
+from infersnap.frontend import schema, tools
 
 _encode = msgspec.json.encode
 
@@ -36,8 +36,13 @@ def timings(t: wire.Timings | None) -> schema.Timings | None:
 
 
 class ChatRender:
-    def __init__(self, request_id: str, model: str) -> None:
+    def __init__(self, request_id: str, model: str, body: schema.SamplingFields) -> None:
         self.id, self.model, self.created = request_id, model, schema.now()
+        self.tools = tools.from_request(body) if isinstance(body, schema.ChatCompletionRequest) else None
+        self._sent_role = False
+        # While the answer may still be a tool call it is held back, so that a call reaches the
+        # client as tool_calls and never as text; an answer that can't be one streams as usual.
+        self._held: str | None = "" if self.tools is not None else None
 
     def _chunk(self, choices: list[schema.ChunkChoice], **extra: object) -> bytes:
         return _encode(
@@ -46,23 +51,41 @@ class ChatRender:
             )
         )
 
-    def chunk(self, output: wire.Output, first: bool) -> bytes:
-        delta = schema.Delta(role="assistant" if first else None, content=output.text)
-        choice = schema.ChunkChoice(index=0, delta=delta, finish_reason=output.finish_reason)
-        return self._chunk([choice], timings=timings(output.timings))
+    def chunks(self, output: wire.Output) -> list[bytes]:
+        """The SSE events for one output: none while it is held back."""
+        text, finish, calls = output.text, output.finish_reason, None
+        if self._held is not None:
+            text = self._held + text
+            if finish is None and self.tools.could_be_call(text):
+                self._held = text
+                return []
+            self._held = None
+            call = self.tools.parse(text) if finish is not None else None
+            if call is not None:
+                calls = [schema.ToolCallDelta(index=0, id=call.id, function=call.function)]
+                text, finish = None, "tool_calls"
+        delta = schema.Delta(role=None if self._sent_role else "assistant", content=text, tool_calls=calls)
+        self._sent_role = True
+        choice = schema.ChunkChoice(index=0, delta=delta, finish_reason=finish)
+        return [self._chunk([choice], timings=timings(output.timings))]
 
     def usage_chunk(self, last: wire.Output) -> bytes:
         return self._chunk([], usage=usage(last))
 
     def response(self, text: str, last: wire.Output) -> bytes:
-        message = schema.AssistantMessage(role="assistant", content=text)
+        call = self.tools.parse(text) if self.tools is not None else None
+        if call is not None:
+            message = schema.AssistantMessage(role="assistant", content=None, tool_calls=[call])
+        else:
+            message = schema.AssistantMessage(role="assistant", content=text)
+        finish = "tool_calls" if call is not None else last.finish_reason
         return _encode(
             schema.ChatCompletion(
                 id=self.id,
                 object="chat.completion",
                 created=self.created,
                 model=self.model,
-                choices=[schema.ChatChoice(index=0, message=message, finish_reason=last.finish_reason)],
+                choices=[schema.ChatChoice(index=0, message=message, finish_reason=finish)],
                 usage=usage(last),
                 timings=timings(last.timings),
             )
@@ -70,7 +93,7 @@ class ChatRender:
 
 
 class TextRender:
-    def __init__(self, request_id: str, model: str) -> None:
+    def __init__(self, request_id: str, model: str, body: schema.SamplingFields) -> None:
         self.id, self.model, self.created = request_id, model, schema.now()
 
     def _completion(self, choices: list[schema.TextChoice], **extra: object) -> bytes:
@@ -80,9 +103,9 @@ class TextRender:
             )
         )
 
-    def chunk(self, output: wire.Output, first: bool) -> bytes:
+    def chunks(self, output: wire.Output) -> list[bytes]:
         choice = schema.TextChoice(index=0, text=output.text, finish_reason=output.finish_reason)
-        return self._completion([choice], timings=timings(output.timings))
+        return [self._completion([choice], timings=timings(output.timings))]
 
     def usage_chunk(self, last: wire.Output) -> bytes:
         return self._completion([], usage=usage(last))

@@ -9,7 +9,7 @@ more than a local server uses.
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -25,6 +25,8 @@ Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 TopK = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 Stop = str | Annotated[list[str], Meta(max_length=16)]
 LogitBias = dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]]
+Name = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's rule for function and format names
+JSONSchema = dict[str, Any]  # checked by infersnap.json_schema, not by the decoder
 
 
 class ContentPart(msgspec.Struct):
@@ -32,10 +34,71 @@ class ContentPart(msgspec.Struct):
     text: str | None = None
 
 
+class FunctionCall(msgspec.Struct):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(msgspec.Struct):
+    """A call in an answer, and the same call sent back in the history of a later request."""
+
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class ChatMessageIn(msgspec.Struct):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this message answers
+
+
+class FunctionDefinition(msgspec.Struct, kw_only=True):
+    name: Name
+    description: str | None = None
+    parameters: JSONSchema | None = None  # None: no arguments
+    strict: bool | None = None  # calls always follow `parameters` here
+
+
+class Tool(msgspec.Struct):
+    function: FunctionDefinition
+    type: Literal["function"] = "function"
+
+
+class FunctionName(msgspec.Struct):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct):
+    function: FunctionName
+    type: Literal["function"] = "function"
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class TextFormat(msgspec.Struct, tag_field="type", tag="text"):
+    pass
+
+
+class JSONObjectFormat(msgspec.Struct, tag_field="type", tag="json_object"):
+    pass
+
+
+class JSONSchemaSpec(msgspec.Struct, kw_only=True):
+    name: Name | None = None
+    description: str | None = None
+    schema: JSONSchema | None = None  # None: any JSON object
+    strict: bool | None = None  # the output always follows the schema here
+
+
+class JSONSchemaFormat(msgspec.Struct, tag_field="type", tag="json_schema"):
+    json_schema: JSONSchemaSpec
+
+
+ResponseFormat = TextFormat | JSONObjectFormat | JSONSchemaFormat
 
 
 class StreamOptions(msgspec.Struct):
@@ -60,11 +123,15 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessageIn], Meta(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
+    tools: Annotated[list[Tool], Meta(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, else "none"
+    parallel_tool_calls: bool | None = None  # accepted; an answer holds at most one call here
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -89,9 +156,10 @@ class Timings(msgspec.Struct):
     predicted_per_second: float
 
 
-class AssistantMessage(msgspec.Struct):
+class AssistantMessage(msgspec.Struct, omit_defaults=True):
     role: str
-    content: str
+    content: str | None  # None when the answer is a tool call
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(msgspec.Struct):
@@ -112,9 +180,19 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     system_fingerprint: str | None = None
 
 
+class ToolCallDelta(msgspec.Struct):
+    """A whole tool call in one streamed delta (the SDKs join deltas by index)."""
+
+    index: int
+    id: str
+    function: FunctionCall
+    type: str = "function"
+
+
 class Delta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(msgspec.Struct):
@@ -165,3 +243,33 @@ class ModelList(msgspec.Struct):
 
 def now() -> int:
     return int(time.time())
+
+
+# --- llama-server's /tokenize and /detokenize --------------------------------
+
+TokenId = Annotated[int, Meta(ge=0, le=2**31 - 1)]  # the engines' token ids are int32; the vocabulary is checked there
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    content: str
+    add_special: bool = False  # the BOS (or EOS) the model adds to a prompt, if it has one
+    with_pieces: bool = False
+    model: str | None = None  # None: the one model served here
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    tokens: list[TokenId]
+    model: str | None = None
+
+
+class TokenPiece(msgspec.Struct):
+    id: int
+    piece: str | list[int]  # its text, or its bytes when they are not UTF-8 on their own (llama-server's way)
+
+
+class TokenizeResponse(msgspec.Struct):
+    tokens: list[int | TokenPiece]  # all ids, or all pieces with with_pieces (one list type, for the JSON schema)
+
+
+class DetokenizeResponse(msgspec.Struct):
+    content: str

@@ -22,6 +22,9 @@ class SamplingParams(msgspec.Struct, array_like=True, frozen=True):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = {}
+    # The output must be JSON matching this schema (JSON text, normalized by infersnap.json_schema):
+    # response_format and forced tool calls both become one, and each engine enforces it with a grammar.
+    json_schema: str | None = None
 
 
 class ChatMessage(msgspec.Struct, array_like=True, frozen=True):
@@ -155,9 +158,40 @@ def models_of(status: Status) -> list[str]:
     return sorted({w.model for w in status.workers if w.state != "failed"})
 
 
+# --- tokenizer lookups: frontend -> broker -> worker -> broker -> frontend ----
+# Answered by any ready worker serving the model, between two engine steps: they take no slot and
+# never wait in the broker's queue. A lookup the broker or a lost worker ends early gets a failed
+# Output in Results, like a Generate.
+
+
+class Tokenize(Message):
+    id: str
+    model: str
+    content: str
+    add_special: bool = False  # BOS (and EOS) where the model's tokenizer adds them to a prompt
+    with_pieces: bool = False
+
+
+class Detokenize(Message):
+    id: str
+    model: str
+    tokens: list[int]
+
+
+class TokenizeResult(Message):
+    """The answer to a Tokenize (tokens, and their pieces if asked) or a Detokenize (content), or its failure."""
+
+    id: str
+    tokens: list[int] = []
+    pieces: list[bytes] = []  # each token's bytes: a piece may hold part of a UTF-8 character
+    content: str = ""
+    failure: Failure | None = None
+
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(
     Generate | Abort | StatusQuery | Drain | WorkerExited | Results | WorkerStatus | Status
+    | Tokenize | Detokenize | TokenizeResult
 )
 
 

@@ -103,6 +103,14 @@ def test_health_is_open_and_models_need_the_key(http):
     assert models.json()["data"]
 
 
+@pytest.mark.parametrize("path, body", [("/tokenize", {"content": "Hi"}), ("/detokenize", {"tokens": [1]})])
+def test_the_tokenizer_routes_need_the_key_like_v1(http, path, body):
+    # outside /v1/ as in llama-server, but they use the model: a trailing slash is no way around the key
+    assert_key_error(http.post(path, json=body), "You didn't provide an API key")
+    assert_key_error(http.post(f"{path}/", json=body), "You didn't provide an API key")
+    assert http.post(path, json=body, headers=bearer("key-three")).status_code == 200
+
+
 def test_preflight_from_an_allowed_origin_needs_no_key(http):
     response = http.options(
         "/v1/chat/completions",

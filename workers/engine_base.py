@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from typing import Any
 
-from infersnap import wire
+from infersnap import json_schema, wire
 
 
 class BatchingEngine:
     """Requests wait in `waiting` until the engine admits them into `running`; the worker loop
-    reports both counts in its heartbeats. Subclasses set `context`, tokenize in
-    `_prompt_tokens`, build their sequence in `_queue` and free its resources in `_release`."""
+    reports both counts in its heartbeats. Subclasses set `context` and `n_vocab`, tokenize in
+    `_prompt_tokens`, build their sequence in `_queue` and free its resources in `_release`, and
+    give the tokenizer to /tokenize and /detokenize through `tokenize`, `piece` and `detokenize`."""
 
     context: int
+    n_vocab: int  # token ids run from 0 to n_vocab - 1
 
     def __init__(self) -> None:
         self.waiting: deque[Any] = deque()
@@ -28,6 +31,13 @@ class BatchingEngine:
         max_tokens = completion_budget(request, prompt, self.context)
         if isinstance(max_tokens, wire.Output):
             return max_tokens
+        if request.params.json_schema is not None:
+            try:
+                schema = json.loads(request.params.json_schema)
+                if json_schema.normalize(schema) != schema:
+                    raise ValueError("it is not in the normalized form infersnap.json_schema makes")
+            except (ValueError, RecursionError) as exc:
+                return schema_refused(request, str(exc) or "nested too deeply")
         return self._queue(request, prompt, max_tokens)
 
     def abort(self, ids: list[str]) -> None:
@@ -40,6 +50,31 @@ class BatchingEngine:
     @property
     def busy(self) -> bool:
         return bool(self.running or self.waiting)
+
+    def answer(self, request: wire.Tokenize | wire.Detokenize) -> wire.TokenizeResult:
+        """A tokenizer lookup's answer; an id outside the vocabulary is a 400 (the tokenizers would crash or guess)."""
+        if isinstance(request, wire.Tokenize):
+            tokens = self.tokenize(request.content, request.add_special)
+            pieces = [self.piece(t) for t in tokens] if request.with_pieces else []
+            return wire.TokenizeResult(id=request.id, tokens=tokens, pieces=pieces)
+        bad = next((t for t in request.tokens if not 0 <= t < self.n_vocab), None)
+        if bad is not None:
+            message = f"token id {bad} is not in the model's vocabulary (ids 0 to {self.n_vocab - 1})"
+            return wire.TokenizeResult(id=request.id, failure=wire.Failure(400, message, param="tokens"))
+        return wire.TokenizeResult(id=request.id, content=self.detokenize(request.tokens))
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        """`text` as token ids, special tokens written in it included; `add_special`: with the BOS (or EOS)
+        the model's tokenizer adds to a prompt, if any."""
+        raise NotImplementedError
+
+    def piece(self, token: int) -> bytes:
+        """A valid token's bytes (a special token's text); part of a UTF-8 character for some tokens."""
+        raise NotImplementedError
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """Valid token ids back to text, special tokens written out."""
+        raise NotImplementedError
 
     def _output(self, seq: Any, text: str, finish: str | None, completion_tokens: int, prompt_evaluated: int,
                 now: float) -> wire.Output:
@@ -71,6 +106,11 @@ class BatchingEngine:
 
     def _release(self, seq: Any) -> None:
         raise NotImplementedError
+
+
+def schema_refused(request: wire.Generate, reason: str) -> wire.Output:
+    """The 400 for a JSON schema (from response_format or tools) that the engine cannot enforce."""
+    return wire.failed(request.id, 400, f"the JSON schema cannot be enforced: {reason}", param="response_format")
 
 
 def completion_budget(request: wire.Generate, prompt: list[int], context: int) -> int | wire.Output:

@@ -17,11 +17,13 @@ import time
 from dataclasses import dataclass, field
 
 import llama_cpp
+import numpy as np
 from llama_cpp import _internals, _logger
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from infersnap import wire
-from infersnap.workers.engine_base import BatchingEngine
+from infersnap.workers.engine_base import BatchingEngine, schema_refused
+from infersnap.workers.llamacpp_grammar import schema_to_gbnf
 from infersnap.workers.text import TextStream
 
 BATCH_TOKENS = 512  # tokens per llama_decode: decode tokens first, prompt chunks fill the rest
@@ -41,6 +43,8 @@ class Sequence:
     slot: Slot | None = None
     fed: int = 0  # prompt tokens already in the KV cache
     sampler: _internals.LlamaSampler | None = None
+    grammar: str | None = None  # GBNF the output must follow (from params.json_schema)
+    grammar_sampler: llama_cpp.llama_sampler_p | None = None  # that grammar's state, outside the chain
     next_token: int = -1  # sampled, not yet fed back
     completion_tokens: int = 0
     text: TextStream | None = None
@@ -68,6 +72,7 @@ class LlamaCppEngine(BatchingEngine):
             raise EngineError(str(exc)) from None
         self.vocab = self.model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self._candidates = _internals.LlamaTokenDataArray(n_vocab=self.n_vocab)  # for constrained sampling
         self.context = min(context, self.model.n_ctx_train())
 
         params = llama_cpp.llama_context_default_params()
@@ -93,7 +98,14 @@ class LlamaCppEngine(BatchingEngine):
     # --- requests in -------------------------------------------------------
 
     def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int) -> wire.Output | None:
-        self.waiting.append(Sequence(request=request, prompt=prompt, max_tokens=max_tokens))
+        grammar = None
+        if request.params.json_schema is not None:
+            try:
+                grammar = schema_to_gbnf(request.params.json_schema)
+                llama_cpp.llama_sampler_free(self._grammar_sampler(grammar))  # refused now rather than when admitted
+            except ValueError as exc:  # beyond what the converter or llama.cpp's grammar parser handle
+                return schema_refused(request, str(exc))
+        self.waiting.append(Sequence(request=request, prompt=prompt, max_tokens=max_tokens, grammar=grammar))
         return None
 
     # --- one step ----------------------------------------------------------
@@ -134,6 +146,8 @@ class LlamaCppEngine(BatchingEngine):
             seq.slot, seq.fed = slot, keep
             seq.prompt_evaluated = len(seq.prompt) - keep
             seq.sampler = self._sampler(seq.request.params)
+            if seq.grammar is not None:
+                seq.grammar_sampler = self._grammar_sampler(seq.grammar)
             seq.text = TextStream(seq.request.params.stop)
             seq.started = time.perf_counter()
             self.running.append(seq)
@@ -170,7 +184,10 @@ class LlamaCppEngine(BatchingEngine):
         return rows
 
     def _sample(self, seq: Sequence, row: int, now: float) -> wire.Output | None:
-        token = llama_cpp.llama_sampler_sample(seq.sampler.sampler, self.ctx.ctx, row)
+        if seq.grammar_sampler is None:
+            token = llama_cpp.llama_sampler_sample(seq.sampler.sampler, self.ctx.ctx, row)
+        else:
+            token = self._sample_constrained(seq, row)
         if not seq.first_token_at:
             seq.first_token_at = now
         finish = None
@@ -195,6 +212,9 @@ class LlamaCppEngine(BatchingEngine):
         if seq.fed < len(seq.prompt):  # aborted while its prompt was half read
             del seq.slot.cached[seq.fed :]
         seq.sampler.close()
+        if seq.grammar_sampler is not None:
+            llama_cpp.llama_sampler_free(seq.grammar_sampler)
+            seq.grammar_sampler = None
         self.free_slots.append(seq.slot)
 
     # --- helpers -----------------------------------------------------------
@@ -217,13 +237,47 @@ class LlamaCppEngine(BatchingEngine):
         sampler.add_dist(seed & 0xFFFFFFFF)
         return sampler
 
+    def _sample_constrained(self, seq: Sequence, row: int) -> int:
+        """The chain's pick among the tokens the grammar allows, then both told about it.
+
+        As llama.cpp's own sampling does: the chain picks from all tokens first and the grammar checks
+        just that one; only when it refuses is the grammar applied to the whole vocabulary (as costly as
+        a decode step for a small model) before the chain picks again. Same result as grammar first.
+        Once the JSON is complete the grammar allows only end-of-text, which ends the request with
+        "stop"; a -100 logit_bias only lowers a logit, so a banned end-of-text still can.
+        """
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx.ctx, row), shape=(self.n_vocab,))
+        candidates = self._candidates
+        candidates.copy_logits(logits)
+        llama_cpp.llama_sampler_apply(seq.sampler.sampler, ctypes.byref(candidates.candidates))
+        token = int(candidates.candidates_data.id[candidates.candidates.selected])
+        if not self._allowed(seq.grammar_sampler, token):
+            candidates.copy_logits(logits)
+            llama_cpp.llama_sampler_apply(seq.grammar_sampler, ctypes.byref(candidates.candidates))
+            llama_cpp.llama_sampler_apply(seq.sampler.sampler, ctypes.byref(candidates.candidates))
+            token = int(candidates.candidates_data.id[candidates.candidates.selected])
+        llama_cpp.llama_sampler_accept(seq.grammar_sampler, token)
+        llama_cpp.llama_sampler_accept(seq.sampler.sampler, token)
+        return token
+
+    @staticmethod
+    def _allowed(grammar: llama_cpp.llama_sampler_p, token: int) -> bool:
+        single = (llama_cpp.llama_token_data * 1)(llama_cpp.llama_token_data(token, 1.0, 0.0))
+        array = llama_cpp.llama_token_data_array(data=single, size=1, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(grammar, ctypes.byref(array))
+        return single[0].logit != float("-inf")
+
+    def _grammar_sampler(self, grammar: str) -> llama_cpp.llama_sampler_p:
+        sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            raise ValueError("llama.cpp could not parse the grammar made from it")
+        return sampler
+
     def _piece(self, token: int) -> bytes:
+        """A generated token's bytes, cached; special tokens (end of turn, ...) give none."""
         piece = self._pieces.get(token)
         if piece is None:
-            buf = ctypes.create_string_buffer(256)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
-            piece = buf.raw[: max(n, 0)]
-            self._pieces[token] = piece
+            piece = self._pieces[token] = _token_bytes(self.vocab, token, special=False)
         return piece
 
     def _load_chat_template(self) -> Jinja2ChatFormatter | None:
@@ -249,7 +303,28 @@ class LlamaCppEngine(BatchingEngine):
                 raise ValueError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
         else:
             text = request.prompt or ""
-        return self.model.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=True) if text else []
+        return self.tokenize(text, add_special=self._add_bos) if text else []
+
+    # --- the tokenizer (/tokenize, /detokenize) ----------------------------
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        return self.model.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
+
+    def piece(self, token: int) -> bytes:
+        return _token_bytes(self.vocab, token, special=True)  # llama-server shows special tokens' text
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+
+def _token_bytes(vocab: llama_cpp.llama_vocab_p, token: int, special: bool) -> bytes:
+    """llama_token_to_piece, with a buffer as long as the piece needs (a negative length says how long)."""
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, special)
+    return buf.raw[: max(n, 0)]
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

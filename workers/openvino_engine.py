@@ -99,6 +99,8 @@ class OpenVinoEngine(BatchingEngine):
         self.stop_ids: set[int] = set(defaults.stop_token_ids) | {defaults.eos_token_id}
         self.stop_ids.discard(-1)
         self._chat_template = self.tokenizer.chat_template
+        self._vocab = _token_bytes(self.tokenizer)
+        self.n_vocab = len(self._vocab)
 
         self._next_id = 0
         self.verbose = verbose
@@ -234,7 +236,13 @@ class OpenVinoEngine(BatchingEngine):
         config = self._genai.GenerationConfig()
         config.max_new_tokens = max_tokens
         config.stop_token_ids = set(self.stop_ids)
+        if params.json_schema is not None:
+            # xgrammar masks the logits at each step; checked in add(), as a schema it refuses breaks the pipeline
+            config.structured_output_config = self._genai.StructuredOutputConfig(json_schema=params.json_schema)
         if params.logit_bias:
+            if params.json_schema is not None:
+                # the ban below masks end-of-text, which is all a complete JSON allows: it would go on with junk
+                raise ValueError("logit_bias cannot be used with response_format or tools on the OpenVINO engine")
             banned = {token for token, bias in params.logit_bias.items() if bias <= BAN}
             if len(banned) != len(params.logit_bias) or not self.stop_ids <= banned:
                 raise ValueError(
@@ -272,9 +280,28 @@ class OpenVinoEngine(BatchingEngine):
                 raise ValueError(_first_line(exc)) from None
         else:
             text = request.prompt or ""
-        if not text:
-            return []
-        return [int(t) for t in self.tokenizer.encode(text, add_special_tokens=True).input_ids.data[0]]
+        return self.tokenize(text, add_special=True) if text else []
+
+    # --- the tokenizer (/tokenize, /detokenize) ----------------------------
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text, add_special_tokens=add_special).input_ids.data[0]]
+
+    def piece(self, token: int) -> bytes:
+        return self._vocab[token]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode([tokens], skip_special_tokens=False)[0] if tokens else ""
+
+
+def _token_bytes(tokenizer) -> list[bytes]:
+    """Each token's bytes, by id, from an openvino_genai.Tokenizer. decode() drops a token that holds
+    part of a UTF-8 character; the vocabulary keeps its bytes (get_vocab_vector() fails on them)."""
+    vocab = tokenizer.get_vocab()
+    pieces = [b""] * (max(vocab.values(), default=-1) + 1)
+    for piece, token in vocab.items():
+        pieces[token] = piece if isinstance(piece, bytes) else piece.encode("utf-8")
+    return pieces
 
 
 def _first_line(exc: BaseException) -> str:

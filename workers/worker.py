@@ -116,6 +116,8 @@ def run(plan: ServePlan, spec: WorkerSpec) -> None:
                     outputs.append(refused)
             elif isinstance(message, wire.Abort) and engine is not None:
                 engine.abort(message.ids)
+            elif isinstance(message, (wire.Tokenize, wire.Detokenize)):  # now: a lookup waits for no step
+                outbox.send(wire.encode(_answer(engine, message, info)))
             message = _next_or_none(inbox)
         if engine is not None:
             outputs.extend(engine.step())
@@ -158,6 +160,19 @@ def _add(engine, request: wire.Generate) -> wire.Output | None:
     except Exception:
         log.exception("request %s could not be added", request.id)
         return wire.failed(request.id, 500, "the engine could not take this request")
+
+
+def _answer(engine, request: wire.Tokenize | wire.Detokenize, info: wire.WorkerInfo) -> wire.TokenizeResult:
+    """engine.answer, where an unexpected error fails this lookup, not the worker."""
+    if engine is None:
+        failure = wire.Failure(503, f"worker {info.worker_id} failed to load: {info.error}")
+        return wire.TokenizeResult(id=request.id, failure=failure)
+    try:
+        return engine.answer(request)
+    except Exception:
+        log.exception("tokenizer request %s failed", request.id)
+        failure = wire.Failure(500, "the engine's tokenizer failed on this request")
+        return wire.TokenizeResult(id=request.id, failure=failure)
 
 
 def _next_or_none(inbox: queue.Queue):
