@@ -51,6 +51,10 @@ def build(plan: ServePlan) -> dict[str, Any]:
         schema.Completion,
         schema.ModelList,
         schema.ModelCard,
+        schema.TokenizeRequest,
+        schema.TokenizeResponse,
+        schema.DetokenizeRequest,
+        schema.DetokenizeResponse,
         ErrorBody,
     ]
     _, components = msgspec.json.schema_components(types, ref_template=REF)
@@ -109,6 +113,18 @@ def build(plan: ServePlan) -> dict[str, Any]:
                 **v1(operation("One model", _json("ModelCard"), [401, 404, 503])),
                 "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
             }
+        },
+        "/tokenize": {
+            "post": v1(
+                operation("The model's token ids for a text (as llama-server's)", _json("TokenizeResponse"),
+                          [400, 401, 404, 503], body="TokenizeRequest")
+            )
+        },
+        "/detokenize": {
+            "post": v1(
+                operation("The text of token ids (as llama-server's)", _json("DetokenizeResponse"),
+                          [400, 401, 404, 503], body="DetokenizeRequest")
+            )
         },
         "/health": {"get": operation("200 once a worker is ready; 503 while loading", _json("Health"), [503])},
     }

@@ -220,7 +220,11 @@ class Config:
             raise ConfigError(f"{self.problem}; set or unset {' '.join(left)} too, or fix the file")
 
     def _write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.user, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.user, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, self.path)
+        except OSError as exc:  # e.g. a snap's $SNAP_DATA, which only root may write
+            hint = " (try with sudo)" if isinstance(exc, PermissionError) else ""
+            raise ConfigError(f"cannot write the config file {self.path}: {exc.strerror or exc}{hint}") from None

@@ -190,3 +190,10 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_set_where_the_config_cannot_be_written_says_so(tmp_path):
+    (tmp_path / "config.tmp").mkdir()  # where set writes before it renames: a folder, so writing fails
+    refused = cli(data_env(tmp_path), "set", "http.port=9999", check=False)
+    assert refused.returncode != 0 and "cannot write the config file" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "config.json").exists()

@@ -27,7 +27,12 @@ from infersnap.frontend import openapi
 from infersnap.plan import ServePlan
 from test_errors import GOOD, assert_error
 
-ROUTES = {"/v1/chat/completions": "ChatCompletionRequest", "/v1/completions": "CompletionRequest"}
+ROUTES = {
+    "/v1/chat/completions": "ChatCompletionRequest",
+    "/v1/completions": "CompletionRequest",
+    "/tokenize": "TokenizeRequest",
+    "/detokenize": "DetokenizeRequest",
+}
 # Per route, 30 schema-valid bodies (most of them generate, so they cost more) and 70 off-schema ones.
 FUZZ = settings(
     max_examples=30,
@@ -185,7 +190,8 @@ def assert_handled(reply) -> None:
     if reply.headers["content-type"].startswith("text/event-stream"):
         assert reply.text.rstrip().endswith("data: [DONE]"), reply.text[-500:]
     else:
-        assert reply.json()["choices"], reply.text
+        answer = reply.json()  # a completion, or a tokenizer's answer
+        assert answer.get("choices") or "tokens" in answer or "content" in answer, reply.text
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +267,9 @@ def test_openapi_document(http):
     document = reply.json()
     assert document["openapi"] == "3.1.0" and document["info"]["title"] == "infersnap"
     paths = document["paths"]
-    assert set(paths) >= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}", "/health"}
+    assert set(paths) >= {
+        "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}", "/tokenize", "/detokenize", "/health"
+    }
     schemas = document["components"]["schemas"]
     for path, request, response in [
         ("/v1/chat/completions", "ChatCompletionRequest", "ChatCompletion"),
