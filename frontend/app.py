@@ -235,14 +235,15 @@ async def complete(
             output = await next_output(broker, generate.id, outputs, deadline)
             record.output_arrived()
             if not body.stream:
-                pieces = []
+                pieces, tokens = [], []
                 while True:
                     if output.failure is not None:
                         raise failure_error(output.failure)
                     pieces.append(output.text)
+                    tokens += output.logprobs
                     if output.finish_reason is not None:
                         record.status = 200
-                        return json_response(render.response("".join(pieces), output))
+                        return json_response(render.response("".join(pieces), tokens, output))
                     output = await next_output(broker, generate.id, outputs, deadline)
 
             if output.failure is not None:  # before any byte is sent: a real HTTP error status

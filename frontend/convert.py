@@ -31,9 +31,10 @@ def check_limits(body: schema.SamplingFields, plan: ServePlan) -> None:
 
 
 def _sampling(
-    body: schema.SamplingFields, max_tokens: int | None, constraint: dict[str, Any] | None = None
+    body: schema.SamplingFields, max_tokens: int | None, logprobs: int, constraint: dict[str, Any] | None = None
 ) -> wire.SamplingParams:
-    """The sampling settings; the output is held to `constraint` (a forced tool call), else to response_format."""
+    """The sampling settings; the output is held to `constraint` (a forced tool call), else to response_format.
+    `logprobs` as in wire.SamplingParams: -1 none, else how many of the most likely tokens to add."""
     def pick(value, default):
         return default if value is None else value
 
@@ -57,6 +58,7 @@ def _sampling(
         frequency_penalty=pick(body.frequency_penalty, DEFAULTS.frequency_penalty),
         logit_bias=logit_bias,
         json_schema=None if constraint is None else msgspec.json.encode(constraint).decode(),
+        logprobs=logprobs,
     )
 
 
@@ -121,10 +123,13 @@ def chat_request(body: schema.ChatCompletionRequest, model: str) -> wire.Generat
         else:
             messages.insert(0, wire.ChatMessage("system", toolset.instructions()))
         constraint = toolset.constraint()
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs to be true", param="top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else -1
     return wire.Generate(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         model=body.model or model,
-        params=_sampling(body, body.max_completion_tokens or body.max_tokens, constraint),
+        params=_sampling(body, body.max_completion_tokens or body.max_tokens, logprobs, constraint),
         messages=messages,
     )
 
@@ -134,6 +139,6 @@ def completion_request(body: schema.CompletionRequest, model: str) -> wire.Gener
     return wire.Generate(
         id=f"cmpl-{uuid.uuid4().hex}",
         model=body.model or model,
-        params=_sampling(body, body.max_tokens),
+        params=_sampling(body, body.max_tokens, -1 if body.logprobs is None else body.logprobs),
         prompt=prompt,
     )

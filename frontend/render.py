@@ -6,6 +6,8 @@ class knows one wrapping, and the request flow in app.py is shared.
 
 from __future__ import annotations
 
+import codecs
+
 import msgspec
 
 from infersnap import wire
@@ -35,14 +37,36 @@ def timings(t: wire.Timings | None) -> schema.Timings | None:
     )
 
 
+def token_text(piece: bytes) -> str:
+    """A token's text; a token holding part of a UTF-8 character shows U+FFFD (its bytes tell the rest)."""
+    return piece.decode("utf-8", "replace")
+
+
+def chat_logprobs(tokens: list[wire.TokenLogprob]) -> schema.ChoiceLogprobs:
+    return schema.ChoiceLogprobs(
+        content=[
+            schema.TokenLogprob(
+                token=token_text(t.piece),
+                logprob=t.logprob,
+                bytes=list(t.piece),
+                top_logprobs=[schema.TopLogprob(token_text(c.piece), c.logprob, list(c.piece)) for c in t.top],
+            )
+            for t in tokens
+        ]
+    )
+
+
 class ChatRender:
     def __init__(self, request_id: str, model: str, body: schema.SamplingFields) -> None:
         self.id, self.model, self.created = request_id, model, schema.now()
-        self.tools = tools.from_request(body) if isinstance(body, schema.ChatCompletionRequest) else None
+        chat = isinstance(body, schema.ChatCompletionRequest)
+        self.tools = tools.from_request(body) if chat else None
+        self.logprobs = chat and bool(body.logprobs)
         self._sent_role = False
         # While the answer may still be a tool call it is held back, so that a call reaches the
         # client as tool_calls and never as text; an answer that can't be one streams as usual.
         self._held: str | None = "" if self.tools is not None else None
+        self._held_logprobs: list[wire.TokenLogprob] = []  # the held text's tokens
 
     def _chunk(self, choices: list[schema.ChunkChoice], **extra: object) -> bytes:
         return _encode(
@@ -53,26 +77,27 @@ class ChatRender:
 
     def chunks(self, output: wire.Output) -> list[bytes]:
         """The SSE events for one output: none while it is held back."""
-        text, finish, calls = output.text, output.finish_reason, None
+        text, finish, calls, tokens = output.text, output.finish_reason, None, output.logprobs
         if self._held is not None:
-            text = self._held + text
+            text, tokens = self._held + text, self._held_logprobs + tokens
             if finish is None and self.tools.could_be_call(text):
-                self._held = text
+                self._held, self._held_logprobs = text, tokens
                 return []
-            self._held = None
+            self._held, self._held_logprobs = None, []
             call = self.tools.parse(text) if finish is not None else None
             if call is not None:
                 calls = [schema.ToolCallDelta(index=0, id=call.id, function=call.function)]
                 text, finish = None, "tool_calls"
         delta = schema.Delta(role=None if self._sent_role else "assistant", content=text, tool_calls=calls)
         self._sent_role = True
-        choice = schema.ChunkChoice(index=0, delta=delta, finish_reason=finish)
+        logprobs = chat_logprobs(tokens) if self.logprobs else None
+        choice = schema.ChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=logprobs)
         return [self._chunk([choice], timings=timings(output.timings))]
 
     def usage_chunk(self, last: wire.Output) -> bytes:
         return self._chunk([], usage=usage(last))
 
-    def response(self, text: str, last: wire.Output) -> bytes:
+    def response(self, text: str, tokens: list[wire.TokenLogprob], last: wire.Output) -> bytes:
         call = self.tools.parse(text) if self.tools is not None else None
         if call is not None:
             message = schema.AssistantMessage(role="assistant", content=None, tool_calls=[call])
@@ -85,7 +110,14 @@ class ChatRender:
                 object="chat.completion",
                 created=self.created,
                 model=self.model,
-                choices=[schema.ChatChoice(index=0, message=message, finish_reason=finish)],
+                choices=[
+                    schema.ChatChoice(
+                        index=0,
+                        message=message,
+                        finish_reason=finish,
+                        logprobs=chat_logprobs(tokens) if self.logprobs else None,
+                    )
+                ],
                 usage=usage(last),
                 timings=timings(last.timings),
             )
@@ -95,6 +127,10 @@ class ChatRender:
 class TextRender:
     def __init__(self, request_id: str, model: str, body: schema.SamplingFields) -> None:
         self.id, self.model, self.created = request_id, model, schema.now()
+        self.logprobs = isinstance(body, schema.CompletionRequest) and body.logprobs is not None
+        # for text_offset: characters of the generated text so far, counting a split character once, where it ends
+        self._offset = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def _completion(self, choices: list[schema.TextChoice], **extra: object) -> bytes:
         return _encode(
@@ -103,13 +139,29 @@ class TextRender:
             )
         )
 
+    def _logprobs(self, tokens: list[wire.TokenLogprob]) -> schema.TextChoiceLogprobs | None:
+        """The legacy shape, for the tokens after those already rendered (earlier chunks); None if not asked."""
+        if not self.logprobs:
+            return None
+        offsets = []
+        for t in tokens:
+            offsets.append(self._offset)
+            self._offset += len(self._decoder.decode(t.piece))
+        return schema.TextChoiceLogprobs(
+            tokens=[token_text(t.piece) for t in tokens],
+            token_logprobs=[t.logprob for t in tokens],
+            top_logprobs=[{token_text(c.piece): c.logprob for c in t.top} for t in tokens],
+            text_offset=offsets,
+        )
+
     def chunks(self, output: wire.Output) -> list[bytes]:
-        choice = schema.TextChoice(index=0, text=output.text, finish_reason=output.finish_reason)
+        logprobs = self._logprobs(output.logprobs)
+        choice = schema.TextChoice(index=0, text=output.text, finish_reason=output.finish_reason, logprobs=logprobs)
         return [self._completion([choice], timings=timings(output.timings))]
 
     def usage_chunk(self, last: wire.Output) -> bytes:
         return self._completion([], usage=usage(last))
 
-    def response(self, text: str, last: wire.Output) -> bytes:
-        choice = schema.TextChoice(index=0, text=text, finish_reason=last.finish_reason)
+    def response(self, text: str, tokens: list[wire.TokenLogprob], last: wire.Output) -> bytes:
+        choice = schema.TextChoice(index=0, text=text, finish_reason=last.finish_reason, logprobs=self._logprobs(tokens))
         return self._completion([choice], usage=usage(last), timings=timings(last.timings))

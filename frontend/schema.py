@@ -27,6 +27,8 @@ Stop = str | Annotated[list[str], Meta(max_length=16)]
 LogitBias = dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]]
 Name = Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]  # OpenAI's rule for function and format names
 JSONSchema = dict[str, Any]  # checked by infersnap.json_schema, not by the decoder
+TopLogprobs = Annotated[int, Meta(ge=0, le=20)]  # OpenAI's bounds: chat's top_logprobs
+TextLogprobs = Annotated[int, Meta(ge=0, le=5)]  # and the legacy completions' logprobs
 
 
 class ContentPart(msgspec.Struct):
@@ -132,10 +134,13 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tools: Annotated[list[Tool], Meta(max_length=128)] | None = None
     tool_choice: ToolChoice | None = None  # None: "auto" with tools, else "none"
     parallel_tool_calls: bool | None = None  # accepted; an answer holds at most one call here
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None  # needs logprobs: true (see convert.chat_request)
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
     prompt: str | Annotated[list[str], Meta(min_length=1, max_length=1)]
+    logprobs: TextLogprobs | None = None  # None: none; k: each token's logprob and the k most likely tokens'
 
 
 # --- responses ---------------------------------------------------------------
@@ -156,6 +161,34 @@ class Timings(msgspec.Struct):
     predicted_per_second: float
 
 
+class TopLogprob(msgspec.Struct):
+    token: str  # its text (U+FFFD for part of a UTF-8 character)
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(msgspec.Struct):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(msgspec.Struct):
+    """Chat's logprobs: one entry per generated token (in a streamed chunk, per token of that chunk)."""
+
+    content: list[TokenLogprob]
+
+
+class TextChoiceLogprobs(msgspec.Struct):
+    """The legacy completions' logprobs: parallel lists, one entry per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]  # where each token starts in the generated text, in characters
+
+
 class AssistantMessage(msgspec.Struct, omit_defaults=True):
     role: str
     content: str | None  # None when the answer is a tool call
@@ -166,7 +199,7 @@ class ChatChoice(msgspec.Struct):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(msgspec.Struct, kw_only=True):
@@ -199,7 +232,7 @@ class ChunkChoice(msgspec.Struct):
     index: int
     delta: Delta
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -216,7 +249,7 @@ class TextChoice(msgspec.Struct):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: TextChoiceLogprobs | None = None
 
 
 class Completion(msgspec.Struct, omit_defaults=True, kw_only=True):

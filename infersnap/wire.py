@@ -25,6 +25,7 @@ class SamplingParams(msgspec.Struct, array_like=True, frozen=True):
     # The output must be JSON matching this schema (JSON text, normalized by infersnap.json_schema):
     # response_format and forced tool calls both become one, and each engine enforces it with a grammar.
     json_schema: str | None = None
+    logprobs: int = -1  # -1: none; 0: each generated token's own logprob; k > 0: also the k most likely tokens
 
 
 class ChatMessage(msgspec.Struct, array_like=True, frozen=True):
@@ -93,6 +94,21 @@ class Drain(Message):
 # --- worker -> broker -> frontend --------------------------------------------
 
 
+class TopLogprob(msgspec.Struct, array_like=True, frozen=True):
+    token: int
+    piece: bytes  # its bytes (a special token's text); may be part of a UTF-8 character
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, array_like=True, frozen=True):
+    """A generated token's logprob, and the most likely tokens at its place when asked (SamplingParams.logprobs)."""
+
+    token: int
+    piece: bytes  # the bytes it added to the text
+    logprob: float
+    top: list[TopLogprob] = []  # most likely first
+
+
 class Output(msgspec.Struct, array_like=True):
     """What one request produced in one engine step."""
 
@@ -104,6 +120,7 @@ class Output(msgspec.Struct, array_like=True):
     timings: Timings | None = None  # set on the last output
     failure: Failure | None = None
     worker: str = ""  # on the last output: the worker that served it (the broker fills it in)
+    logprobs: list[TokenLogprob] = []  # with SamplingParams.logprobs >= 0: the tokens generated since the last output
 
 
 def failed(request_id: str, status: int, message: str, *, param: str | None = None, code: str | None = None) -> Output:

@@ -13,7 +13,8 @@ class BatchingEngine:
     """Requests wait in `waiting` until the engine admits them into `running`; the worker loop
     reports both counts in its heartbeats. Subclasses set `context` and `n_vocab`, tokenize in
     `_prompt_tokens`, build their sequence in `_queue` and free its resources in `_release`, and
-    give the tokenizer to /tokenize and /detokenize through `tokenize`, `piece` and `detokenize`."""
+    give the tokenizer to /tokenize and /detokenize through `tokenize`, `piece` and `detokenize`.
+    A sequence's `logprobs` collects its tokens' wire.TokenLogprob (when asked) until its next Output."""
 
     context: int
     n_vocab: int  # token ids run from 0 to n_vocab - 1
@@ -85,7 +86,10 @@ class BatchingEngine:
             finish_reason=finish,
             prompt_tokens=len(seq.prompt),
             completion_tokens=completion_tokens,
+            logprobs=seq.logprobs,
         )
+        # a token whose text is held back (part of a character or of a stop string) goes out with the next Output
+        seq.logprobs = []
         if finish is not None:
             output.timings = wire.Timings(
                 prompt_n=prompt_evaluated,

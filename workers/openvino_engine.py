@@ -22,7 +22,7 @@ import os
 import random
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from infersnap import wire
@@ -50,6 +50,7 @@ class Sequence:
     text: TextStream | None = None
     started: float = 0.0
     first_token_at: float = 0.0
+    logprobs: list[wire.TokenLogprob] = field(default_factory=list)  # not yet sent
 
 
 class OpenVinoEngine(BatchingEngine):
@@ -108,6 +109,13 @@ class OpenVinoEngine(BatchingEngine):
     # --- requests in -------------------------------------------------------
 
     def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int) -> wire.Output | None:
+        if request.params.logprobs > 0:
+            # openvino-genai computes only the chosen token's logprob, not the most likely ones
+            param = "top_logprobs" if request.messages is not None else "logprobs"
+            message = (
+                f"{param} above 0 is not supported by the OpenVINO engine: it gives only the chosen token's logprob"
+            )
+            return wire.failed(request.id, 400, message, param=param)
         try:
             config = self._config(request.params, max(max_tokens, 1))
         except ValueError as exc:
@@ -166,11 +174,13 @@ class OpenVinoEngine(BatchingEngine):
         finish = None
         while handle.can_read():
             for out in handle.read().values():
-                for token in out.generated_ids:
+                for i, token in enumerate(out.generated_ids):
                     if token in self.stop_ids:
                         finish = "stop"
                     elif finish is None:
                         seq.ids.append(token)
+                        if seq.request.params.logprobs >= 0:
+                            seq.logprobs.append(wire.TokenLogprob(token, self.piece(token), out.generated_log_probs[i]))
                 if out.finish_reason == gen.GenerationFinishReason.LENGTH:
                     finish = finish or "length"
                 elif out.finish_reason != gen.GenerationFinishReason.NONE:
@@ -254,6 +264,8 @@ class OpenVinoEngine(BatchingEngine):
             # all for the whole generation is banning these tokens (EOS among them, so it runs to max_tokens)
             config.stop_token_ids = banned
             config.min_new_tokens = max_tokens
+        if params.logprobs >= 0:
+            config.logprobs = 1  # the chosen token's logprob; without it the pipeline reports 0.0
         config.presence_penalty = params.presence_penalty
         config.frequency_penalty = params.frequency_penalty
         if params.temperature <= 0:
