@@ -114,7 +114,10 @@ class Broker:
             except Exception:
                 log.warning("dropped an undecodable message")
                 continue
-            handle(identity, message)
+            try:
+                handle(identity, message)
+            except Exception:  # one bad message must not take the broker, and every route, down
+                log.exception("could not handle a %s", type(message).__name__)
 
     # --- clients -----------------------------------------------------------
 
@@ -288,6 +291,7 @@ class Broker:
         worker.lookups.clear()
         worker.info.state, worker.info.error = RESTARTING, f"the worker process {why}; waiting for it to come back"
         worker.info.running = worker.info.waiting = 0
+        self._dispatch()  # what waited here goes to another worker, or fails if none is left
 
     def _tick(self, now: float) -> None:
         for worker in self.workers.values():
@@ -295,7 +299,6 @@ class Broker:
                 self._lost(worker, "went silent")
         if self.drain_deadline is not None and now >= self.drain_deadline and (self.routes or self.queue):
             self._end_all("the server shut down before this request finished")
-        self._dispatch()
 
     def _end_all(self, message: str) -> None:
         by_client: dict[bytes, list[wire.Output]] = {}

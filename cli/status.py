@@ -40,6 +40,8 @@ def tell_broker(message: wire.Message) -> None:
     try:
         socket.connect(paths.socket_address("clients"))
         socket.send(wire.encode(message), zmq.NOBLOCK)
+    except zmq.ZMQError:  # no broker to tell: it notices a dead worker by its heartbeat, or is itself gone
+        pass
     finally:
         socket.close()
 

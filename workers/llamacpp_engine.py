@@ -335,7 +335,7 @@ class LlamaCppEngine(BatchingEngine):
         return self.model.tokenize(text.encode("utf-8"), add_bos=add_special, special=True)
 
     def piece(self, token: int) -> bytes:
-        return _token_bytes(self.vocab, token, special=True)  # llama-server shows special tokens' text
+        return self._piece(token, special=True)  # llama-server shows special tokens' text
 
     def detokenize(self, tokens: list[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
