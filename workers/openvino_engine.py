@@ -247,7 +247,8 @@ class OpenVinoEngine(BatchingEngine):
         config.max_new_tokens = max_tokens
         config.stop_token_ids = set(self.stop_ids)
         if params.json_schema is not None:
-            # xgrammar masks the logits at each step; checked in add(), as a schema it refuses breaks the pipeline
+            # xgrammar masks the logits at each step. A schema it refuses breaks the pipeline, so add() takes only
+            # schemas normalized (infersnap/json_schema.py) to the keywords it is known to accept
             config.structured_output_config = self._genai.StructuredOutputConfig(json_schema=params.json_schema)
         if params.logit_bias:
             if params.json_schema is not None:
