@@ -94,7 +94,16 @@ class ToolSet:
     def could_be_call(self, text: str) -> bool:
         """Whether an unfinished answer may still turn out to be a tool call (while it may, it is not streamed)."""
         head = text.lstrip()
-        return head.startswith(("{", "```")) or "```".startswith(head)
+        if head.startswith("{") or "```".startswith(head):
+            return True
+        if not head.startswith("```"):
+            return False
+        # A fenced call is ```json (or a bare fence) around an object: a code block in any other language,
+        # or one whose first line is not `{`, is an answer, and streams as soon as that shows.
+        info, newline, rest = head[3:].partition("\n")
+        if not newline:
+            return "json".startswith(info.strip().lower())
+        return info.strip().lower() in ("", "json") and (not rest.strip() or rest.lstrip().startswith("{"))
 
 
 def from_request(body: schema.ChatCompletionRequest) -> ToolSet | None:

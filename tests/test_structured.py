@@ -12,11 +12,12 @@ import re
 from typing import Literal
 
 import jsonschema
+import msgspec
 import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from infersnap.frontend import convert, schema
+from infersnap.frontend import convert, schema, tools
 from infersnap.workers.llamacpp_grammar import integer_range
 from test_chat_api import stream_chunks
 from test_errors import assert_error
@@ -366,6 +367,20 @@ def test_tool_history_becomes_text_turns():
         ("assistant", '{"name": "get_time", "arguments": {"timezone": "UTC"}}'),
         ("user", "Tool result (get_time): 12:00\nTool result (clock): noon"),
     ]
+
+
+@pytest.mark.parametrize(
+    "text, held",
+    [
+        ("", True), ("  {", True), ("`", True), ("```", True), ("```js", True), ("```json\n", True),
+        ("```json\n{\"name\"", True), ("```\n{", True), ("Sure", False), ("```python", False),
+        ("```python\nprint(1)", False), ("```json\n[1, 2]", False), ("```\ndef f():", False),
+    ],
+)  # fmt: skip
+def test_only_an_answer_that_may_still_be_a_call_is_held_back(text, held):
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
+    body = msgspec.convert({"messages": [{"role": "user", "content": "Hi"}], "tools": [tool]}, schema.ChatCompletionRequest)
+    assert tools.from_request(body).could_be_call(text) is held
 
 
 def test_forced_tools_with_references_keep_them_resolvable():
