@@ -27,6 +27,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import msgspec
 import zmq
 
 from infersnap import paths, wire
@@ -189,9 +190,7 @@ class Broker:
                 continue
             serving = [w for w in self.workers.values() if w.serves(model)]
             if all(w.info.state == "failed" for w in serving):  # none left to wait for
-                del self.queue[request_id]
-                failure = wire.failed(request_id, 503, "no worker can serve this model any more")
-                self._send(self.clients, queued.client, wire.Results(outputs=[failure]))
+                self._fail({request_id: self.queue.pop(request_id)}, "no worker can serve this model any more")
                 continue
             free = [w for w in serving if w.free_slots > 0]
             if not free:
@@ -219,12 +218,11 @@ class Broker:
         self._dispatch()
 
     def status(self, query_id: str) -> wire.Status:
-        for worker in self.workers.values():  # exact here; the worker's own count is a heartbeat old
-            worker.info.running = len(worker.in_flight)
         return wire.Status(
             id=query_id,
             endpoints={"openai": self.plan.api_url},
-            workers=[w.info for w in self.workers.values()],
+            # the broker's count of what runs is exact; the worker's own is a heartbeat old
+            workers=[msgspec.structs.replace(w.info, running=len(w.in_flight)) for w in self.workers.values()],
             in_flight=[*self.routes, *self.queue],
             waiting=len(self.queue),
             draining=self.drain_deadline is not None,
@@ -278,13 +276,8 @@ class Broker:
         log.warning("worker %s %s; %d requests it was generating end with an error",
                     worker.info.worker_id, why, len(worker.in_flight))
         message = f"worker {worker.info.worker_id} stopped while generating this request; please retry"
-        by_client: dict[bytes, list[wire.Output]] = {}
-        for request_id in [*worker.in_flight, *worker.lookups]:
-            route = self.routes.pop(request_id, None)
-            if route is not None:
-                by_client.setdefault(route.client, []).append(wire.failed(request_id, 503, message))
-        for client, batch in by_client.items():
-            self._send(self.clients, client, wire.Results(outputs=batch))
+        routes = {i: self.routes.pop(i) for i in [*worker.in_flight, *worker.lookups] if i in self.routes}
+        self._fail(routes, message)
         if worker.in_flight:  # in case it is alive after all (stalled, not dead): stop its work
             self._send(self.workers_socket, worker.identity, wire.Abort(ids=list(worker.in_flight)))
         worker.in_flight.clear()
@@ -301,10 +294,15 @@ class Broker:
             self._end_all("the server shut down before this request finished")
 
     def _end_all(self, message: str) -> None:
+        ending = {**self.routes, **self.queue}
+        self._abort(list(ending))
+        self._fail(ending, message, code="shutting_down")
+
+    def _fail(self, entries: dict[str, Route | Queued], message: str, code: str | None = None) -> None:
+        """End these requests with a 503 each, one message per client."""
         by_client: dict[bytes, list[wire.Output]] = {}
-        for request_id, entry in [*self.routes.items(), *self.queue.items()]:
-            by_client.setdefault(entry.client, []).append(wire.failed(request_id, 503, message, code="shutting_down"))
-        self._abort([*self.routes, *self.queue])
+        for request_id, entry in entries.items():
+            by_client.setdefault(entry.client, []).append(wire.failed(request_id, 503, message, code=code))
         for client, batch in by_client.items():
             self._send(self.clients, client, wire.Results(outputs=batch))
 

@@ -57,11 +57,10 @@ def chat_logprobs(tokens: list[wire.TokenLogprob]) -> schema.ChoiceLogprobs:
 
 
 class ChatRender:
-    def __init__(self, request_id: str, model: str, body: schema.SamplingFields) -> None:
+    def __init__(self, request_id: str, model: str, body: schema.ChatCompletionRequest) -> None:
         self.id, self.model, self.created = request_id, model, schema.now()
-        chat = isinstance(body, schema.ChatCompletionRequest)
-        self.tools = tools.from_request(body) if chat else None
-        self.logprobs = chat and bool(body.logprobs)
+        self.tools = tools.from_request(body)
+        self.logprobs = bool(body.logprobs)
         self._sent_role = False
         # While the answer may still be a tool call it is held back, so that a call reaches the
         # client as tool_calls and never as text; an answer that can't be one streams as usual.
@@ -125,9 +124,9 @@ class ChatRender:
 
 
 class TextRender:
-    def __init__(self, request_id: str, model: str, body: schema.SamplingFields) -> None:
+    def __init__(self, request_id: str, model: str, body: schema.CompletionRequest) -> None:
         self.id, self.model, self.created = request_id, model, schema.now()
-        self.logprobs = isinstance(body, schema.CompletionRequest) and body.logprobs is not None
+        self.logprobs = body.logprobs is not None
         # for text_offset: characters of the generated text so far, counting a split character once, where it ends
         self._offset = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
