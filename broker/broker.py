@@ -12,10 +12,11 @@ its exit at once; a new pid or a heartbeat missed for WORKER_TIMEOUT tell
 too) the requests it was generating end with a 503, and the queued ones,
 which it never saw, go to the next worker that can take them. The queue is
 bounded: a request that can neither run nor wait within `max_waiting` per
-ready worker is refused with 503 at once. Tokenizer lookups (Tokenize,
-Detokenize) skip the queue: each goes at once to a ready worker serving its
-model, takes no slot, and is routed back (or ended with a 503 when that
-worker is lost) like a request.
+ready worker is refused with 503 at once. Lookups skip the queue: each
+goes at once to a ready worker serving its model for its task (tokenizer
+lookups to a generating worker, Embed to an embedding worker), takes no
+slot, and is routed back (or ended with a 503 when that worker is lost)
+like a request.
 
 On Drain (SIGTERM to `infersnap serve`) new requests get 503; accepted ones
 may finish until the grace period ends, then end with a 503 too.
@@ -42,6 +43,15 @@ RESTARTING = "restarting"  # the state of a worker whose process stopped, until 
 log = logging.getLogger("infersnap.broker")
 
 
+Lookup = wire.Tokenize | wire.Detokenize | wire.Embed
+LOOKUPS = (wire.Tokenize, wire.Detokenize, wire.Embed)
+
+
+def task_of(request: wire.Generate | Lookup) -> str:
+    """Which workers can answer it: embedding workers take Embed, generating workers the rest."""
+    return "embed" if isinstance(request, wire.Embed) else "generate"
+
+
 @dataclass
 class Route:
     client: bytes
@@ -60,10 +70,10 @@ class Worker:
     info: wire.WorkerInfo
     last_seen: float
     in_flight: set[str] = field(default_factory=set)  # requests it is generating
-    lookups: set[str] = field(default_factory=set)  # tokenizer lookups it is answering (they take no slot)
+    lookups: set[str] = field(default_factory=set)  # lookups it is answering (they take no slot)
 
-    def serves(self, model: str) -> bool:
-        return self.info.model.lower() == model.lower()
+    def serves(self, model: str, task: str = "generate") -> bool:
+        return self.info.model.lower() == model.lower() and self.info.task == task
 
     @property
     def free_slots(self) -> int:
@@ -123,7 +133,7 @@ class Broker:
     # --- clients -----------------------------------------------------------
 
     def _on_client(self, client: bytes, message: wire.Message) -> None:
-        if isinstance(message, (wire.Generate, wire.Tokenize, wire.Detokenize)):
+        if isinstance(message, (wire.Generate, *LOOKUPS)):
             self._accept(client, message)
         elif isinstance(message, wire.Abort):
             self._abort(message.ids)
@@ -138,7 +148,7 @@ class Broker:
                      len(self.routes) + len(self.queue), message.grace)
             self.drain_deadline = time.monotonic() + message.grace
 
-    def _accept(self, client: bytes, request: wire.Generate | wire.Tokenize | wire.Detokenize) -> None:
+    def _accept(self, client: bytes, request: wire.Generate | Lookup) -> None:
         refusal = self._refusal(request)
         if refusal is not None:
             self._send(self.clients, client, wire.Results(outputs=[refusal]))
@@ -146,24 +156,26 @@ class Broker:
             self.queue[request.id] = Queued(client, request)
             self._dispatch()
         else:  # a lookup goes straight to the least busy ready worker: it needs no slot
-            ready = [w for w in self.workers.values() if w.serves(request.model) and w.info.state == "ready"]
+            task = task_of(request)
+            ready = [w for w in self.workers.values() if w.serves(request.model, task) and w.info.state == "ready"]
             worker = min(ready, key=lambda w: len(w.in_flight) + len(w.lookups))
             self.routes[request.id] = Route(client=client, worker=worker.identity)
             worker.lookups.add(request.id)
             self._send(self.workers_socket, worker.identity, request)
 
-    def _refusal(self, request: wire.Generate | wire.Tokenize | wire.Detokenize) -> wire.Output | None:
+    def _refusal(self, request: wire.Generate | Lookup) -> wire.Output | None:
         """Why this request cannot be accepted now, as its error Output; None if it can."""
         if self.drain_deadline is not None:
             return wire.failed(request.id, 503, "the server is shutting down", code="shutting_down")
-        serving = [w for w in self.workers.values() if w.serves(request.model)]
+        serving = [w for w in self.workers.values() if w.serves(request.model, task_of(request))]
         ready = [w for w in serving if w.info.state == "ready"]
         if not ready:
             failed = [w.info for w in serving if w.info.state == "failed"]
             if failed and len(failed) == len(serving):
                 reasons = "; ".join(f"{w.worker_id}: {w.error}" for w in failed)
                 return wire.failed(request.id, 503, f"no worker could load this model ({reasons})")
-            if serving or not self.workers:
+            # a worker for the model, of another task, says its own is still to come
+            if serving or not self.workers or any(w.serves(request.model, w.info.task) for w in self.workers.values()):
                 return wire.failed(request.id, 503, "no worker is ready to serve this model yet; retry shortly")
             known = ", ".join(sorted({w.info.model for w in self.workers.values()}))
             return wire.failed(
@@ -222,11 +234,16 @@ class Broker:
             id=query_id,
             endpoints={"openai": self.plan.api_url},
             # the broker's count of what runs is exact; the worker's own is a heartbeat old
-            workers=[msgspec.structs.replace(w.info, running=len(w.in_flight)) for w in self.workers.values()],
+            workers=[msgspec.structs.replace(w.info, running=len(w.in_flight)) for w in self._in_plan_order()],
             in_flight=[*self.routes, *self.queue],
             waiting=len(self.queue),
             draining=self.drain_deadline is not None,
         )
+
+    def _in_plan_order(self) -> list[Worker]:
+        """The workers as the plan lists them (generating ones first), whichever announced itself first."""
+        order = {spec.worker_id: i for i, spec in enumerate(self.plan.workers)}
+        return sorted(self.workers.values(), key=lambda w: order.get(w.info.worker_id, len(order)))
 
     # --- workers -----------------------------------------------------------
 
@@ -246,9 +263,11 @@ class Broker:
         elif isinstance(message, wire.Results) and worker is not None:
             worker.last_seen = now
             self._relay(worker, message.outputs)
-        elif isinstance(message, wire.TokenizeResult) and worker is not None:
+        elif isinstance(message, (wire.TokenizeResult, wire.EmbedResult)) and worker is not None:
             worker.last_seen = now
             worker.lookups.discard(message.id)
+            if isinstance(message, wire.EmbedResult):
+                message.worker = worker.info.worker_id
             route = self.routes.pop(message.id, None)
             if route is not None:  # else aborted meanwhile
                 self._send(self.clients, route.client, message)

@@ -48,7 +48,7 @@ def tell_broker(message: wire.Message) -> None:
 
 def status_document(status: wire.Status) -> dict:
     """The status as `infersnap status` prints it."""
-    engines = sorted({w.engine for w in status.workers})
+    engines = sorted({w.engine for w in status.workers if w.task == "generate"})
     return {
         "engine": ", ".join(engines) if engines else None,
         "endpoints": dict(status.endpoints),
@@ -60,6 +60,7 @@ def status_document(status: wire.Status) -> dict:
                 "id": w.worker_id,
                 "device": w.device,
                 "engine": w.engine,
+                "task": w.task,
                 "model": w.model,
                 "state": w.state,
                 **({"error": w.error} if w.error else {}),

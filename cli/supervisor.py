@@ -24,7 +24,7 @@ from infersnap.cli import access_keys
 from infersnap.cli.status import NotRunning, query_status, tell_broker
 from infersnap.config import Config
 from infersnap.cli.engines import detect, serving_assignments
-from infersnap.engines import Assignment, manifests
+from infersnap.engines import Assignment, embedding_engine, manifests
 from infersnap.hwdetect.cpu import physical_core_cpus
 from infersnap.models import resolve
 from infersnap.plan import RESTARTS_VARIABLE, ServePlan, WorkerSpec
@@ -46,9 +46,13 @@ def build_plan(config: Config) -> ServePlan:
     if open_warning:
         print(f"infersnap: {open_warning}", file=sys.stderr, flush=True)
     model_path, model_name = resolve(config.get("model.path"), config.get("model.name"))
-    assignments, warning = serving_assignments(config, detect("/"))
+    machine = detect("/")
+    assignments, warning = serving_assignments(config, machine)
     if warning:
         print(f"infersnap: {warning}", file=sys.stderr, flush=True)
+    workers = worker_specs(assignments, physical_core_cpus(), config.get("worker.threads"))
+    if config.get("worker.embeddings"):
+        workers += embedding_specs(workers, embedding_engine(machine))
     return ServePlan(
         host=config.get("http.host"),
         port=config.get("http.port"),
@@ -60,7 +64,7 @@ def build_plan(config: Config) -> ServePlan:
         max_waiting=config.get("queue.max-waiting"),
         request_timeout=config.get("queue.request-timeout"),
         verbose=config.get("verbose"),
-        workers=worker_specs(assignments, physical_core_cpus(), config.get("worker.threads")),
+        workers=workers,
         api_keys=api_keys,
         cors_origins=access_keys.cors_origins(config.get("http.cors-origins")),
         max_tokens=config.get("limits.max-tokens"),
@@ -92,6 +96,17 @@ def worker_specs(assignments: list[Assignment], cores: list[int], cpu_threads: i
         if a.device == "cpu"
     ]
     return cpu + accelerators
+
+
+def embedding_specs(workers: list[WorkerSpec], best_llamacpp: str | None) -> list[WorkerSpec]:
+    """The embedding worker: llama.cpp on the CPU worker's cores (they are idle between requests),
+    with the CPU worker's engine if that is llama.cpp, else the best llama.cpp CPU engine; none
+    where no llama.cpp CPU engine can run."""
+    cpu = next((w for w in workers if w.device == "cpu"), None)
+    engine = cpu.engine if cpu is not None and cpu.runtime == "llamacpp" else best_llamacpp
+    if engine is None or cpu is None:
+        return []
+    return [WorkerSpec("embed", "cpu", engine, manifests()[engine].runtime, cpu.cpus, cpu.threads, task="embed")]
 
 
 def _die_with_parent() -> None:

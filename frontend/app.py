@@ -15,9 +15,10 @@ from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, raw
 
 from infersnap import wire
-from infersnap.frontend import access, convert, metrics, openapi, schema
-from infersnap.frontend.broker_client import BrokerClient, BrokerUnavailable
+from infersnap.frontend import access, convert, metrics, openapi, render, schema
+from infersnap.frontend.broker_client import LOOKUP_TIMEOUT, BrokerClient, BrokerUnavailable
 from infersnap.frontend.errors import STATUS_CODES, APIError
+from infersnap.frontend.generation import Generation, choice_requests
 from infersnap.frontend.metrics import RequestRecord
 from infersnap.frontend.render import ChatRender, TextRender
 from infersnap.plan import ServePlan
@@ -26,7 +27,7 @@ log = logging.getLogger("infersnap.frontend")
 Body = TypeVar("Body")
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-STALL_CHECK_SECONDS = 5.0
+LONGEST_WAIT = 24 * 3600  # seconds; for an embedding request where queue.request-timeout is 0
 STREAM_SEND_BUFFER = 16 * 1024  # bytes; the kernel doubles it, asyncio adds 64 KiB before a send waits
 
 
@@ -87,7 +88,7 @@ def create_app(plan: ServePlan) -> Sanic:
         status = await request.app.ctx.broker.status()
         if status.draining:
             raise APIError(503, "Shutting down", type="unavailable_error", headers={"Retry-After": "1"})
-        if any(w.state == "ready" for w in status.workers):
+        if any(w.state == "ready" and w.task == "generate" for w in status.workers):
             return json_response(b'{"status":"ok"}')
         raise APIError(503, "Loading model", type="unavailable_error", headers={"Retry-After": "1"})
 
@@ -136,6 +137,29 @@ def create_app(plan: ServePlan) -> Sanic:
         result = await lookup(request, wire.Detokenize(id=f"detok-{uuid.uuid4().hex}", model=model, tokens=body.tokens))
         return json_response(msgspec.json.encode(schema.DetokenizeResponse(content=result.content)))
 
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> HTTPResponse:
+        record = RequestRecord(request.app.ctx.metrics, "embeddings")
+        result: wire.EmbedResult | None = None
+        try:
+            if not plan.embeddings:
+                raise APIError(501, "embeddings are off on this server: infersnap set worker.embeddings=true, "
+                               "then restart it", type="not_supported_error", code="not_supported")
+            body = decode_body(request, schema.EmbeddingRequest)
+            message = convert.embedding_request(body, plan.model_name)
+            record.request_id, record.model = message.id, message.model
+            result = await lookup(request, message, timeout=plan.request_timeout or LONGEST_WAIT)
+            record.status = 200
+            return json_response(render.embeddings(result, message.model, body.encoding_format))
+        except APIError as exc:
+            record.status = exc.status
+            raise
+        finally:
+            last = None
+            if result is not None and result.failure is None:
+                last = wire.Output(result.id, finish_reason="stop", prompt_tokens=result.prompt_tokens, worker=result.worker)
+            record.finish(last)
+
     app.ctx.started = schema.now()
     app.ctx.plan = plan
     app.ctx.metrics = metrics.install(app)
@@ -144,9 +168,12 @@ def create_app(plan: ServePlan) -> Sanic:
     return app
 
 
-async def lookup(request: Request, message: wire.Tokenize | wire.Detokenize) -> wire.TokenizeResult:
-    """A worker tokenizer's answer; its failure (unknown model, bad token id, no worker) as the HTTP error."""
-    result = await request.app.ctx.broker.lookup(message)
+async def lookup(
+    request: Request, message: wire.Tokenize | wire.Detokenize | wire.Embed, timeout: float = LOOKUP_TIMEOUT
+) -> Any:  # the TokenizeResult or EmbedResult that answers `message`
+    """A worker's answer to a lookup (tokenizer, embeddings); its failure (unknown model, bad input,
+    no worker) as the HTTP error."""
+    result = await request.app.ctx.broker.lookup(message, timeout)
     if result.failure is not None:
         raise failure_error(result.failure)
     return result
@@ -158,36 +185,6 @@ def piece_json(piece: bytes) -> str | list[int]:
         return piece.decode("utf-8")
     except UnicodeDecodeError:
         return list(piece)
-
-
-async def next_output(
-    broker: BrokerClient, request_id: str, outputs: asyncio.Queue[wire.Output], deadline: float | None
-) -> wire.Output:
-    """The request's next output; an error Output if the broker no longer knows the request,
-    or if the request ran past its deadline (then it is stopped where it runs).
-
-    A broker that restarted has lost its routes: without this check such a
-    request would wait forever. Requests and status queries share one socket,
-    so the broker has always seen the request before it answers the query.
-    """
-    loop = asyncio.get_running_loop()
-    while True:
-        wait = STALL_CHECK_SECONDS if deadline is None else min(STALL_CHECK_SECONDS, deadline - loop.time())
-        try:
-            return await asyncio.wait_for(outputs.get(), max(wait, 0))
-        except asyncio.TimeoutError:
-            pass
-        if deadline is not None and loop.time() >= deadline:
-            broker.abort(request_id)
-            return wire.failed(
-                request_id, 504, "the request took longer than the server's queue.request-timeout", code="timeout"
-            )
-        try:
-            known = request_id in (await broker.status()).in_flight
-        except BrokerUnavailable:
-            known = False
-        if not known and outputs.empty():
-            return wire.failed(request_id, 503, "the server lost this request while restarting; please retry")
 
 
 class ClientStalled(Exception):
@@ -217,68 +214,70 @@ async def complete(
     to_generate: Callable[[Any, str], wire.Generate],
     render_class: type[ChatRender] | type[TextRender],
 ) -> HTTPResponse | None:
-    """Run one generation and answer with JSON, or with SSE when the body asks to stream;
-    count it in the metrics and log its line however it ends."""
+    """Run a request's generations (one per choice) and answer with JSON, or with SSE when the body
+    asks to stream; count it in the metrics and log its line however it ends."""
     record = RequestRecord(request.app.ctx.metrics, request.path.removeprefix("/v1/"))
-    output: wire.Output | None = None  # the last one read; finish_reason set once the request ended
+    generation: Generation | None = None
     try:
         body = decode_body(request, kind)
-        convert.check_limits(body, request.app.ctx.plan)
-        generate = to_generate(body, request.app.ctx.plan.model_name)
+        plan: ServePlan = request.app.ctx.plan
+        convert.check_limits(body, plan)
+        generate = to_generate(body, plan.model_name)
         record.request_id, record.model = generate.id, generate.model
-        render = render_class(generate.id, generate.model, body)
-        broker: BrokerClient = request.app.ctx.broker
-        timeout = request.app.ctx.plan.request_timeout
-        deadline = asyncio.get_running_loop().time() + timeout if timeout else None
-        outputs = await broker.submit(generate)
+        requests = choice_requests(generate, body.n or 1)
+        renders = [render_class(generate.id, generate.model, body, i) for i in range(len(requests))]
+        deadline = asyncio.get_running_loop().time() + plan.request_timeout if plan.request_timeout else None
+        generation = Generation(request.app.ctx.broker, requests, deadline)
         try:
-            output = await next_output(broker, generate.id, outputs, deadline)
+            await generation.start()
+            index, output = await generation.next()
             record.output_arrived()
             if not body.stream:
-                pieces, tokens = [], []
+                texts: list[list[str]] = [[] for _ in requests]
+                tokens: list[list[wire.TokenLogprob]] = [[] for _ in requests]
                 while True:
                     if output.failure is not None:
                         raise failure_error(output.failure)
-                    pieces.append(output.text)
-                    tokens += output.logprobs
-                    if output.finish_reason is not None:
+                    texts[index].append(output.text)
+                    tokens[index] += output.logprobs
+                    if generation.done:
                         record.status = 200
-                        return json_response(render.response("".join(pieces), tokens, output))
-                    output = await next_output(broker, generate.id, outputs, deadline)
+                        choices = [
+                            choice_render.choice("".join(text), choice_tokens, last)
+                            for choice_render, text, choice_tokens, last in zip(renders, texts, tokens, generation.last)
+                        ]
+                        return json_response(renders[0].response(choices, generation.summary()))
+                    index, output = await generation.next()
 
             if output.failure is not None:  # before any byte is sent: a real HTTP error status
                 raise failure_error(output.failure)
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            send_timeout = request.app.ctx.plan.send_timeout
             bound_send_buffer(request)
             response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
             while True:
                 if output.failure is not None:
-                    await send_event(response, failure_error(output.failure).body(), send_timeout)
+                    await send_event(response, failure_error(output.failure).body(), plan.send_timeout)
                     break
-                for event in render.chunks(output):
-                    await send_event(response, event, send_timeout)
-                if output.finish_reason is not None:
+                for event in renders[index].chunks(output):
+                    await send_event(response, event, plan.send_timeout)
+                if generation.done:
                     if include_usage:
-                        await send_event(response, render.usage_chunk(output), send_timeout)
+                        await send_event(response, renders[0].usage_chunk(generation.summary()), plan.send_timeout)
                     break
-                output = await next_output(broker, generate.id, outputs, deadline)
+                index, output = await generation.next()
             # Ended: a client that closes as soon as it reads [DONE] still got its whole answer.
             record.status = output.failure.status if output.failure is not None else 200
-            await send_event(response, b"[DONE]", send_timeout)
+            await send_event(response, b"[DONE]", plan.send_timeout)
             await response.eof()
             return None
         finally:
-            # A request still generating when the handler ends (client gone, send failed) is stopped.
-            if output is not None and output.finish_reason is not None:
-                broker.forget(generate.id)
-            else:
-                broker.abort(generate.id)
+            # Choices still generating when the handler ends (client gone, send failed, one failed) are stopped.
+            generation.close()
     except APIError as exc:
         record.status = exc.status
         raise
     except ClientStalled:
-        request.transport.close()  # its generation was stopped on the way out (output unfinished)
+        request.transport.close()  # its generations were stopped on the way out (unfinished)
         return None
     finally:
-        record.finish(output if output is not None and output.finish_reason is not None else None)
+        record.finish(generation.summary() if generation is not None else None)

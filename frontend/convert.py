@@ -136,9 +136,36 @@ def chat_request(body: schema.ChatCompletionRequest, model: str) -> wire.Generat
 
 def completion_request(body: schema.CompletionRequest, model: str) -> wire.Generate:
     prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+    if body.echo and body.logprobs is not None:  # that would need the prompt tokens' logprobs too
+        raise APIError(400, "echo with logprobs is not supported: the prompt's logprobs are not computed", param="echo")
     return wire.Generate(
         id=f"cmpl-{uuid.uuid4().hex}",
         model=body.model or model,
         params=_sampling(body, body.max_tokens, -1 if body.logprobs is None else body.logprobs),
         prompt=prompt,
+        suffix=body.suffix or None,
     )
+
+
+def embedding_request(body: schema.EmbeddingRequest, model: str) -> wire.Embed:
+    """The Embed for a body: its input as texts or as token id lists (a 400 naming the input otherwise)."""
+    embed_id = f"embd-{uuid.uuid4().hex}"
+    model = body.model or model
+    items = [body.input] if isinstance(body.input, str) else body.input
+    if all(_is_token_id(t) for t in items):  # one input given as token ids
+        return wire.Embed(embed_id, model, token_lists=[items], dimensions=body.dimensions)
+    if all(isinstance(t, str) for t in items):
+        if "" in items:
+            raise APIError(400, f"input[{items.index('')}] is an empty string", param="input")
+        return wire.Embed(embed_id, model, texts=items, dimensions=body.dimensions)
+    if all(isinstance(t, list) and t and all(_is_token_id(x) for x in t) for t in items):
+        return wire.Embed(embed_id, model, token_lists=items, dimensions=body.dimensions)
+    raise APIError(
+        400,
+        "input must be a string, a list of strings, a list of token ids, or a list of non-empty lists of token ids",
+        param="input",
+    )
+
+
+def _is_token_id(value: object) -> bool:
+    return type(value) is int and 0 <= value <= MAX_TOKEN_ID

@@ -27,6 +27,7 @@ ERRORS = {
     401: "Missing or wrong API key (only when the server has http.api-keys)",
     404: "Unknown model (`code: model_not_found`)",
     413: "Body larger than http.max-body-bytes",
+    501: "Embeddings are off on this server (worker.embeddings)",
     503: "No worker ready yet, or every queue is full (`code: server_overloaded`); comes with Retry-After",
     504: "The request ran past queue.request-timeout (`code: timeout`)",
 }
@@ -55,6 +56,8 @@ def build(plan: ServePlan) -> dict[str, Any]:
         schema.TokenizeResponse,
         schema.DetokenizeRequest,
         schema.DetokenizeResponse,
+        schema.EmbeddingRequest,
+        schema.EmbeddingList,
         ErrorBody,
     ]
     _, components = msgspec.json.schema_components(types, ref_template=REF)
@@ -124,6 +127,12 @@ def build(plan: ServePlan) -> dict[str, Any]:
             "post": v1(
                 operation("The text of token ids (as llama-server's)", _json("DetokenizeResponse"),
                           [400, 401, 404, 503], body="DetokenizeRequest")
+            )
+        },
+        "/v1/embeddings": {
+            "post": v1(
+                operation("Embeddings of texts or token ids, from the embedding worker", _json("EmbeddingList"),
+                          [400, 401, 404, 413, 501, 503, 504], body="EmbeddingRequest")
             )
         },
         "/health": {"get": operation("200 once a worker is ready; 503 while loading", _json("Health"), [503])},

@@ -6,7 +6,9 @@ class knows one wrapping, and the request flow in app.py is shared.
 
 from __future__ import annotations
 
+import base64
 import codecs
+from array import array
 
 import msgspec
 
@@ -56,9 +58,23 @@ def chat_logprobs(tokens: list[wire.TokenLogprob]) -> schema.ChoiceLogprobs:
     )
 
 
+def embeddings(result: wire.EmbedResult, model: str, encoding_format: str) -> bytes:
+    """The embeddings response: each vector as floats, or as base64 of its float32 bytes as it came."""
+    data = []
+    for i, vector in enumerate(result.vectors):
+        if encoding_format == "base64":
+            data.append(schema.Embedding(i, base64.b64encode(vector).decode("ascii")))
+        else:
+            floats = array("f")
+            floats.frombytes(vector)  # little-endian, as every machine infersnap runs on
+            data.append(schema.Embedding(i, floats.tolist()))
+    usage = schema.EmbeddingUsage(result.prompt_tokens, result.prompt_tokens)
+    return _encode(schema.EmbeddingList(data=data, model=model, usage=usage))
+
+
 class ChatRender:
-    def __init__(self, request_id: str, model: str, body: schema.ChatCompletionRequest) -> None:
-        self.id, self.model, self.created = request_id, model, schema.now()
+    def __init__(self, request_id: str, model: str, body: schema.ChatCompletionRequest, index: int = 0) -> None:
+        self.id, self.model, self.created, self.index = request_id, model, schema.now(), index
         self.tools = tools.from_request(body)
         self.logprobs = bool(body.logprobs)
         self._sent_role = False
@@ -90,33 +106,35 @@ class ChatRender:
         delta = schema.Delta(role=None if self._sent_role else "assistant", content=text, tool_calls=calls)
         self._sent_role = True
         logprobs = chat_logprobs(tokens) if self.logprobs else None
-        choice = schema.ChunkChoice(index=0, delta=delta, finish_reason=finish, logprobs=logprobs)
+        choice = schema.ChunkChoice(index=self.index, delta=delta, finish_reason=finish, logprobs=logprobs)
         return [self._chunk([choice], timings=timings(output.timings))]
 
     def usage_chunk(self, last: wire.Output) -> bytes:
         return self._chunk([], usage=usage(last))
 
-    def response(self, text: str, tokens: list[wire.TokenLogprob], last: wire.Output) -> bytes:
+    def choice(self, text: str, tokens: list[wire.TokenLogprob], last: wire.Output) -> schema.ChatChoice:
+        """This choice in a whole response: its text (or tool call), tokens and last output."""
         call = self.tools.parse(text) if self.tools is not None else None
         if call is not None:
             message = schema.AssistantMessage(role="assistant", content=None, tool_calls=[call])
         else:
             message = schema.AssistantMessage(role="assistant", content=text)
-        finish = "tool_calls" if call is not None else last.finish_reason
+        return schema.ChatChoice(
+            index=self.index,
+            message=message,
+            finish_reason="tool_calls" if call is not None else last.finish_reason,
+            logprobs=chat_logprobs(tokens) if self.logprobs else None,
+        )
+
+    def response(self, choices: list[schema.ChatChoice], last: wire.Output) -> bytes:
+        """The whole response, with every choice; `last` holds the usage of all of them."""
         return _encode(
             schema.ChatCompletion(
                 id=self.id,
                 object="chat.completion",
                 created=self.created,
                 model=self.model,
-                choices=[
-                    schema.ChatChoice(
-                        index=0,
-                        message=message,
-                        finish_reason=finish,
-                        logprobs=chat_logprobs(tokens) if self.logprobs else None,
-                    )
-                ],
+                choices=choices,
                 usage=usage(last),
                 timings=timings(last.timings),
             )
@@ -124,9 +142,11 @@ class ChatRender:
 
 
 class TextRender:
-    def __init__(self, request_id: str, model: str, body: schema.CompletionRequest) -> None:
-        self.id, self.model, self.created = request_id, model, schema.now()
+    def __init__(self, request_id: str, model: str, body: schema.CompletionRequest, index: int = 0) -> None:
+        self.id, self.model, self.created, self.index = request_id, model, schema.now(), index
         self.logprobs = body.logprobs is not None
+        # echo: the prompt goes before the answer, in the first chunk when streaming
+        self._echo = (body.prompt if isinstance(body.prompt, str) else body.prompt[0]) if body.echo else ""
         # for text_offset: characters of the generated text so far, counting a split character once, where it ends
         self._offset = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -155,12 +175,16 @@ class TextRender:
 
     def chunks(self, output: wire.Output) -> list[bytes]:
         logprobs = self._logprobs(output.logprobs)
-        choice = schema.TextChoice(index=0, text=output.text, finish_reason=output.finish_reason, logprobs=logprobs)
+        text, self._echo = self._echo + output.text, ""
+        choice = schema.TextChoice(index=self.index, text=text, finish_reason=output.finish_reason, logprobs=logprobs)
         return [self._completion([choice], timings=timings(output.timings))]
 
     def usage_chunk(self, last: wire.Output) -> bytes:
         return self._completion([], usage=usage(last))
 
-    def response(self, text: str, tokens: list[wire.TokenLogprob], last: wire.Output) -> bytes:
-        choice = schema.TextChoice(index=0, text=text, finish_reason=last.finish_reason, logprobs=self._logprobs(tokens))
-        return self._completion([choice], usage=usage(last), timings=timings(last.timings))
+    def choice(self, text: str, tokens: list[wire.TokenLogprob], last: wire.Output) -> schema.TextChoice:
+        logprobs = self._logprobs(tokens)
+        return schema.TextChoice(index=self.index, text=self._echo + text, finish_reason=last.finish_reason, logprobs=logprobs)
+
+    def response(self, choices: list[schema.TextChoice], last: wire.Output) -> bytes:
+        return self._completion(choices, usage=usage(last), timings=timings(last.timings))

@@ -141,6 +141,8 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
 class CompletionRequest(SamplingFields, kw_only=True):
     prompt: str | Annotated[list[str], Meta(min_length=1, max_length=1)]
     logprobs: TextLogprobs | None = None  # None: none; k: each token's logprob and the k most likely tokens'
+    echo: bool = False  # the prompt comes back before the completion (not with logprobs: see convert)
+    suffix: str | None = None  # fill in the middle: the text after the completion (models with FIM tokens)
 
 
 # --- responses ---------------------------------------------------------------
@@ -306,3 +308,36 @@ class TokenizeResponse(msgspec.Struct):
 
 class DetokenizeResponse(msgspec.Struct):
     content: str
+
+
+# --- embeddings --------------------------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per request
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    # a string, a list of strings, a list of token ids, or a list of lists of token ids: msgspec takes
+    # one list type in a union, so the list's items are checked by convert.embedding_inputs
+    input: str | Annotated[list[Any], Meta(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: PositiveInt | None = None  # only the model's own size
+    user: str | None = None
+
+
+class Embedding(msgspec.Struct):
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32
+    object: str = "embedding"
+
+
+class EmbeddingUsage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(msgspec.Struct):
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+    object: str = "list"

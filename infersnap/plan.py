@@ -23,6 +23,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     cpus: list[int]  # logical CPUs the worker's threads may run on
     threads: int
     gpu_layers: int = 0  # llama.cpp layers offloaded to the device
+    task: str = "generate"  # "generate" | "embed" (the model in embedding mode, for /v1/embeddings)
 
 
 class ServePlan(msgspec.Struct, frozen=True):
@@ -40,9 +41,14 @@ class ServePlan(msgspec.Struct, frozen=True):
     api_keys: list[str] = []  # empty: no key needed
     cors_origins: list[str] = []  # empty: no CORS headers; ["*"]: any origin
     max_tokens: int = 32768  # the largest max_tokens a request may ask for
-    max_n: int = 1
+    max_n: int = 8
     drain_timeout: int = 30  # seconds running requests may take after SIGTERM
     send_timeout: int = 30  # seconds a stream may stay unread before its client is dropped
+
+    @property
+    def embeddings(self) -> bool:
+        """Whether a worker serves /v1/embeddings."""
+        return any(w.task == "embed" for w in self.workers)
 
     @property
     def api_url(self) -> str:

@@ -59,13 +59,14 @@ class Message(msgspec.Struct, tag=True, array_like=True):
 
 
 class Generate(Message):
-    """One completion request. Exactly one of `prompt` and `messages` is set."""
+    """One completion request. Exactly one of `prompt` and `messages` is set; `suffix` only with `prompt`."""
 
     id: str
     model: str
     params: SamplingParams
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    suffix: str | None = None  # fill in the middle: generate what goes between `prompt` and this
 
 
 class Abort(Message):
@@ -150,6 +151,7 @@ class WorkerInfo(msgspec.Struct, array_like=True):
     waiting: int = 0
     pid: int = 0
     restarts: int = 0  # times the supervisor restarted this worker's process
+    task: str = "generate"  # "generate": completions and tokenizer lookups; "embed": embeddings
 
 
 class WorkerStatus(Message):
@@ -205,10 +207,32 @@ class TokenizeResult(Message):
     failure: Failure | None = None
 
 
+# --- embeddings: frontend -> broker -> embedding worker -> broker -> frontend --
+# Routed like a tokenizer lookup (no slot, no queue), to a worker whose task is "embed".
+
+
+class Embed(Message):
+    """Embed each input: texts, or token id lists (exactly one of the two is set)."""
+
+    id: str
+    model: str
+    texts: list[str] = []
+    token_lists: list[list[int]] = []
+    dimensions: int | None = None  # None: the model's own
+
+
+class EmbedResult(Message):
+    id: str
+    vectors: list[bytes] = []  # one per input, in order: float32 little-endian, unit length
+    prompt_tokens: int = 0
+    failure: Failure | None = None
+    worker: str = ""  # the worker that answered (the broker fills it in)
+
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(
     Generate | Abort | StatusQuery | Drain | WorkerExited | Results | WorkerStatus | Status
-    | Tokenize | Detokenize | TokenizeResult
+    | Tokenize | Detokenize | TokenizeResult | Embed | EmbedResult
 )
 
 

@@ -144,7 +144,7 @@ def test_status_asks_the_running_server(server, model, engine):
     shown = yaml.safe_load(cli(server.env, "status").stdout)
     assert shown["endpoints"]["openai"] == f"http://localhost:{server.port}/v1"
     assert shown["model"] == model and shown["engine"] == engine
-    [worker] = shown["workers"]
+    [worker] = [w for w in shown["workers"] if w["task"] == "generate"]
     assert worker["device"] == "cpu" and worker["engine"] == engine
     assert worker["state"] == "ready" and worker["model"] == model
     as_json = json.loads(cli(server.env, "status", "--format", "json").stdout)

@@ -38,7 +38,7 @@ def assert_error(reply, status: int, param: str | None = None, code: str | None 
         ({**GOOD, "temperature": 7}, "temperature"),
         ({**GOOD, "top_p": 1.5}, "top_p"),
         ({**GOOD, "presence_penalty": -3}, "presence_penalty"),
-        ({**GOOD, "n": 3}, "n"),
+        ({**GOOD, "n": 9}, "n"),
         ({**GOOD, "n": 0}, "n"),
         ({"messages": None}, "messages"),
         ({"messages": [None]}, "messages[0]"),
@@ -128,12 +128,12 @@ def test_unknown_fields_and_null_options_are_accepted(http):
 
 
 def test_limits(http):
-    """limits.max-tokens (default 32768) and limits.max-n (default 1): 400 naming the field and the limit."""
+    """limits.max-tokens (default 32768) and limits.max-n (default 8): 400 naming the field and the limit."""
     for field in ("max_tokens", "max_completion_tokens"):
         error = assert_error(http.post("/v1/chat/completions", json={**GOOD, field: 32769}), 400, field)
         assert "32768" in error["message"] and "limits.max-tokens" in error["message"]
-    error = assert_error(http.post("/v1/completions", json={"prompt": "Hi", "n": 2}), 400, "n")
-    assert "at most 1" in error["message"]
+    error = assert_error(http.post("/v1/completions", json={"prompt": "Hi", "n": 9}), 400, "n")
+    assert "at most 8" in error["message"]
     # at the limit, the context decides
     at_limit = {"prompt": "Hi", "max_tokens": 32768}
     assert_error(http.post("/v1/completions", json=at_limit), 400, code="context_length_exceeded")

@@ -268,22 +268,25 @@ def test_openapi_document(http):
     assert document["openapi"] == "3.1.0" and document["info"]["title"] == "infersnap"
     paths = document["paths"]
     assert set(paths) >= {
-        "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}", "/tokenize", "/detokenize", "/health"
+        "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}", "/tokenize", "/detokenize", "/health",
+        "/v1/embeddings",
     }
     schemas = document["components"]["schemas"]
     for path, request, response in [
         ("/v1/chat/completions", "ChatCompletionRequest", "ChatCompletion"),
         ("/v1/completions", "CompletionRequest", "Completion"),
+        ("/v1/embeddings", "EmbeddingRequest", "EmbeddingList"),
     ]:
         post = paths[path]["post"]
         assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + request)
         assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + response)
         for status in ("400", "401", "404", "413", "503"):
             assert post["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
-        # the server's limits are the published maxima
+    # the server's limits are the published maxima
+    for request in ("ChatCompletionRequest", "CompletionRequest"):
         properties = schemas[request]["properties"]
         assert {"type": "integer", "minimum": 1, "maximum": 32768} in properties["max_tokens"]["anyOf"]
-        assert {"type": "integer", "minimum": 1, "maximum": 1} in properties["n"]["anyOf"]
+        assert {"type": "integer", "minimum": 1, "maximum": 8} in properties["n"]["anyOf"]
     assert paths["/v1/models/{model}"]["get"]["parameters"][0]["name"] == "model"
     assert "404" in paths["/v1/models/{model}"]["get"]["responses"]
     assert "503" in paths["/health"]["get"]["responses"]

@@ -69,8 +69,8 @@ def test_a_worker_that_cannot_load_is_reported_and_requests_get_503(tmp_path):
     server = start_server(tmp_path / "data", **{"model.path": str(broken)})
     try:
         assert "failed" in server.log.read_text()
-        [worker] = server.status()["workers"]
-        assert worker["state"] == "failed" and worker["error"]
+        workers = server.status()["workers"]  # the generating worker and the embedding worker
+        assert workers and all(w["state"] == "failed" and w["error"] for w in workers)
         health = httpx.get(f"{server.base}/health")
         assert health.status_code == 503 and health.headers["retry-after"]
         chat = httpx.post(f"{server.url}/chat/completions", json={**LONG, "max_tokens": 3}, timeout=10)
@@ -96,7 +96,7 @@ def test_a_device_that_fails_to_load_is_reported_and_the_others_go_on_serving(tm
         pytest.skip("this machine has an Intel GPU, which would load")
     server = start_server(tmp_path, command=[sys.executable, "-c", SERVE_WITH_A_MISSING_GPU])
     try:
-        workers = {w["device"]: w for w in server.status()["workers"]}
+        workers = {w["id"]: w for w in server.status()["workers"]}
         assert workers["GPU.0"]["state"] == "failed" and "GPU.0" in workers["GPU.0"]["error"]
         assert workers["GPU.0"]["engine"] == "intel-gpu" and workers["cpu"]["state"] == "ready"
         assert "worker GPU.0 failed" in server.log.read_text()
@@ -145,8 +145,8 @@ def test_a_killed_worker_is_noticed_at_once_what_it_ran_ends_with_an_error_what_
         queued.join(60)  # served once the worker is back
         [reply] = waited
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 5
-        [worker] = server.status()["workers"]
-        assert worker["state"] == "ready" and worker["restarts"] == 1
+        worker = server.status()["workers"][0]
+        assert worker["id"] == "cpu" and worker["state"] == "ready" and worker["restarts"] == 1
         assert "1 requests it was generating end with an error" in server.log.read_text()
     finally:
         assert server.stop() == 0

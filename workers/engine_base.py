@@ -18,6 +18,7 @@ class BatchingEngine:
 
     context: int
     n_vocab: int  # token ids run from 0 to n_vocab - 1
+    fim_tokens: tuple[int, int, int] | None = None  # fill in the middle: prefix, suffix, middle; None: none
 
     def __init__(self) -> None:
         self.waiting: deque[Any] = deque()
@@ -25,10 +26,15 @@ class BatchingEngine:
 
     def add(self, request: wire.Generate) -> wire.Output | None:
         """Queue a request; return a failure Output at once if it cannot be served."""
-        try:
-            prompt = self._prompt_tokens(request)
-        except ValueError as exc:
-            return wire.failed(request.id, 400, f"could not format the prompt: {exc}", param="messages")
+        if request.suffix:
+            if self.fim_tokens is None:
+                return wire.failed(request.id, 400, "this model has no fill-in-the-middle tokens for `suffix`", param="suffix")
+            prompt = self._fill_in_middle(request.prompt or "", request.suffix)
+        else:
+            try:
+                prompt = self._prompt_tokens(request)
+            except ValueError as exc:
+                return wire.failed(request.id, 400, f"could not format the prompt: {exc}", param="messages")
         max_tokens = completion_budget(request, prompt, self.context)
         if isinstance(max_tokens, wire.Output):
             return max_tokens
@@ -76,6 +82,12 @@ class BatchingEngine:
     def detokenize(self, tokens: list[int]) -> str:
         """Valid token ids back to text, special tokens written out."""
         raise NotImplementedError
+
+    def _fill_in_middle(self, prefix: str, suffix: str) -> list[int]:
+        """The prompt that asks a code model for the text between `prefix` and `suffix`, in the
+        prefix-suffix-middle order that llama.cpp's infill uses, after the BOS if the model adds one."""
+        pre, suf, mid = self.fim_tokens
+        return self.tokenize("", True) + [pre, *self.tokenize(prefix, False), suf, *self.tokenize(suffix, False), mid]
 
     def _output(self, seq: Any, text: str, finish: str | None, completion_tokens: int, prompt_evaluated: int,
                 now: float) -> wire.Output:

@@ -95,6 +95,9 @@ class LlamaCppEngine(BatchingEngine):
         self.free_slots = [Slot(seq_id) for seq_id in range(slots)]
         self._pieces: dict[tuple[int, bool], bytes] = {}
         self._add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
+        fim = (llama_cpp.llama_vocab_fim_pre(self.vocab), llama_cpp.llama_vocab_fim_suf(self.vocab),
+               llama_cpp.llama_vocab_fim_mid(self.vocab))
+        self.fim_tokens = fim if min(fim) >= 0 else None
         self._chat_template = self._load_chat_template()
 
     # --- requests in -------------------------------------------------------

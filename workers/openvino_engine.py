@@ -102,6 +102,7 @@ class OpenVinoEngine(BatchingEngine):
         self._chat_template = self.tokenizer.chat_template
         self._vocab = _token_bytes(self.tokenizer)
         self.n_vocab = len(self._vocab)
+        self.fim_tokens = _fim_tokens(self._vocab)
 
         self._next_id = 0
         self.verbose = verbose
@@ -374,4 +375,21 @@ def _gguf_context(path: Path) -> int | None:
             arch = metadata.get("general.architecture")
             if arch and f"{arch}.context_length" in metadata:
                 return int(metadata[f"{arch}.context_length"])
+    return None
+
+
+# How code models spell their fill-in-the-middle tokens (prefix, suffix, middle): openvino-genai does not
+# say which tokens they are, as llama.cpp's vocabulary does, so they are found by their text.
+FIM_SPELLINGS = [
+    (b"<|fim_prefix|>", b"<|fim_suffix|>", b"<|fim_middle|>"),  # Qwen2.5-Coder
+    (b"<fim_prefix>", b"<fim_suffix>", b"<fim_middle>"),  # StarCoder
+    ("<｜fim▁begin｜>".encode(), "<｜fim▁hole｜>".encode(), "<｜fim▁end｜>".encode()),  # DeepSeek-Coder
+]
+
+
+def _fim_tokens(vocab: list[bytes]) -> tuple[int, int, int] | None:
+    ids = {piece: token for token, piece in enumerate(vocab)}
+    for spelling in FIM_SPELLINGS:
+        if all(piece in ids for piece in spelling):
+            return tuple(ids[piece] for piece in spelling)
     return None

@@ -80,11 +80,12 @@ def run(plan: ServePlan, spec: WorkerSpec) -> None:
         device=spec.device,
         engine=spec.engine,
         model=plan.model_name,
-        slots=plan.slots,
+        slots=plan.slots if spec.task == "generate" else 0,
         context=plan.context,
         state="loading",
         pid=os.getpid(),
         restarts=int(os.environ.get(RESTARTS_VARIABLE, "0")),
+        task=spec.task,
     )
     zctx = zmq.Context()
     inbox: queue.Queue = queue.Queue()
@@ -103,6 +104,14 @@ def run(plan: ServePlan, spec: WorkerSpec) -> None:
         log.error("worker %s failed to load: %s", spec.worker_id, exc)
         info.state, info.error = "failed", str(exc)
 
+    if spec.task == "embed":
+        _serve_embeddings(engine, inbox, outbox, info)
+    else:
+        _serve_generation(engine, inbox, outbox, info)
+
+
+def _serve_generation(engine, inbox: queue.Queue, outbox: zmq.Socket, info: wire.WorkerInfo) -> None:
+    """Take requests between engine steps; send each step's outputs."""
     while True:
         message = inbox.get() if engine is None or not engine.busy else _next_or_none(inbox)
         outputs: list[wire.Output] = []
@@ -118,12 +127,21 @@ def run(plan: ServePlan, spec: WorkerSpec) -> None:
                 engine.abort(message.ids)
             elif isinstance(message, (wire.Tokenize, wire.Detokenize)):  # now: a lookup waits for no step
                 outbox.send(wire.encode(_answer(engine, message, info)))
+            # an Embed never comes here: the broker sends those to embedding workers
             message = _next_or_none(inbox)
         if engine is not None:
             outputs.extend(engine.step())
             info.running, info.waiting = len(engine.running), len(engine.waiting)
         if outputs:
             outbox.send(wire.encode(wire.Results(outputs=outputs)))
+
+
+def _serve_embeddings(engine, inbox: queue.Queue, outbox: zmq.Socket, info: wire.WorkerInfo) -> None:
+    """Answer each Embed in one go, in arrival order (an Abort finds nothing running to stop)."""
+    while True:
+        message = inbox.get()
+        if isinstance(message, wire.Embed):
+            outbox.send(wire.encode(_answer(engine, message, info)))
 
 
 # Which environment variable makes a GPU runtime see only the n-th device (numbered in PCI order).
@@ -140,7 +158,11 @@ def only_device(device: str) -> None:
 
 
 def load_engine(plan: ServePlan, spec: WorkerSpec):
-    """The engine for this worker's runtime; imported here so a worker loads only its own."""
+    """The engine for this worker's task and runtime; imported here so a worker loads only its own."""
+    if spec.task == "embed":
+        from infersnap.workers.llamacpp_embedder import LlamaCppEmbedder
+
+        return LlamaCppEmbedder(plan.model_path, plan.context, spec.threads, plan.verbose)
     if spec.runtime == "llamacpp":
         from infersnap.workers.llamacpp_engine import LlamaCppEngine
 
@@ -162,17 +184,17 @@ def _add(engine, request: wire.Generate) -> wire.Output | None:
         return wire.failed(request.id, 500, "the engine could not take this request")
 
 
-def _answer(engine, request: wire.Tokenize | wire.Detokenize, info: wire.WorkerInfo) -> wire.TokenizeResult:
-    """engine.answer, where an unexpected error fails this lookup, not the worker."""
+def _answer(engine, request: wire.Tokenize | wire.Detokenize | wire.Embed, info: wire.WorkerInfo):
+    """engine.answer (a TokenizeResult, or an EmbedResult for an Embed), where an unexpected error
+    fails this lookup, not the worker."""
+    result_type = wire.EmbedResult if isinstance(request, wire.Embed) else wire.TokenizeResult
     if engine is None:
-        failure = wire.Failure(503, f"worker {info.worker_id} failed to load: {info.error}")
-        return wire.TokenizeResult(id=request.id, failure=failure)
+        return result_type(id=request.id, failure=wire.Failure(503, f"worker {info.worker_id} failed to load: {info.error}"))
     try:
         return engine.answer(request)
     except Exception:
-        log.exception("tokenizer request %s failed", request.id)
-        failure = wire.Failure(500, "the engine's tokenizer failed on this request")
-        return wire.TokenizeResult(id=request.id, failure=failure)
+        log.exception("%s %s failed", type(request).__name__, request.id)
+        return result_type(id=request.id, failure=wire.Failure(500, f"the engine failed on this {type(request).__name__}"))
 
 
 def _next_or_none(inbox: queue.Queue):

@@ -17,7 +17,7 @@ from infersnap.hwdetect import Machine
 AUTO = "auto"
 
 __all__ = ["AUTO", "Assignment", "EngineChoiceError", "Manifest", "Verdict", "evaluate", "manifests", "parse_size",
-           "parse_choice", "select", "verdicts"]
+           "parse_choice", "select", "verdicts", "embedding_engine"]
 
 
 class EngineChoiceError(ValueError):
@@ -68,3 +68,12 @@ def select(machine: Machine, names: list[str] | None = None) -> list[Assignment]
                 raise EngineChoiceError(f"engines {owner[device]} and {verdict.engine} both run on {device}; pick one")
             owner.setdefault(device, verdict.engine)
     return [Assignment(engine, device) for device, engine in owner.items()]
+
+
+def embedding_engine(machine: Machine) -> str | None:
+    """The best llama.cpp engine for the CPU: embeddings run there, whichever engines generate."""
+    for verdict in verdicts(machine):
+        manifest = manifests()[verdict.engine]
+        if verdict.compatible and not verdict.experimental and manifest.runtime == "llamacpp" and verdict.devices == ["cpu"]:
+            return verdict.engine
+    return None

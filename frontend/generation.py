@@ -1,0 +1,117 @@
+"""Following one API request's generations: one engine request per choice (`n`), read from one queue.
+
+Each choice is its own Generate with its own id, so the broker spreads the
+choices over free slots like any requests; their outputs arrive on one
+queue, interleaved, and each is labelled here with its choice index.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+
+from infersnap import wire
+from infersnap.frontend.broker_client import BrokerClient, BrokerUnavailable
+
+STALL_CHECK_SECONDS = 5.0
+INT64 = 2**64
+
+
+def choice_requests(generate: wire.Generate, n: int) -> list[wire.Generate]:
+    """The engine requests for `n` choices: the first keeps the request's id, the others add `-i`.
+    A seeded request gives each choice its own seed (seed + i), so that the choices differ but repeat."""
+    requests = [generate]
+    seed = generate.params.seed
+    for i in range(1, n):
+        params = generate.params
+        if seed is not None:  # wrapped into int64, the wire's range
+            params = msgspec.structs.replace(params, seed=(seed + i + INT64 // 2) % INT64 - INT64 // 2)
+        requests.append(msgspec.structs.replace(generate, id=f"{generate.id}-{i}", params=params))
+    return requests
+
+
+class Generation:
+    """The outputs of a request's choices, in arrival order, until every choice has finished."""
+
+    def __init__(self, broker: BrokerClient, requests: list[wire.Generate], deadline: float | None) -> None:
+        self.broker = broker
+        self.requests = requests
+        self.index = {r.id: i for i, r in enumerate(requests)}
+        self.deadline = deadline
+        self.last: list[wire.Output | None] = [None] * len(requests)  # each choice's last output so far
+        self.outputs: asyncio.Queue[wire.Output] = asyncio.Queue()
+
+    async def start(self) -> None:
+        for request in self.requests:
+            await self.broker.submit(request, self.outputs)
+
+    @property
+    def unfinished(self) -> list[str]:
+        return [r.id for r, last in zip(self.requests, self.last) if last is None or last.finish_reason is None]
+
+    @property
+    def done(self) -> bool:
+        return not self.unfinished
+
+    async def next(self) -> tuple[int, wire.Output]:
+        """The next output and its choice's index. An error Output if the broker no longer knows an
+        unfinished choice, or if the request ran past its deadline (then its choices are stopped).
+
+        A broker that restarted has lost its routes: without this check such a
+        request would wait forever. Requests and status queries share one socket,
+        so the broker has always seen the requests before it answers the query.
+        """
+        output = await self._next_output()
+        i = self.index.get(output.id, 0)
+        self.last[i] = output
+        return i, output
+
+    async def _next_output(self) -> wire.Output:
+        loop = asyncio.get_running_loop()
+        while True:
+            deadline = self.deadline
+            wait = STALL_CHECK_SECONDS if deadline is None else min(STALL_CHECK_SECONDS, deadline - loop.time())
+            try:
+                return await asyncio.wait_for(self.outputs.get(), max(wait, 0))
+            except asyncio.TimeoutError:
+                pass
+            unfinished = self.unfinished
+            if deadline is not None and loop.time() >= deadline:
+                self.close()
+                return wire.failed(
+                    unfinished[0], 504, "the request took longer than the server's queue.request-timeout", code="timeout"
+                )
+            try:
+                in_flight = set((await self.broker.status()).in_flight)
+            except BrokerUnavailable:
+                in_flight = set()
+            lost = [i for i in unfinished if i not in in_flight]
+            if lost and self.outputs.empty():
+                return wire.failed(lost[0], 503, "the server lost this request while restarting; please retry")
+
+    def close(self) -> None:
+        """Forget the finished choices and stop the others (the client left, or one choice failed)."""
+        unfinished = set(self.unfinished)
+        for request in self.requests:
+            if request.id in unfinished:
+                self.broker.abort(request.id)
+            else:
+                self.broker.forget(request.id)
+
+    def summary(self) -> wire.Output | None:
+        """All choices as one last Output for usage and metrics: the prompt counted once, the completions
+        summed; the timings of a single choice. None until every choice has finished."""
+        if not self.done:
+            return None
+        outputs: list[wire.Output] = self.last  # type: ignore[assignment]
+        first = outputs[0]
+        if len(outputs) == 1:
+            return first
+        return wire.Output(
+            id=first.id,
+            finish_reason=first.finish_reason,
+            prompt_tokens=first.prompt_tokens,
+            completion_tokens=sum(o.completion_tokens for o in outputs),
+            worker=",".join(sorted({o.worker for o in outputs if o.worker})),
+        )

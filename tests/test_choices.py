@@ -1,0 +1,75 @@
+"""n choices per request, and the completions API's echo and suffix, on both engines."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from test_chat_api import stream_chunks
+from test_errors import assert_error
+
+MESSAGES = [{"role": "user", "content": "Write a short sentence about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key="any-placeholder")
+
+
+def test_n_chat_choices_with_the_sdk(client, model, engine):
+    reply = client.chat.completions.create(model=model, messages=MESSAGES, n=3, max_tokens=12, seed=7)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    texts = [c.message.content for c in reply.choices]
+    assert all(texts) and len(set(texts)) > 1, texts  # each choice samples with its own seed
+    assert all(c.finish_reason in ("stop", "length") for c in reply.choices)
+    # the prompt counts once, the completions add up (12 at most each)
+    single = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=1)
+    assert reply.usage.prompt_tokens == single.usage.prompt_tokens
+    assert 3 <= reply.usage.completion_tokens <= 36
+    if engine == "cpu":  # llama.cpp reads a seeded prompt afresh; OpenVINO's choices share its prefix cache
+        again = client.chat.completions.create(model=model, messages=MESSAGES, n=3, max_tokens=12, seed=7)
+        assert [c.message.content for c in again.choices] == texts  # a seed repeats every choice
+
+
+def test_n_greedy_choices_agree(client, model):
+    reply = client.completions.create(model=model, prompt="The sea is", n=2, max_tokens=8, temperature=0)
+    single = client.completions.create(model=model, prompt="The sea is", max_tokens=8, temperature=0)
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert reply.choices[0].text == reply.choices[1].text == single.choices[0].text != ""
+    assert reply.usage.completion_tokens == 2 * single.usage.completion_tokens
+
+
+def test_n_choices_streamed_interleave_by_index(http, engine):
+    body = {"messages": MESSAGES, "n": 2, "max_tokens": 10, "seed": 3, "stream_options": {"include_usage": True}}
+    chunks = stream_chunks(http, "/v1/chat/completions", body)
+    texts, finished = {0: "", 1: ""}, {}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk["choices"]
+        texts[choice["index"]] += choice["delta"].get("content") or ""
+        if choice["finish_reason"]:
+            finished[choice["index"]] = choice["finish_reason"]
+    assert set(finished) == {0, 1} and all(texts.values())
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 2
+    if engine == "cpu":
+        plain = http.post("/v1/chat/completions", json={**body, "stream": False}).json()
+        assert [c["message"]["content"] for c in plain["choices"]] == [texts[0], texts[1]]  # same seeds, same text
+
+
+def test_echo_puts_the_prompt_first(client, model, http):
+    prompt = "Once upon a time"
+    plain = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0)
+    echoed = client.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + plain.choices[0].text
+    streamed = stream_chunks(http, "/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0, "echo": True})
+    assert "".join(c["choices"][0]["text"] for c in streamed) == echoed.choices[0].text
+    assert streamed[0]["choices"][0]["text"].startswith(prompt)
+    body = {"prompt": prompt, "max_tokens": 6, "echo": True, "logprobs": 0}
+    assert "prompt" in assert_error(http.post("/v1/completions", json=body), 400, "echo")["message"]
+
+
+def test_suffix_needs_a_model_with_fill_in_the_middle_tokens(http):
+    """SmolLM2 has none; llama-cpp-python's server would ignore `suffix`, which hides that from the client."""
+    body = {"prompt": "def add(a, b):\n    return", "suffix": "\n\nprint(add(1, 2))", "max_tokens": 4}
+    error = assert_error(http.post("/v1/completions", json=body), 400, "suffix")
+    assert "fill-in-the-middle" in error["message"]
+    assert http.post("/v1/completions", json={**body, "suffix": ""}).status_code == 200  # empty: none

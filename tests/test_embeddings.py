@@ -1,0 +1,105 @@
+"""POST /v1/embeddings, served by the embedding worker (the model in llama.cpp's embedding mode)."""
+
+from __future__ import annotations
+
+import base64
+import math
+import struct
+
+import httpx
+import openai
+import pytest
+
+from conftest import start_server
+from test_errors import assert_error
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key="any-placeholder")
+
+
+def cosine(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b))  # the vectors have unit length
+
+
+def test_one_text_with_the_sdk(client, model):
+    reply = client.embeddings.create(model=model, input="The cat sat on the mat.")
+    assert reply.object == "list" and reply.model == model
+    (item,) = reply.data
+    assert item.index == 0 and item.object == "embedding"
+    assert len(item.embedding) == 576  # SmolLM2-135M's hidden size
+    assert math.sqrt(sum(x * x for x in item.embedding)) == pytest.approx(1.0, abs=1e-4)
+    assert reply.usage.prompt_tokens == reply.usage.total_tokens > 0
+
+
+def test_similar_texts_are_closer(client, model):
+    texts = ["The cat sat on the mat.", "A cat is sitting on a mat.", "Quarterly revenue rose by eight percent."]
+    reply = client.embeddings.create(model=model, input=texts)
+    assert [d.index for d in reply.data] == [0, 1, 2]
+    cat, kitten, revenue = (d.embedding for d in reply.data)
+    assert cosine(cat, kitten) > cosine(cat, revenue)
+    alone = client.embeddings.create(model=model, input=texts[2]).data[0].embedding
+    assert cosine(alone, revenue) == pytest.approx(1.0, abs=1e-3)  # batching does not change a vector
+
+
+def test_token_ids_embed_like_their_text(http, client, model):
+    text = "Embeddings from token ids"
+    tokens = http.post("/tokenize", json={"content": text, "add_special": True}).json()["tokens"]
+    from_text = client.embeddings.create(model=model, input=text).data[0].embedding
+    from_ids = client.embeddings.create(model=model, input=tokens)
+    assert from_ids.usage.prompt_tokens == len(tokens)
+    assert cosine(from_ids.data[0].embedding, from_text) == pytest.approx(1.0, abs=1e-3)
+    both = http.post("/v1/embeddings", json={"input": [tokens, tokens[:2]]}).json()
+    assert len(both["data"]) == 2 and both["usage"]["prompt_tokens"] == len(tokens) + 2
+
+
+def test_base64_is_the_float32_bytes(http):
+    body = {"input": "hello there"}
+    floats = http.post("/v1/embeddings", json=body).json()["data"][0]["embedding"]
+    encoded = http.post("/v1/embeddings", json={**body, "encoding_format": "base64"}).json()["data"][0]["embedding"]
+    raw = base64.b64decode(encoded)
+    assert struct.unpack(f"<{len(raw) // 4}f", raw) == pytest.approx(floats, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"input": []}, "input"),
+        ({"input": ""}, "input"),
+        ({"input": ["fine", ""]}, "input"),
+        ({"input": [[]]}, "input"),
+        ({"input": ["text", 3]}, "input"),
+        ({"input": [-1]}, "input"),
+        ({"input": [10**9]}, "input"),  # beyond the vocabulary
+        ({"input": 3}, "input"),
+        ({"input": "x", "encoding_format": "hex"}, "encoding_format"),
+        ({"input": "x", "dimensions": 12}, "dimensions"),
+        ({"input": "word " * 3000}, "input"),  # longer than the context
+        ({"input": ["x"] * 2049}, "input"),
+    ],
+)
+def test_bad_input_is_400(http, body, param):
+    assert_error(http.post("/v1/embeddings", json=body), 400, param)
+    assert http.post("/v1/embeddings", json={"input": "still serving"}).status_code == 200
+
+
+def test_unknown_model_is_404(http):
+    assert_error(http.post("/v1/embeddings", json={"input": "x", "model": "nope"}), 404, "model", "model_not_found")
+
+
+def test_status_shows_the_embedding_worker(server):
+    workers = {w["id"]: w for w in server.status()["workers"]}
+    assert workers["embed"]["task"] == "embed" and workers["embed"]["state"] == "ready"
+    assert workers["embed"]["engine"].startswith("cpu")  # llama.cpp, whichever engine generates
+    assert workers["cpu"]["task"] == "generate"
+
+
+def test_embeddings_can_be_switched_off(tmp_path):
+    server = start_server(tmp_path, **{"worker.embeddings": "false", "engines": "cpu"})
+    try:
+        error = assert_error(httpx.post(f"{server.url}/embeddings", json={"input": "x"}), 501, code="not_supported")
+        assert "worker.embeddings" in error["message"]
+        assert [w["task"] for w in server.status()["workers"]] == ["generate"]
+    finally:
+        assert server.stop() == 0, server.log.read_text()

@@ -1,0 +1,116 @@
+"""The embedding engine: the model loaded in llama.cpp's embedding mode, for POST /v1/embeddings.
+
+Several inputs go through one llama_decode, each as its own sequence, and
+llama.cpp pools each sequence's hidden states into one vector: with the
+model's own pooling where its GGUF names one (embedding models do), else
+the mean over its tokens (a chat model has none). Vectors are scaled to unit
+length, as OpenAI's are, so a dot product is their cosine similarity.
+"""
+
+from __future__ import annotations
+
+import llama_cpp
+import numpy as np
+from llama_cpp import _internals, _logger
+
+from infersnap import wire
+from infersnap.workers.llamacpp_engine import EngineError
+
+MAX_SEQUENCES = 32  # inputs per llama_decode
+
+
+class LlamaCppEmbedder:
+    def __init__(self, model_path: str, context: int, threads: int, verbose: bool = False) -> None:
+        _logger.set_verbose(verbose)
+        llama_cpp.llama_backend_init()
+        try:
+            self.model = _internals.LlamaModel(
+                path_model=model_path, params=llama_cpp.llama_model_default_params(), verbose=False
+            )
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
+        self.vocab = self.model.vocab
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = self.model.n_embd()
+        self.context = min(context, self.model.n_ctx_train())
+        self._add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
+        self._add_eos = llama_cpp.llama_vocab_get_add_eos(self.vocab)
+
+        metadata = self.model.metadata()
+        own_pooling = metadata.get(f"{metadata.get('general.architecture')}.pooling_type")
+        params = llama_cpp.llama_context_default_params()
+        params.embeddings = True
+        params.pooling_type = int(own_pooling) if own_pooling else llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        if params.pooling_type == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+            params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN  # one vector per input, not per token
+        params.n_ctx = self.context
+        params.n_batch = params.n_ubatch = self.context  # a pooled sequence must fit one micro-batch
+        params.n_seq_max = MAX_SEQUENCES
+        params.n_threads = params.n_threads_batch = threads
+        params.kv_unified = True
+        params.no_perf = True
+        try:
+            self.ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
+        self.batch = _internals.LlamaBatch(n_tokens=self.context, embd=0, n_seq_max=1, verbose=False)
+
+    def answer(self, request: wire.Embed) -> wire.EmbedResult:
+        """The request's vectors, or a 400 naming what the model cannot take."""
+        if request.dimensions is not None and request.dimensions != self.n_embd:
+            message = f"this model's embeddings have {self.n_embd} dimensions; it cannot give {request.dimensions}"
+            return _refused(request, message, "dimensions")
+        if request.texts:
+            inputs = [self._tokens(text) for text in request.texts]
+        else:
+            inputs = request.token_lists
+        for i, tokens in enumerate(inputs):
+            problem = self._problem(tokens)
+            if problem is not None:
+                return _refused(request, f"input[{i}] {problem}", "input")
+        vectors: list[bytes] = []
+        start = 0
+        while start < len(inputs):
+            end, used = start, 0
+            while end < len(inputs) and end - start < MAX_SEQUENCES and used + len(inputs[end]) <= self.context:
+                used += len(inputs[end])
+                end += 1
+            vectors += self._embed(inputs[start:end])
+            start = end
+        return wire.EmbedResult(id=request.id, vectors=vectors, prompt_tokens=sum(map(len, inputs)))
+
+    def _tokens(self, text: str) -> list[int]:
+        """A text as the model reads an input: with its BOS and EOS if it adds them, its special tokens as text."""
+        tokens = self.model.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=False)
+        if self._add_eos:
+            tokens.append(llama_cpp.llama_vocab_eos(self.vocab))
+        return tokens
+
+    def _problem(self, tokens: list[int]) -> str | None:
+        if not tokens:
+            return "is empty"
+        if len(tokens) > self.context:
+            return f"has {len(tokens)} tokens, more than the model's context of {self.context}"
+        bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
+        if bad is not None:
+            return f"has token id {bad}, which is not in the model's vocabulary (ids 0 to {self.n_vocab - 1})"
+        return None
+
+    def _embed(self, inputs: list[list[int]]) -> list[bytes]:
+        """One llama_decode over these inputs (they fit the context together), one unit vector each."""
+        self.ctx.kv_cache_clear()
+        self.batch.reset()
+        for seq_id, tokens in enumerate(inputs):
+            self.batch.add_sequence(tokens, seq_id, True)  # pooling reads every token's output
+        self.ctx.decode(self.batch)
+        vectors = []
+        for seq_id in range(len(inputs)):
+            pooled = llama_cpp.llama_get_embeddings_seq(self.ctx.ctx, seq_id)
+            vector = np.ctypeslib.as_array(pooled, shape=(self.n_embd,)).astype(np.float32)
+            norm = float(np.linalg.norm(vector))
+            vectors.append((vector / norm if norm > 0 else vector).astype("<f4").tobytes())
+        return vectors
+
+
+def _refused(request: wire.Embed, message: str, param: str) -> wire.EmbedResult:
+    return wire.EmbedResult(id=request.id, failure=wire.Failure(400, message, param=param))
