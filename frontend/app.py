@@ -211,7 +211,7 @@ async def send_event(response: Any, data: bytes, timeout: float) -> None:
 async def complete(
     request: Request,
     kind: type[schema.SamplingFields],
-    to_generate: Callable[[Any, str], wire.Generate],
+    to_generate: Callable[[Any, str], list[wire.Generate]],
     render_class: type[ChatRender] | type[TextRender],
 ) -> HTTPResponse | None:
     """Run a request's generations (one per choice) and answer with JSON, or with SSE when the body
@@ -222,12 +222,13 @@ async def complete(
         body = decode_body(request, kind)
         plan: ServePlan = request.app.ctx.plan
         convert.check_limits(body, plan)
-        generate = to_generate(body, plan.model_name)
+        prompts = to_generate(body, plan.model_name)
+        generate = prompts[0]
         record.request_id, record.model = generate.id, generate.model
-        requests = choice_requests(generate, body.n or 1)
+        requests = choice_requests(prompts, body.n or 1)
         renders = [render_class(generate.id, generate.model, body, i) for i in range(len(requests))]
         deadline = asyncio.get_running_loop().time() + plan.request_timeout if plan.request_timeout else None
-        generation = Generation(request.app.ctx.broker, requests, deadline)
+        generation = Generation(request.app.ctx.broker, requests, deadline, body.n or 1)
         try:
             await generation.start()
             index, output = await generation.next()

@@ -26,8 +26,15 @@ def check_limits(body: schema.SamplingFields, plan: ServePlan) -> None:
                 f"{field} is {value}, but this server allows at most {plan.max_tokens} (limits.max-tokens)",
                 param=field,
             )
-    if body.n is not None and body.n > plan.max_n:
-        raise APIError(400, f"n is {body.n}, but this server allows at most {plan.max_n} (limits.max-n)", param="n")
+    prompts = len(body.prompt) if isinstance(getattr(body, "prompt", None), list) else 1
+    choices = (body.n or 1) * prompts
+    if choices > plan.max_n:
+        asked = f"n is {body.n}" if prompts == 1 else f"{prompts} prompts × n={body.n or 1} make {choices} choices"
+        raise APIError(
+            400,
+            f"{asked}, but this server allows at most {plan.max_n} choices per request (limits.max-n)",
+            param="n" if prompts == 1 else "prompt",
+        )
 
 
 def _sampling(
@@ -112,7 +119,7 @@ def _history(messages: list[schema.ChatMessageIn]) -> list[wire.ChatMessage]:
     return history
 
 
-def chat_request(body: schema.ChatCompletionRequest, model: str) -> wire.Generate:
+def chat_request(body: schema.ChatCompletionRequest, model: str) -> list[wire.Generate]:
     messages = _history(body.messages)
     toolset = tools.from_request(body)
     constraint = None
@@ -126,25 +133,30 @@ def chat_request(body: schema.ChatCompletionRequest, model: str) -> wire.Generat
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs to be true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else -1
-    return wire.Generate(
-        id=f"chatcmpl-{uuid.uuid4().hex}",
-        model=body.model or model,
-        params=_sampling(body, body.max_completion_tokens or body.max_tokens, logprobs, constraint),
-        messages=messages,
-    )
+    return [
+        wire.Generate(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            model=body.model or model,
+            params=_sampling(body, body.max_completion_tokens or body.max_tokens, logprobs, constraint),
+            messages=messages,
+        )
+    ]
 
 
-def completion_request(body: schema.CompletionRequest, model: str) -> wire.Generate:
-    prompt = body.prompt if isinstance(body.prompt, str) else body.prompt[0]
+def completion_request(body: schema.CompletionRequest, model: str) -> list[wire.Generate]:
+    """One Generate per prompt, all with the request's id (generation.choice_requests numbers them)."""
     if body.echo and body.logprobs is not None:  # that would need the prompt tokens' logprobs too
         raise APIError(400, "echo with logprobs is not supported: the prompt's logprobs are not computed", param="echo")
-    return wire.Generate(
-        id=f"cmpl-{uuid.uuid4().hex}",
-        model=body.model or model,
-        params=_sampling(body, body.max_tokens, -1 if body.logprobs is None else body.logprobs),
-        prompt=prompt,
-        suffix=body.suffix or None,
-    )
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    params = _sampling(body, body.max_tokens, -1 if body.logprobs is None else body.logprobs)
+    return [
+        wire.Generate(id=request_id, model=body.model or model, params=params, prompt=prompt, suffix=body.suffix or None)
+        for prompt in prompts(body)
+    ]
+
+
+def prompts(body: schema.CompletionRequest) -> list[str]:
+    return [body.prompt] if isinstance(body.prompt, str) else body.prompt
 
 
 def embedding_request(body: schema.EmbeddingRequest, model: str) -> wire.Embed:

@@ -1,4 +1,4 @@
-"""Following one API request's generations: one engine request per choice (`n`), read from one queue.
+"""Following one API request's generations: one engine request per choice (`n` for each prompt), read from one queue.
 
 Each choice is its own Generate with its own id, so the broker spreads the
 choices over free slots like any requests; their outputs arrive on one
@@ -18,25 +18,31 @@ STALL_CHECK_SECONDS = 5.0
 INT64 = 2**64
 
 
-def choice_requests(generate: wire.Generate, n: int) -> list[wire.Generate]:
-    """The engine requests for `n` choices: the first keeps the request's id, the others add `-i`.
-    A seeded request gives each choice its own seed (seed + i), so that the choices differ but repeat."""
-    requests = [generate]
-    seed = generate.params.seed
-    for i in range(1, n):
-        params = generate.params
-        if seed is not None:  # wrapped into int64, the wire's range
-            params = msgspec.structs.replace(params, seed=(seed + i + INT64 // 2) % INT64 - INT64 // 2)
-        requests.append(msgspec.structs.replace(generate, id=f"{generate.id}-{i}", params=params))
+def choice_requests(prompts: list[wire.Generate], n: int) -> list[wire.Generate]:
+    """The engine requests for `n` choices of each prompt's Generate (which share the request's id):
+    choice i (prompt i // n) keeps the id for i = 0 and adds `-i` for the others. A seeded request gives
+    a prompt's j-th choice the seed seed + j, so that its choices differ but repeat."""
+    requests = []
+    for p, generate in enumerate(prompts):
+        for j in range(n):
+            index = p * n + j
+            params = generate.params
+            if params.seed is not None and j:  # wrapped into int64, the wire's range
+                params = msgspec.structs.replace(params, seed=(params.seed + j + INT64 // 2) % INT64 - INT64 // 2)
+            request_id = generate.id if index == 0 else f"{generate.id}-{index}"
+            requests.append(msgspec.structs.replace(generate, id=request_id, params=params))
     return requests
 
 
 class Generation:
     """The outputs of a request's choices, in arrival order, until every choice has finished."""
 
-    def __init__(self, broker: BrokerClient, requests: list[wire.Generate], deadline: float | None) -> None:
+    def __init__(
+        self, broker: BrokerClient, requests: list[wire.Generate], deadline: float | None, choices_per_prompt: int = 1
+    ) -> None:
         self.broker = broker
         self.requests = requests
+        self.choices_per_prompt = choices_per_prompt
         self.index = {r.id: i for i, r in enumerate(requests)}
         self.deadline = deadline
         self.last: list[wire.Output | None] = [None] * len(requests)  # each choice's last output so far
@@ -100,7 +106,7 @@ class Generation:
                 self.broker.forget(request.id)
 
     def summary(self) -> wire.Output | None:
-        """All choices as one last Output for usage and metrics: the prompt counted once, the completions
+        """All choices as one last Output for usage and metrics: each prompt counted once, the completions
         summed; the timings of a single choice. None until every choice has finished."""
         if not self.done:
             return None
@@ -111,7 +117,7 @@ class Generation:
         return wire.Output(
             id=first.id,
             finish_reason=first.finish_reason,
-            prompt_tokens=first.prompt_tokens,
+            prompt_tokens=sum(o.prompt_tokens for o in outputs[:: self.choices_per_prompt]),
             completion_tokens=sum(o.completion_tokens for o in outputs),
             worker=",".join(sorted({o.worker for o in outputs if o.worker})),
         )

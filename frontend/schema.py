@@ -139,7 +139,8 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
-    prompt: str | Annotated[list[str], Meta(min_length=1, max_length=1)]
+    # several prompts: a choice per prompt (times n), indexed prompt by prompt; limits.max-n bounds them all
+    prompt: str | Annotated[list[str], Meta(min_length=1)]
     logprobs: TextLogprobs | None = None  # None: none; k: each token's logprob and the k most likely tokens'
     echo: bool = False  # the prompt comes back before the completion (not with logprobs: see convert)
     suffix: str | None = None  # fill in the middle: the text after the completion (models with FIM tokens)

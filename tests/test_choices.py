@@ -73,3 +73,14 @@ def test_suffix_needs_a_model_with_fill_in_the_middle_tokens(http):
     error = assert_error(http.post("/v1/completions", json=body), 400, "suffix")
     assert "fill-in-the-middle" in error["message"]
     assert http.post("/v1/completions", json={**body, "suffix": ""}).status_code == 200  # empty: none
+
+
+def test_several_prompts_get_choices_prompt_by_prompt(client, model):
+    prompts = ["The sea is", "My favourite food is"]
+    reply = client.completions.create(model=model, prompt=prompts, n=2, max_tokens=6, temperature=0, echo=True)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    for i, choice in enumerate(reply.choices):
+        alone = client.completions.create(model=model, prompt=prompts[i // 2], max_tokens=6, temperature=0)
+        assert choice.text == prompts[i // 2] + alone.choices[0].text  # echo: each choice its own prompt
+    singles = [client.completions.create(model=model, prompt=p, max_tokens=1) for p in prompts]
+    assert reply.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)  # each prompt once

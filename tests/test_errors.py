@@ -148,7 +148,9 @@ def test_a_megabyte_of_content(http):
 
 def test_invalid_completion_body_is_400(http):
     assert_error(http.post("/v1/completions", json={"max_tokens": 3}), 400)
-    assert_error(http.post("/v1/completions", json={"prompt": ["a", "b"]}), 400, "prompt")
+    assert_error(http.post("/v1/completions", json={"prompt": []}), 400, "prompt")
+    too_many = assert_error(http.post("/v1/completions", json={"prompt": ["a", "b", "c"], "n": 3}), 400, "prompt")
+    assert "9 choices" in too_many["message"] and "limits.max-n" in too_many["message"]
 
 
 def test_context_length_exceeded(http):
