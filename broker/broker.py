@@ -12,11 +12,11 @@ its exit at once; a new pid or a heartbeat missed for WORKER_TIMEOUT tell
 too) the requests it was generating end with a 503, and the queued ones,
 which it never saw, go to the next worker that can take them. The queue is
 bounded: a request that can neither run nor wait within `max_waiting` per
-ready worker is refused with 503 at once. Lookups skip the queue: each
-goes at once to a ready worker serving its model for its task (tokenizer
-lookups to a generating worker, Embed to an embedding worker), takes no
-slot, and is routed back (or ended with a 503 when that worker is lost)
-like a request.
+ready worker is refused with 503 at once. An Embed is a request like a
+Generate, for the workers whose task is "embed" (each answers one at a
+time). Tokenizer lookups (Tokenize, Detokenize) skip the queue: each goes at
+once to a ready generating worker serving its model, takes no slot, and is
+routed back (or ended with a 503 when that worker is lost) like a request.
 
 On Drain (SIGTERM to `infersnap serve`) new requests get 503; accepted ones
 may finish until the grace period ends, then end with a 503 too.
@@ -43,13 +43,7 @@ RESTARTING = "restarting"  # the state of a worker whose process stopped, until 
 log = logging.getLogger("infersnap.broker")
 
 
-Lookup = wire.Tokenize | wire.Detokenize | wire.Embed
-LOOKUPS = (wire.Tokenize, wire.Detokenize, wire.Embed)
-
-
-def task_of(request: wire.Generate | Lookup) -> str:
-    """Which workers can answer it: embedding workers take Embed, generating workers the rest."""
-    return "embed" if isinstance(request, wire.Embed) else "generate"
+Lookup = wire.Tokenize | wire.Detokenize
 
 
 @dataclass
@@ -61,7 +55,7 @@ class Route:
 @dataclass
 class Queued:
     client: bytes
-    request: wire.Generate
+    request: wire.Request
 
 
 @dataclass
@@ -69,11 +63,14 @@ class Worker:
     identity: bytes
     info: wire.WorkerInfo
     last_seen: float
-    in_flight: set[str] = field(default_factory=set)  # requests it is generating
-    lookups: set[str] = field(default_factory=set)  # lookups it is answering (they take no slot)
+    in_flight: set[str] = field(default_factory=set)  # requests it is running, one per slot
+    lookups: set[str] = field(default_factory=set)  # tokenizer lookups it is answering (they take no slot)
 
-    def serves(self, model: str, task: str = "generate") -> bool:
-        return self.info.model.lower() == model.lower() and self.info.task == task
+    def has_model(self, model: str) -> bool:
+        return self.info.model.lower() == model.lower()
+
+    def serves(self, model: str, task: str) -> bool:
+        return self.has_model(model) and self.info.task == task
 
     @property
     def free_slots(self) -> int:
@@ -133,7 +130,7 @@ class Broker:
     # --- clients -----------------------------------------------------------
 
     def _on_client(self, client: bytes, message: wire.Message) -> None:
-        if isinstance(message, (wire.Generate, *LOOKUPS)):
+        if isinstance(message, (wire.Generate, wire.Embed, wire.Tokenize, wire.Detokenize)):
             self._accept(client, message)
         elif isinstance(message, wire.Abort):
             self._abort(message.ids)
@@ -148,26 +145,26 @@ class Broker:
                      len(self.routes) + len(self.queue), message.grace)
             self.drain_deadline = time.monotonic() + message.grace
 
-    def _accept(self, client: bytes, request: wire.Generate | Lookup) -> None:
+    def _accept(self, client: bytes, request: wire.Request | Lookup) -> None:
         refusal = self._refusal(request)
         if refusal is not None:
             self._send(self.clients, client, wire.Results(outputs=[refusal]))
-        elif isinstance(request, wire.Generate):
+        elif isinstance(request, (wire.Generate, wire.Embed)):
             self.queue[request.id] = Queued(client, request)
             self._dispatch()
         else:  # a lookup goes straight to the least busy ready worker: it needs no slot
-            task = task_of(request)
-            ready = [w for w in self.workers.values() if w.serves(request.model, task) and w.info.state == "ready"]
+            ready = [w for w in self.workers.values() if w.serves(request.model, wire.task_of(request)) and w.info.state == "ready"]
             worker = min(ready, key=lambda w: len(w.in_flight) + len(w.lookups))
             self.routes[request.id] = Route(client=client, worker=worker.identity)
             worker.lookups.add(request.id)
             self._send(self.workers_socket, worker.identity, request)
 
-    def _refusal(self, request: wire.Generate | Lookup) -> wire.Output | None:
+    def _refusal(self, request: wire.Request | Lookup) -> wire.Output | None:
         """Why this request cannot be accepted now, as its error Output; None if it can."""
         if self.drain_deadline is not None:
             return wire.failed(request.id, 503, "the server is shutting down", code="shutting_down")
-        serving = [w for w in self.workers.values() if w.serves(request.model, task_of(request))]
+        task = wire.task_of(request)
+        serving = [w for w in self.workers.values() if w.serves(request.model, task)]
         ready = [w for w in serving if w.info.state == "ready"]
         if not ready:
             failed = [w.info for w in serving if w.info.state == "failed"]
@@ -175,7 +172,7 @@ class Broker:
                 reasons = "; ".join(f"{w.worker_id}: {w.error}" for w in failed)
                 return wire.failed(request.id, 503, f"no worker could load this model ({reasons})")
             # a worker for the model, of another task, says its own is still to come
-            if serving or not self.workers or any(w.serves(request.model, w.info.task) for w in self.workers.values()):
+            if serving or not self.workers or any(w.has_model(request.model) for w in self.workers.values()):
                 return wire.failed(request.id, 503, "no worker is ready to serve this model yet; retry shortly")
             known = ", ".join(sorted({w.info.model for w in self.workers.values()}))
             return wire.failed(
@@ -185,28 +182,30 @@ class Broker:
                 code="model_not_found",
                 param="model",
             )
-        if not isinstance(request, wire.Generate):  # a lookup never waits, so there is always room
+        if isinstance(request, (wire.Tokenize, wire.Detokenize)):  # a lookup never waits, so there is always room
             return None
         room = sum(w.free_slots for w in ready) + self.plan.max_waiting * len(ready)
-        if sum(q.request.model.lower() == request.model.lower() for q in self.queue.values()) >= room:
+        waiting = sum(q.request.model.lower() == request.model.lower() and wire.task_of(q.request) == task
+                      for q in self.queue.values())
+        if waiting >= room:
             # Refuse at once rather than queue without end; the frontend adds Retry-After.
             return wire.failed(request.id, 503, "the server is at capacity; retry shortly", code="server_overloaded")
         return None
 
     def _dispatch(self) -> None:
         """Hand queued requests, oldest first, to workers with a free slot; end those no worker can serve."""
-        full: set[str] = set()  # models whose workers have no free slot left
+        full: set[tuple[str, str]] = set()  # (model, task) whose workers have no free slot left
         for request_id, queued in list(self.queue.items()):
-            model = queued.request.model.lower()
-            if model in full:
+            kind = (queued.request.model.lower(), wire.task_of(queued.request))
+            if kind in full:
                 continue
-            serving = [w for w in self.workers.values() if w.serves(model)]
+            serving = [w for w in self.workers.values() if w.serves(*kind)]
             if all(w.info.state == "failed" for w in serving):  # none left to wait for
                 self._fail({request_id: self.queue.pop(request_id)}, "no worker can serve this model any more")
                 continue
             free = [w for w in serving if w.free_slots > 0]
             if not free:
-                full.add(model)
+                full.add(kind)
                 continue
             worker = max(free, key=lambda w: w.free_slots / w.info.slots)
             del self.queue[request_id]
@@ -263,11 +262,9 @@ class Broker:
         elif isinstance(message, wire.Results) and worker is not None:
             worker.last_seen = now
             self._relay(worker, message.outputs)
-        elif isinstance(message, (wire.TokenizeResult, wire.EmbedResult)) and worker is not None:
+        elif isinstance(message, wire.TokenizeResult) and worker is not None:
             worker.last_seen = now
             worker.lookups.discard(message.id)
-            if isinstance(message, wire.EmbedResult):
-                message.worker = worker.info.worker_id
             route = self.routes.pop(message.id, None)
             if route is not None:  # else aborted meanwhile
                 self._send(self.clients, route.client, message)

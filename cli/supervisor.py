@@ -50,9 +50,10 @@ def build_plan(config: Config) -> ServePlan:
     assignments, warning = serving_assignments(config, machine)
     if warning:
         print(f"infersnap: {warning}", file=sys.stderr, flush=True)
-    workers = worker_specs(assignments, physical_core_cpus(), config.get("worker.threads"))
+    cores = physical_core_cpus()
+    workers = worker_specs(assignments, cores, config.get("worker.threads"))
     if config.get("worker.embeddings"):
-        workers += embedding_specs(workers, embedding_engine(machine))
+        workers += embedding_specs(workers, cores, embedding_engine(machine))
     return ServePlan(
         host=config.get("http.host"),
         port=config.get("http.port"),
@@ -98,15 +99,17 @@ def worker_specs(assignments: list[Assignment], cores: list[int], cpu_threads: i
     return cpu + accelerators
 
 
-def embedding_specs(workers: list[WorkerSpec], best_llamacpp: str | None) -> list[WorkerSpec]:
-    """The embedding worker: llama.cpp on the CPU worker's cores (they are idle between requests),
-    with the CPU worker's engine if that is llama.cpp, else the best llama.cpp CPU engine; none
-    where no llama.cpp CPU engine can run."""
+def embedding_specs(workers: list[WorkerSpec], cores: list[int], best_llamacpp: str | None) -> list[WorkerSpec]:
+    """The embedding worker: llama.cpp on the CPU worker's cores (or all of them without one), with
+    the CPU worker's engine if that is llama.cpp, else the best llama.cpp CPU engine; none where no
+    llama.cpp CPU engine can run. Its threads share those cores with the CPU worker's, which is
+    cheap while one of the two is idle."""
     cpu = next((w for w in workers if w.device == "cpu"), None)
     engine = cpu.engine if cpu is not None and cpu.runtime == "llamacpp" else best_llamacpp
-    if engine is None or cpu is None:
+    if engine is None:
         return []
-    return [WorkerSpec("embed", "cpu", engine, manifests()[engine].runtime, cpu.cpus, cpu.threads, task="embed")]
+    cpus, threads = (cpu.cpus, cpu.threads) if cpu is not None else (cores, len(cores))
+    return [WorkerSpec("embed", "cpu", engine, manifests()[engine].runtime, cpus, threads, task="embed")]
 
 
 def _die_with_parent() -> None:

@@ -16,7 +16,7 @@ from sanic.response import HTTPResponse, raw
 
 from infersnap import wire
 from infersnap.frontend import access, convert, metrics, openapi, render, schema
-from infersnap.frontend.broker_client import LOOKUP_TIMEOUT, BrokerClient, BrokerUnavailable
+from infersnap.frontend.broker_client import BrokerClient, BrokerUnavailable
 from infersnap.frontend.errors import STATUS_CODES, APIError
 from infersnap.frontend.generation import Generation, choice_requests
 from infersnap.frontend.metrics import RequestRecord
@@ -27,7 +27,6 @@ log = logging.getLogger("infersnap.frontend")
 Body = TypeVar("Body")
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-LONGEST_WAIT = 24 * 3600  # seconds; for an embedding request where queue.request-timeout is 0
 STREAM_SEND_BUFFER = 16 * 1024  # bytes; the kernel doubles it, asyncio adds 64 KiB before a send waits
 
 
@@ -140,25 +139,29 @@ def create_app(plan: ServePlan) -> Sanic:
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> HTTPResponse:
         record = RequestRecord(request.app.ctx.metrics, "embeddings")
-        result: wire.EmbedResult | None = None
+        generation: Generation | None = None
         try:
             if not plan.embeddings:
-                raise APIError(501, "embeddings are off on this server: infersnap set worker.embeddings=true, "
-                               "then restart it", type="not_supported_error", code="not_supported")
+                raise APIError(501, "this server runs no embedding worker (worker.embeddings is false, or no "
+                               "llama.cpp engine runs on this CPU)", type="not_supported_error", code="not_supported")
             body = decode_body(request, schema.EmbeddingRequest)
-            message = convert.embedding_request(body, plan.model_name)
-            record.request_id, record.model = message.id, message.model
-            result = await lookup(request, message, timeout=plan.request_timeout or LONGEST_WAIT)
+            embed = convert.embedding_request(body, plan.model_name)
+            record.request_id, record.model = embed.id, embed.model
+            generation = Generation(request.app.ctx.broker, [embed], deadline(plan))
+            try:
+                await generation.start()
+                _, output = await generation.next()
+            finally:
+                generation.close()
+            if output.failure is not None:
+                raise failure_error(output.failure)
             record.status = 200
-            return json_response(render.embeddings(result, message.model, body.encoding_format))
+            return json_response(render.embeddings(output, embed.model, body.encoding_format))
         except APIError as exc:
             record.status = exc.status
             raise
         finally:
-            last = None
-            if result is not None and result.failure is None:
-                last = wire.Output(result.id, finish_reason="stop", prompt_tokens=result.prompt_tokens, worker=result.worker)
-            record.finish(last)
+            record.finish(generation)
 
     app.ctx.started = schema.now()
     app.ctx.plan = plan
@@ -168,15 +171,17 @@ def create_app(plan: ServePlan) -> Sanic:
     return app
 
 
-async def lookup(
-    request: Request, message: wire.Tokenize | wire.Detokenize | wire.Embed, timeout: float = LOOKUP_TIMEOUT
-) -> Any:  # the TokenizeResult or EmbedResult that answers `message`
-    """A worker's answer to a lookup (tokenizer, embeddings); its failure (unknown model, bad input,
-    no worker) as the HTTP error."""
-    result = await request.app.ctx.broker.lookup(message, timeout)
+async def lookup(request: Request, message: wire.Tokenize | wire.Detokenize) -> wire.TokenizeResult:
+    """A worker tokenizer's answer; its failure (unknown model, bad token id, no worker) as the HTTP error."""
+    result = await request.app.ctx.broker.lookup(message)
     if result.failure is not None:
         raise failure_error(result.failure)
     return result
+
+
+def deadline(plan: ServePlan) -> float | None:
+    """When a request arriving now must have ended (queue.request-timeout), on the event loop's clock."""
+    return asyncio.get_running_loop().time() + plan.request_timeout if plan.request_timeout else None
 
 
 def piece_json(piece: bytes) -> str | list[int]:
@@ -227,8 +232,7 @@ async def complete(
         record.request_id, record.model = generate.id, generate.model
         requests = choice_requests(prompts, body.n or 1)
         renders = [render_class(generate.id, generate.model, body, i) for i in range(len(requests))]
-        deadline = asyncio.get_running_loop().time() + plan.request_timeout if plan.request_timeout else None
-        generation = Generation(request.app.ctx.broker, requests, deadline, body.n or 1)
+        generation = Generation(request.app.ctx.broker, requests, deadline(plan), body.n or 1)
         try:
             await generation.start()
             index, output = await generation.next()
@@ -281,4 +285,4 @@ async def complete(
         request.transport.close()  # its generations were stopped on the way out (unfinished)
         return None
     finally:
-        record.finish(generation.summary() if generation is not None else None)
+        record.finish(generation)

@@ -3,7 +3,7 @@
 One DEALER socket per frontend process. A reader task takes every Results
 message off the socket and hands each Output to the queue of the request
 it belongs to, so a request handler only ever awaits its own queue. A
-message with a single reply (a status query, a lookup) awaits a
+message with a single reply (a status query, a tokenizer lookup) awaits a
 future that the reader resolves by id.
 """
 
@@ -53,7 +53,7 @@ class BrokerClient:
                         queue.put_nowait(output)
                     else:  # a lookup the broker ended early (no worker, worker lost) gets a failed Output
                         self._resolve(output.id, output)
-            elif isinstance(message, (wire.Status, wire.TokenizeResult, wire.EmbedResult)):
+            elif isinstance(message, (wire.Status, wire.TokenizeResult)):
                 self._resolve(message.id, message)
 
     def _resolve(self, reply_id: str, reply: wire.Message | wire.Output) -> None:
@@ -74,7 +74,7 @@ class BrokerClient:
         finally:
             self.replies.pop(reply_id, None)
 
-    async def submit(self, request: wire.Generate, outputs: asyncio.Queue[wire.Output]) -> None:
+    async def submit(self, request: wire.Request, outputs: asyncio.Queue[wire.Output]) -> None:
         """Send a request; its outputs go to `outputs` (which several requests may share)."""
         message = wire.encode(request)  # first: a request that cannot be encoded leaves nothing behind
         self.requests[request.id] = outputs
@@ -93,15 +93,14 @@ class BrokerClient:
         return await self._ask(query, query.id, timeout)
 
     async def lookup(
-        self, request: wire.Tokenize | wire.Detokenize | wire.Embed, timeout: float = LOOKUP_TIMEOUT
-    ) -> wire.TokenizeResult | wire.EmbedResult:
-        """A worker's answer to a lookup (tokenizer or embeddings), or the failure that ended it."""
-        result_type = wire.EmbedResult if isinstance(request, wire.Embed) else wire.TokenizeResult
+        self, request: wire.Tokenize | wire.Detokenize, timeout: float = LOOKUP_TIMEOUT
+    ) -> wire.TokenizeResult:
+        """A worker's answer to a tokenizer lookup, or the failure that ended it."""
         try:
             reply = await self._ask(request, request.id, timeout)
         except BrokerUnavailable:
             self.abort(request.id)  # the broker, if it is there, forgets it
-            return result_type(request.id, failure=wire.Failure(503, "no worker answered; retry shortly"))
+            return wire.TokenizeResult(request.id, failure=wire.Failure(503, "no worker answered; retry shortly"))
         if isinstance(reply, wire.Output):
-            return result_type(request.id, failure=reply.failure)
+            return wire.TokenizeResult(request.id, failure=reply.failure)
         return reply

@@ -38,7 +38,7 @@ class Generation:
     """The outputs of a request's choices, in arrival order, until every choice has finished."""
 
     def __init__(
-        self, broker: BrokerClient, requests: list[wire.Generate], deadline: float | None, choices_per_prompt: int = 1
+        self, broker: BrokerClient, requests: list[wire.Request], deadline: float | None, choices_per_prompt: int = 1
     ) -> None:
         self.broker = broker
         self.requests = requests
@@ -69,7 +69,7 @@ class Generation:
         so the broker has always seen the requests before it answers the query.
         """
         output = await self._next_output()
-        i = self.index.get(output.id, 0)
+        i = self.index[output.id]  # the client hands this queue only its outputs
         self.last[i] = output
         return i, output
 
@@ -84,7 +84,7 @@ class Generation:
                 pass
             unfinished = self.unfinished
             if deadline is not None and loop.time() >= deadline:
-                self.close()
+                self.close()  # now: once the failure below is filed, its choice no longer counts as unfinished
                 return wire.failed(
                     unfinished[0], 504, "the request took longer than the server's queue.request-timeout", code="timeout"
                 )
@@ -105,19 +105,26 @@ class Generation:
             else:
                 self.broker.forget(request.id)
 
+    def finished(self) -> list[wire.Output]:
+        """The last Output of each choice that finished with an answer."""
+        return [o for o in self.last if o is not None and o.finish_reason is not None and o.failure is None]
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The prompt tokens as usage counts them: once per prompt, not once per choice."""
+        return sum(o.prompt_tokens for o in self.last[:: self.choices_per_prompt] if o is not None)
+
     def summary(self) -> wire.Output | None:
-        """All choices as one last Output for usage and metrics: each prompt counted once, the completions
-        summed; the timings of a single choice. None until every choice has finished."""
+        """All choices as one last Output for usage: each prompt counted once, the completions summed;
+        the timings when there is a single choice. None until every choice has finished."""
         if not self.done:
             return None
         outputs: list[wire.Output] = self.last  # type: ignore[assignment]
-        first = outputs[0]
         if len(outputs) == 1:
-            return first
+            return outputs[0]
         return wire.Output(
-            id=first.id,
-            finish_reason=first.finish_reason,
-            prompt_tokens=sum(o.prompt_tokens for o in outputs[:: self.choices_per_prompt]),
+            id=outputs[0].id,
+            finish_reason=outputs[0].finish_reason,
+            prompt_tokens=self.prompt_tokens,
             completion_tokens=sum(o.completion_tokens for o in outputs),
-            worker=",".join(sorted({o.worker for o in outputs if o.worker})),
         )

@@ -1,4 +1,4 @@
-"""`GET /metrics` in Prometheus' text format, and one log line per generation request.
+"""`GET /metrics` in Prometheus' text format, and one log line per request (completions, embeddings).
 
 The frontend sees every request from arrival to its last byte, so it counts
 them here: by endpoint, worker and status, their tokens, and histograms of
@@ -14,11 +14,15 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse, text
 
 from infersnap import wire
+
+if TYPE_CHECKING:  # only for the type: the request flow imports this module, not the reverse
+    from infersnap.frontend.generation import Generation
 
 log = logging.getLogger("infersnap.requests")
 
@@ -63,7 +67,7 @@ class Metrics:
         def family(name: str, kind: str, help_text: str, samples: list[str]) -> None:
             lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
 
-        family("infersnap_requests_total", "counter", "Generation requests that ended, by endpoint, worker and HTTP status",
+        family("infersnap_requests_total", "counter", "Requests that ended, by endpoint, worker and HTTP status",
                [f'infersnap_requests_total{{endpoint="{e}",worker="{w}",status="{s}"}} {n}'
                 for (e, w, s), n in sorted(self.requests.items())])
         for name, counter in (("prompt", self.prompt_tokens), ("generation", self.completion_tokens)):
@@ -73,7 +77,7 @@ class Metrics:
                self.ttft.lines("infersnap_time_to_first_token_seconds"))
         family("infersnap_request_duration_seconds", "histogram", "Time from arrival to the end of the answer",
                self.latency.lines("infersnap_request_duration_seconds"))
-        family("infersnap_requests_running", "gauge", "Requests a worker is generating now",
+        family("infersnap_requests_running", "gauge", "Requests a worker is running now",
                [f'infersnap_requests_running{{worker="{w.worker_id}"}} {w.running}' for w in status.workers])
         family("infersnap_requests_waiting", "gauge", "Requests waiting for a free slot, by worker and in the broker's queue",
                [f'infersnap_requests_waiting{{worker="{w.worker_id}"}} {w.waiting}' for w in status.workers]
@@ -86,7 +90,7 @@ class Metrics:
 
 @dataclass
 class RequestRecord:
-    """One generation request as it goes: when it came, when its first output came, how it ended."""
+    """One API request as it goes: when it came, when its first output came, how it ended."""
 
     metrics: Metrics
     endpoint: str
@@ -100,24 +104,27 @@ class RequestRecord:
         if self.first_output is None:
             self.first_output = time.monotonic()
 
-    def finish(self, last: wire.Output | None) -> None:
-        """Count the request and log its line; `last` is its final Output, if one came."""
+    def finish(self, generation: Generation | None) -> None:
+        """Count the request and log its line. The tokens of each choice that finished count for the
+        worker that ran it; the log line shows the prompt tokens as usage does (once per prompt)."""
+        choices = generation.finished() if generation is not None else []
+        prompt_tokens = generation.prompt_tokens if generation is not None else 0
         elapsed = time.monotonic() - self.started
-        worker = last.worker if last is not None else ""
-        prompt = last.prompt_tokens if last is not None else 0
-        completion = last.completion_tokens if last is not None else 0
-        self.metrics.requests[(self.endpoint, worker, str(self.status))] += 1
-        if worker:
-            self.metrics.prompt_tokens[worker] += prompt
-            self.metrics.completion_tokens[worker] += completion
+        workers = sorted({c.worker for c in choices if c.worker})
+        completion = sum(c.completion_tokens for c in choices)
+        self.metrics.requests[(self.endpoint, choices[0].worker if choices else "", str(self.status))] += 1
+        for choice in choices:
+            if choice.worker:
+                self.metrics.prompt_tokens[choice.worker] += choice.prompt_tokens
+                self.metrics.completion_tokens[choice.worker] += choice.completion_tokens
         if self.status == 200 and self.first_output is not None:
             self.metrics.ttft.observe(self.first_output - self.started)
         self.metrics.latency.observe(elapsed)
         ttft = f"{(self.first_output - self.started) * 1000:.0f}ms" if self.first_output else "-"
         model = self.model if self.model.isprintable() and len(self.model) <= 100 else repr(self.model[:100])
         log.info("%s %s model=%s worker=%s status=%d prompt=%d completion=%d ttft=%s total=%.0fms",
-                 self.request_id or "-", self.endpoint, model or "-", worker or "-", self.status,
-                 prompt, completion, ttft, elapsed * 1000)
+                 self.request_id or "-", self.endpoint, model or "-", ",".join(workers) or "-", self.status,
+                 prompt_tokens, completion, ttft, elapsed * 1000)
 
 
 def install(app: Sanic) -> Metrics:

@@ -58,17 +58,17 @@ def chat_logprobs(tokens: list[wire.TokenLogprob]) -> schema.ChoiceLogprobs:
     )
 
 
-def embeddings(result: wire.EmbedResult, model: str, encoding_format: str) -> bytes:
+def embeddings(output: wire.Output, model: str, encoding_format: str) -> bytes:
     """The embeddings response: each vector as floats, or as base64 of its float32 bytes as it came."""
     data = []
-    for i, vector in enumerate(result.vectors):
+    for i, vector in enumerate(output.embeddings):
         if encoding_format == "base64":
             data.append(schema.Embedding(i, base64.b64encode(vector).decode("ascii")))
         else:
             floats = array("f")
             floats.frombytes(vector)  # little-endian, as every machine infersnap runs on
             data.append(schema.Embedding(i, floats.tolist()))
-    usage = schema.EmbeddingUsage(result.prompt_tokens, result.prompt_tokens)
+    usage = schema.EmbeddingUsage(output.prompt_tokens, output.prompt_tokens)
     return _encode(schema.EmbeddingList(data=data, model=model, usage=usage))
 
 

@@ -69,6 +69,17 @@ class Generate(Message):
     suffix: str | None = None  # fill in the middle: generate what goes between `prompt` and this
 
 
+class Embed(Message):
+    """One embeddings request: texts, or token id lists (exactly one of the two is set). Queued and
+    routed like a Generate, to a worker whose task is "embed"; answered by one Output with `embeddings`."""
+
+    id: str
+    model: str
+    texts: list[str] = []
+    token_lists: list[list[int]] = []
+    dimensions: int | None = None  # None: the model's own
+
+
 class Abort(Message):
     """Stop these requests; safe to send more than once or after they ended."""
 
@@ -122,6 +133,15 @@ class Output(msgspec.Struct, array_like=True):
     failure: Failure | None = None
     worker: str = ""  # on the last output: the worker that served it (the broker fills it in)
     logprobs: list[TokenLogprob] = []  # with SamplingParams.logprobs >= 0: the tokens generated since the last output
+    embeddings: list[bytes] = []  # the answer to an Embed, one per input: float32 little-endian, unit length
+
+
+Request = Generate | Embed  # what the broker queues and a worker's slot runs
+
+
+def task_of(request: Message) -> str:
+    """Which workers take it (WorkerInfo.task): Embed goes to embedding workers, the rest to generating ones."""
+    return "embed" if isinstance(request, Embed) else "generate"
 
 
 def failed(request_id: str, status: int, message: str, *, param: str | None = None, code: str | None = None) -> Output:
@@ -151,7 +171,7 @@ class WorkerInfo(msgspec.Struct, array_like=True):
     waiting: int = 0
     pid: int = 0
     restarts: int = 0  # times the supervisor restarted this worker's process
-    task: str = "generate"  # "generate": completions and tokenizer lookups; "embed": embeddings
+    task: str = "generate"  # "generate": Generate and tokenizer lookups; "embed": Embed
 
 
 class WorkerStatus(Message):
@@ -207,32 +227,10 @@ class TokenizeResult(Message):
     failure: Failure | None = None
 
 
-# --- embeddings: frontend -> broker -> embedding worker -> broker -> frontend --
-# Routed like a tokenizer lookup (no slot, no queue), to a worker whose task is "embed".
-
-
-class Embed(Message):
-    """Embed each input: texts, or token id lists (exactly one of the two is set)."""
-
-    id: str
-    model: str
-    texts: list[str] = []
-    token_lists: list[list[int]] = []
-    dimensions: int | None = None  # None: the model's own
-
-
-class EmbedResult(Message):
-    id: str
-    vectors: list[bytes] = []  # one per input, in order: float32 little-endian, unit length
-    prompt_tokens: int = 0
-    failure: Failure | None = None
-    worker: str = ""  # the worker that answered (the broker fills it in)
-
-
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(
     Generate | Abort | StatusQuery | Drain | WorkerExited | Results | WorkerStatus | Status
-    | Tokenize | Detokenize | TokenizeResult | Embed | EmbedResult
+    | Tokenize | Detokenize | TokenizeResult | Embed
 )
 
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import base64
 import math
+import os
+import signal
 import struct
+import threading
+import time
 
 import httpx
 import openai
 import pytest
 
-from conftest import start_server
+from conftest import start_server, wait_until
 from test_errors import assert_error
 
 
@@ -88,6 +92,19 @@ def test_unknown_model_is_404(http):
     assert_error(http.post("/v1/embeddings", json={"input": "x", "model": "nope"}), 404, "model", "model_not_found")
 
 
+def test_embeddings_are_counted_for_the_embedding_worker(http):
+    def counted() -> tuple[float, float]:
+        lines = http.get("/metrics").text.splitlines()
+        def value(prefix: str) -> float:
+            return sum(float(line.split()[-1]) for line in lines if line.startswith(prefix))
+        return (value('infersnap_requests_total{endpoint="embeddings",worker="embed",status="200"}'),
+                value('infersnap_prompt_tokens_total{worker="embed"}'))
+    before = counted()
+    usage = http.post("/v1/embeddings", json={"input": ["one", "two words"]}).json()["usage"]
+    after = counted()
+    assert after[0] == before[0] + 1 and after[1] == before[1] + usage["prompt_tokens"]
+
+
 def test_status_shows_the_embedding_worker(server):
     workers = {w["id"]: w for w in server.status()["workers"]}
     assert workers["embed"]["task"] == "embed" and workers["embed"]["state"] == "ready"
@@ -101,5 +118,36 @@ def test_embeddings_can_be_switched_off(tmp_path):
         error = assert_error(httpx.post(f"{server.url}/embeddings", json={"input": "x"}), 501, code="not_supported")
         assert "worker.embeddings" in error["message"]
         assert [w["task"] for w in server.status()["workers"]] == ["generate"]
+    finally:
+        assert server.stop() == 0, server.log.read_text()
+
+
+def test_a_long_embedding_ends_with_504_or_503_and_the_worker_goes_on(tmp_path):
+    """Every accepted request ends: past queue.request-timeout with a 504 (the worker stops it between
+    two batches, so the next request is answered soon), and with a 503 when its worker dies."""
+    server = start_server(tmp_path, **{"engines": "cpu", "queue.request-timeout": "2"})
+    long_input = {"input": [f"sentence {i}: the quick brown fox jumps over the lazy dog" for i in range(1024)]}
+    try:
+        started = time.monotonic()
+        assert_error(httpx.post(f"{server.url}/embeddings", json=long_input, timeout=30), 504, code="timeout")
+        assert time.monotonic() - started < 6
+        started = time.monotonic()
+        assert httpx.post(f"{server.url}/embeddings", json={"input": "short"}, timeout=30).status_code == 200
+        assert time.monotonic() - started < 8, "the timed-out embedding kept the worker busy"
+
+        workers = {w["id"]: w for w in server.status()["workers"]}
+        replies: list[httpx.Response] = []
+        sender = threading.Thread(
+            target=lambda: replies.append(httpx.post(f"{server.url}/embeddings", json=long_input, timeout=30))
+        )
+        sender.start()
+        wait_until(lambda: server.status()["workers"][-1]["running"] == 1, 5, "the embedding never started")
+        os.kill(workers["embed"]["pid"], signal.SIGKILL)
+        sender.join(10)
+        assert not sender.is_alive(), "the embedding whose worker died hangs"
+        assert_error(replies[0], 503)
+        wait_until(lambda: server.status()["workers"][-1]["state"] == "ready", 30, "the embedding worker stayed down")
+        assert server.status()["workers"][-1]["restarts"] == 1
+        assert httpx.post(f"{server.url}/embeddings", json={"input": "back"}, timeout=30).status_code == 200
     finally:
         assert server.stop() == 0, server.log.read_text()

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from conftest import cli, data_env
 
-from infersnap.cli.supervisor import worker_specs
-from infersnap.engines import Assignment, manifests, select
+from infersnap.cli.supervisor import embedding_specs, worker_specs
+from infersnap.engines import Assignment, embedding_engine, manifests, select
 from infersnap.hwdetect import detect
 
 MACHINES = Path(__file__).parent / "machines"
@@ -135,3 +135,23 @@ def test_gpu_and_npu_workers_take_their_host_cores_off_the_cpu_worker():
 def test_nvidia_engine_offloads_every_layer():
     specs = worker_specs([Assignment("nvidia-gpu", "cuda:0")], cores=[0, 1, 2, 3], cpu_threads=0)
     assert specs[0].gpu_layers >= 999 and specs[0].device == "cuda:0" and specs[0].runtime == "llamacpp"
+
+
+def test_the_embedding_worker_runs_llamacpp_on_the_cpu_workers_cores():
+    machine = detect(root(LUNAR_LAKE))
+    best = embedding_engine(machine)
+    assert best == "cpu-avx2"  # Lunar Lake has AVX2, not AVX-512
+    cores = list(range(8))
+    # a CPU worker on OpenVINO: the embedding worker takes the best llama.cpp engine, on the same cores
+    specs = worker_specs(select(machine, ["intel-cpu", "intel-gpu"]), cores, 0)
+    cpu = next(s for s in specs if s.device == "cpu")
+    [embed] = embedding_specs(specs, cores, best)
+    assert (embed.worker_id, embed.task, embed.engine, embed.runtime) == ("embed", "embed", best, "llamacpp")
+    assert (embed.cpus, embed.threads) == (cpu.cpus, cpu.threads)
+    # a llama.cpp CPU worker lends its own engine; with no CPU worker, all cores
+    [same] = embedding_specs(worker_specs([Assignment("cpu", "cpu")], [0, 1], 0), [0, 1], best)
+    assert same.engine == "cpu"
+    [alone] = embedding_specs(worker_specs([Assignment("nvidia-gpu", "cuda:0")], [0, 1, 2], 0), [0, 1, 2], best)
+    assert (alone.cpus, alone.threads, alone.device) == ([0, 1, 2], 3, "cpu")
+    # no llama.cpp engine for this CPU, and an OpenVINO CPU worker: no embedding worker
+    assert embedding_specs(specs, cores, None) == []

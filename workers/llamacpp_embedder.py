@@ -9,6 +9,8 @@ length, as OpenAI's are, so a dot product is their cosine similarity.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import llama_cpp
 import numpy as np
 from llama_cpp import _internals, _logger
@@ -24,17 +26,15 @@ class LlamaCppEmbedder:
         _logger.set_verbose(verbose)
         llama_cpp.llama_backend_init()
         try:
-            self.model = _internals.LlamaModel(
-                path_model=model_path, params=llama_cpp.llama_model_default_params(), verbose=False
-            )
+            model_params = llama_cpp.llama_model_default_params()
+            model_params.n_gpu_layers = 0  # on the CPU, even with a GPU build: the GPU is the generating worker's
+            self.model = _internals.LlamaModel(path_model=model_path, params=model_params, verbose=False)
         except ValueError as exc:
             raise EngineError(str(exc)) from None
         self.vocab = self.model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = self.model.n_embd()
         self.context = min(context, self.model.n_ctx_train())
-        self._add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
-        self._add_eos = llama_cpp.llama_vocab_get_add_eos(self.vocab)
 
         metadata = self.model.metadata()
         own_pooling = metadata.get(f"{metadata.get('general.architecture')}.pooling_type")
@@ -48,6 +48,8 @@ class LlamaCppEmbedder:
         params.n_seq_max = MAX_SEQUENCES
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True
+        params.offload_kqv = False  # nothing on a GPU (see n_gpu_layers)
+        params.op_offload = False
         params.no_perf = True
         try:
             self.ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
@@ -55,8 +57,9 @@ class LlamaCppEmbedder:
             raise EngineError(str(exc)) from None
         self.batch = _internals.LlamaBatch(n_tokens=self.context, embd=0, n_seq_max=1, verbose=False)
 
-    def answer(self, request: wire.Embed) -> wire.EmbedResult:
-        """The request's vectors, or a 400 naming what the model cannot take."""
+    def embed(self, request: wire.Embed, aborted: Callable[[], bool] = lambda: False) -> wire.Output | None:
+        """The request's answer: its vectors in `embeddings`, or a 400 naming what the model cannot take;
+        None if `aborted()` says so between two batches."""
         if request.dimensions is not None and request.dimensions != self.n_embd:
             message = f"this model's embeddings have {self.n_embd} dimensions; it cannot give {request.dimensions}"
             return _refused(request, message, "dimensions")
@@ -71,20 +74,20 @@ class LlamaCppEmbedder:
         vectors: list[bytes] = []
         start = 0
         while start < len(inputs):
+            if start and aborted():
+                return None
             end, used = start, 0
             while end < len(inputs) and end - start < MAX_SEQUENCES and used + len(inputs[end]) <= self.context:
                 used += len(inputs[end])
                 end += 1
             vectors += self._embed(inputs[start:end])
             start = end
-        return wire.EmbedResult(id=request.id, vectors=vectors, prompt_tokens=sum(map(len, inputs)))
+        return wire.Output(request.id, finish_reason="stop", prompt_tokens=sum(map(len, inputs)), embeddings=vectors)
 
     def _tokens(self, text: str) -> list[int]:
-        """A text as the model reads an input: with its BOS and EOS if it adds them, its special tokens as text."""
-        tokens = self.model.tokenize(text.encode("utf-8"), add_bos=self._add_bos, special=False)
-        if self._add_eos:
-            tokens.append(llama_cpp.llama_vocab_eos(self.vocab))
-        return tokens
+        """A text as the model reads an input: with the BOS and EOS it adds (llama.cpp's add_special),
+        its special tokens as text."""
+        return self.model.tokenize(text.encode("utf-8"), add_bos=True, special=False)
 
     def _problem(self, tokens: list[int]) -> str | None:
         if not tokens:
@@ -112,5 +115,5 @@ class LlamaCppEmbedder:
         return vectors
 
 
-def _refused(request: wire.Embed, message: str, param: str) -> wire.EmbedResult:
-    return wire.EmbedResult(id=request.id, failure=wire.Failure(400, message, param=param))
+def _refused(request: wire.Embed, message: str, param: str) -> wire.Output:
+    return wire.failed(request.id, 400, message, param=param)

@@ -13,6 +13,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 
 import zmq
 
@@ -80,7 +81,7 @@ def run(plan: ServePlan, spec: WorkerSpec) -> None:
         device=spec.device,
         engine=spec.engine,
         model=plan.model_name,
-        slots=plan.slots if spec.task == "generate" else 0,
+        slots=plan.slots if spec.task == "generate" else 1,  # an embedding worker runs one Embed at a time
         context=plan.context,
         state="loading",
         pid=os.getpid(),
@@ -127,7 +128,6 @@ def _serve_generation(engine, inbox: queue.Queue, outbox: zmq.Socket, info: wire
                 engine.abort(message.ids)
             elif isinstance(message, (wire.Tokenize, wire.Detokenize)):  # now: a lookup waits for no step
                 outbox.send(wire.encode(_answer(engine, message, info)))
-            # an Embed never comes here: the broker sends those to embedding workers
             message = _next_or_none(inbox)
         if engine is not None:
             outputs.extend(engine.step())
@@ -137,11 +137,34 @@ def _serve_generation(engine, inbox: queue.Queue, outbox: zmq.Socket, info: wire
 
 
 def _serve_embeddings(engine, inbox: queue.Queue, outbox: zmq.Socket, info: wire.WorkerInfo) -> None:
-    """Answer each Embed in one go, in arrival order (an Abort finds nothing running to stop)."""
+    """Answer each Embed with one Output. The broker sends one at a time; between two batches of its
+    inputs the engine looks for an Abort of it (timed out, client gone) and stops there."""
+    later: deque = deque()  # what came while looking for an Abort
+
+    def aborted(request_id: str) -> bool:
+        while True:
+            try:
+                message = inbox.get_nowait()
+            except queue.Empty:
+                return False
+            if isinstance(message, wire.Abort) and request_id in message.ids:
+                return True
+            later.append(message)
+
     while True:
-        message = inbox.get()
-        if isinstance(message, wire.Embed):
-            outbox.send(wire.encode(_answer(engine, message, info)))
+        message = later.popleft() if later else inbox.get()
+        if not isinstance(message, wire.Embed):
+            continue
+        if engine is None:
+            output = wire.failed(message.id, 503, f"worker {info.worker_id} failed to load: {info.error}")
+        else:
+            try:
+                output = engine.embed(message, lambda: aborted(message.id))
+            except Exception:
+                log.exception("embeddings %s failed", message.id)
+                output = wire.failed(message.id, 500, "the engine could not embed this input")
+        if output is not None:
+            outbox.send(wire.encode(wire.Results(outputs=[output])))
 
 
 # Which environment variable makes a GPU runtime see only the n-th device (numbered in PCI order).
@@ -184,17 +207,17 @@ def _add(engine, request: wire.Generate) -> wire.Output | None:
         return wire.failed(request.id, 500, "the engine could not take this request")
 
 
-def _answer(engine, request: wire.Tokenize | wire.Detokenize | wire.Embed, info: wire.WorkerInfo):
-    """engine.answer (a TokenizeResult, or an EmbedResult for an Embed), where an unexpected error
-    fails this lookup, not the worker."""
-    result_type = wire.EmbedResult if isinstance(request, wire.Embed) else wire.TokenizeResult
+def _answer(engine, request: wire.Tokenize | wire.Detokenize, info: wire.WorkerInfo) -> wire.TokenizeResult:
+    """engine.answer, where an unexpected error fails this lookup, not the worker."""
     if engine is None:
-        return result_type(id=request.id, failure=wire.Failure(503, f"worker {info.worker_id} failed to load: {info.error}"))
+        failure = wire.Failure(503, f"worker {info.worker_id} failed to load: {info.error}")
+        return wire.TokenizeResult(id=request.id, failure=failure)
     try:
         return engine.answer(request)
     except Exception:
-        log.exception("%s %s failed", type(request).__name__, request.id)
-        return result_type(id=request.id, failure=wire.Failure(500, f"the engine failed on this {type(request).__name__}"))
+        log.exception("tokenizer request %s failed", request.id)
+        failure = wire.Failure(500, "the engine's tokenizer failed on this request")
+        return wire.TokenizeResult(id=request.id, failure=failure)
 
 
 def _next_or_none(inbox: queue.Queue):
