@@ -26,7 +26,8 @@ def default_model_path() -> Path:
 
 def resolve(configured_path: str, configured_name: str) -> tuple[Path, str]:
     """The model file and the id clients use for it."""
-    path = Path(configured_path).expanduser() if configured_path else default_model_path()
+    # absolute: the processes serve starts run in another folder
+    path = Path(configured_path).expanduser().absolute() if configured_path else default_model_path()
     if not path.is_file():
         raise ModelNotFound(f"model file not found: {path}")
     name = configured_name or path.name.removesuffix(".gguf")

@@ -16,7 +16,7 @@ import numpy as np
 from llama_cpp import _internals, _logger
 
 from infersnap import wire
-from infersnap.workers.llamacpp_engine import EngineError
+from infersnap.workers.llamacpp_engine import EngineError, keep_off_gpus
 
 MAX_SEQUENCES = 32  # inputs per llama_decode
 
@@ -48,8 +48,7 @@ class LlamaCppEmbedder:
         params.n_seq_max = MAX_SEQUENCES
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True
-        params.offload_kqv = False  # nothing on a GPU (see n_gpu_layers)
-        params.op_offload = False
+        keep_off_gpus(params)
         params.no_perf = True
         try:
             self.ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)

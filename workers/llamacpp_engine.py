@@ -54,6 +54,13 @@ class Sequence:
     logprobs: list[wire.TokenLogprob] = field(default_factory=list)  # not yet sent
 
 
+def keep_off_gpus(params: llama_cpp.llama_context_params) -> None:
+    """A context of a model with no layers offloaded stays off any GPU that a CUDA or Vulkan build
+    of llama.cpp finds: its KV cache and its big batches too (llama.cpp would put them there)."""
+    params.offload_kqv = False
+    params.op_offload = False
+
+
 class EngineError(Exception):
     """The engine could not start (bad model file, out of memory)."""
 
@@ -85,6 +92,8 @@ class LlamaCppEngine(BatchingEngine):
         params.n_threads = threads
         params.n_threads_batch = threads
         params.kv_unified = False  # each slot its own KV stream of `context` tokens
+        if gpu_layers == 0:
+            keep_off_gpus(params)
         params.no_perf = True
         try:
             self.ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
