@@ -16,7 +16,7 @@ import numpy as np
 from llama_cpp import _internals, _logger
 
 from infersnap import wire
-from infersnap.workers.llamacpp_engine import EngineError, keep_off_gpus
+from infersnap.workers.llamacpp_engine import load_model, new_context
 
 MAX_SEQUENCES = 32  # inputs per llama_decode
 
@@ -25,12 +25,7 @@ class LlamaCppEmbedder:
     def __init__(self, model_path: str, context: int, threads: int, verbose: bool = False) -> None:
         _logger.set_verbose(verbose)
         llama_cpp.llama_backend_init()
-        try:
-            model_params = llama_cpp.llama_model_default_params()
-            model_params.n_gpu_layers = 0  # on the CPU, even with a GPU build: the GPU is the generating worker's
-            self.model = _internals.LlamaModel(path_model=model_path, params=model_params, verbose=False)
-        except ValueError as exc:
-            raise EngineError(str(exc)) from None
+        self.model = load_model(model_path, 0)  # on the CPU, even with a GPU build: the GPU is the generating worker's
         self.vocab = self.model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = self.model.n_embd()
@@ -48,12 +43,7 @@ class LlamaCppEmbedder:
         params.n_seq_max = MAX_SEQUENCES
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = True
-        keep_off_gpus(params)
-        params.no_perf = True
-        try:
-            self.ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
-        except ValueError as exc:
-            raise EngineError(str(exc)) from None
+        self.ctx = new_context(self.model, params, on_gpu=False)
         self.batch = _internals.LlamaBatch(n_tokens=self.context, embd=0, n_seq_max=1, verbose=False)
 
     def embed(self, request: wire.Embed, aborted: Callable[[], bool] = lambda: False) -> wire.Output | None:

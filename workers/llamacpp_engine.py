@@ -54,15 +54,33 @@ class Sequence:
     logprobs: list[wire.TokenLogprob] = field(default_factory=list)  # not yet sent
 
 
-def keep_off_gpus(params: llama_cpp.llama_context_params) -> None:
-    """A context of a model with no layers offloaded stays off any GPU that a CUDA or Vulkan build
-    of llama.cpp finds: its KV cache and its big batches too (llama.cpp would put them there)."""
-    params.offload_kqv = False
-    params.op_offload = False
-
-
 class EngineError(Exception):
     """The engine could not start (bad model file, out of memory)."""
+
+
+def load_model(model_path: str, gpu_layers: int) -> _internals.LlamaModel:
+    """The GGUF with `gpu_layers` layers offloaded to the GPU; EngineError if it cannot be loaded."""
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = gpu_layers
+    try:
+        return _internals.LlamaModel(path_model=model_path, params=params, verbose=False)
+    except ValueError as exc:
+        raise EngineError(str(exc)) from None
+
+
+def new_context(
+    model: _internals.LlamaModel, params: llama_cpp.llama_context_params, on_gpu: bool
+) -> _internals.LlamaContext:
+    """A context; off the GPU (`on_gpu` false) it keeps its KV cache and big batches off any GPU that
+    a CUDA or Vulkan build of llama.cpp finds, where llama.cpp would otherwise put them."""
+    if not on_gpu:
+        params.offload_kqv = False
+        params.op_offload = False
+    params.no_perf = True
+    try:
+        return _internals.LlamaContext(model=model, params=params, verbose=False)
+    except ValueError as exc:
+        raise EngineError(str(exc)) from None
 
 
 class LlamaCppEngine(BatchingEngine):
@@ -72,12 +90,7 @@ class LlamaCppEngine(BatchingEngine):
         super().__init__()
         _logger.set_verbose(verbose)  # llama.cpp's own log: errors only unless asked
         llama_cpp.llama_backend_init()
-        model_params = llama_cpp.llama_model_default_params()
-        model_params.n_gpu_layers = gpu_layers  # 0 on the CPU; a GPU engine offloads them all
-        try:
-            self.model = _internals.LlamaModel(path_model=model_path, params=model_params, verbose=False)
-        except ValueError as exc:
-            raise EngineError(str(exc)) from None
+        self.model = load_model(model_path, gpu_layers)  # 0 on the CPU; a GPU engine offloads them all
         self.vocab = self.model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._candidates = _internals.LlamaTokenDataArray(n_vocab=self.n_vocab)  # for constrained sampling
@@ -92,13 +105,7 @@ class LlamaCppEngine(BatchingEngine):
         params.n_threads = threads
         params.n_threads_batch = threads
         params.kv_unified = False  # each slot its own KV stream of `context` tokens
-        if gpu_layers == 0:
-            keep_off_gpus(params)
-        params.no_perf = True
-        try:
-            self.ctx = _internals.LlamaContext(model=self.model, params=params, verbose=False)
-        except ValueError as exc:
-            raise EngineError(str(exc)) from None
+        self.ctx = new_context(self.model, params, on_gpu=gpu_layers > 0)
         self.batch = _internals.LlamaBatch(n_tokens=BATCH_TOKENS, embd=0, n_seq_max=1, verbose=False)
 
         self.free_slots = [Slot(seq_id) for seq_id in range(slots)]
