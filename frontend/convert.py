@@ -28,11 +28,12 @@ def check_limits(body: schema.SamplingFields, plan: ServePlan) -> None:
             )
     prompts = len(body.prompt) if isinstance(getattr(body, "prompt", None), list) else 1
     choices = (body.n or 1) * prompts
-    if choices > plan.max_n:
+    # past what the workers can run and queue at once, the broker would refuse it every time
+    limit, why = min((plan.max_n, "limits.max-n"), (plan.capacity, "worker.slots + queue.max-waiting per worker"))
+    if choices > limit:
         asked = f"n is {body.n}" if prompts == 1 else f"{prompts} prompts × n={body.n or 1} make {choices} choices"
         raise APIError(
-            400,
-            f"{asked}, but this server allows at most {plan.max_n} choices per request (limits.max-n)",
+            400, f"{asked}, but this server allows at most {limit} choices per request ({why})",
             param="n" if prompts == 1 else "prompt",
         )
 

@@ -46,6 +46,11 @@ class ServePlan(msgspec.Struct, frozen=True):
     send_timeout: int = 30  # seconds a stream may stay unread before its client is dropped
 
     @property
+    def capacity(self) -> int:
+        """Generations the workers can run and queue at once: more in one request are always refused."""
+        return sum(self.slots + self.max_waiting for w in self.workers if w.task == "generate")
+
+    @property
     def embeddings(self) -> bool:
         """Whether a worker serves /v1/embeddings."""
         return any(w.task == "embed" for w in self.workers)

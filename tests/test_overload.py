@@ -44,6 +44,11 @@ def test_requests_past_the_queue_get_503_promptly(tmp_path):
             assert reply.status_code == 503 and reply.headers["retry-after"]
             assert reply.json()["error"]["code"] == "server_overloaded"
             assert seconds < 2.0  # refused at once, not after the 100-token generations (~2.5 s)
+        # more choices than one slot and one queue place could ever hold: a 400, not a 503 to retry forever
+        too_many = httpx.post(f"{server.url}/completions", json={"prompt": "Hi", "n": 3, "max_tokens": 1})
+        assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
+        assert "worker.slots + queue.max-waiting" in too_many.json()["error"]["message"]
+        assert httpx.post(f"{server.url}/completions", json={"prompt": "Hi", "n": 2, "max_tokens": 1}).status_code == 200
     finally:
         assert server.stop() == 0
 
