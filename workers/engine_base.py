@@ -19,6 +19,7 @@ class BatchingEngine:
     context: int
     n_vocab: int  # token ids run from 0 to n_vocab - 1
     fim_tokens: tuple[int, int, int] | None = None  # fill in the middle: prefix, suffix, middle; None: none
+    bos_token: int | None = None  # the BOS the model starts a prompt with; None: it adds none
 
     def __init__(self) -> None:
         self.waiting: deque[Any] = deque()
@@ -87,7 +88,8 @@ class BatchingEngine:
         """The prompt that asks a code model for the text between `prefix` and `suffix`, in the
         prefix-suffix-middle order that llama.cpp's infill uses, after the BOS if the model adds one."""
         pre, suf, mid = self.fim_tokens
-        return self.tokenize("", True) + [pre, *self.tokenize(prefix, False), suf, *self.tokenize(suffix, False), mid]
+        bos = [] if self.bos_token is None else [self.bos_token]
+        return bos + [pre, *self.tokenize(prefix, False), suf, *self.tokenize(suffix, False), mid]
 
     def _output(self, seq: Any, text: str, finish: str | None, completion_tokens: int, prompt_evaluated: int,
                 now: float) -> wire.Output:

@@ -111,6 +111,7 @@ class LlamaCppEngine(BatchingEngine):
         self.free_slots = [Slot(seq_id) for seq_id in range(slots)]
         self._pieces: dict[tuple[int, bool], bytes] = {}
         self._add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
+        self.bos_token = llama_cpp.llama_vocab_bos(self.vocab) if self._add_bos else None
         fim = (llama_cpp.llama_vocab_fim_pre(self.vocab), llama_cpp.llama_vocab_fim_suf(self.vocab),
                llama_cpp.llama_vocab_fim_mid(self.vocab))
         self.fim_tokens = fim if min(fim) >= 0 else None

@@ -103,6 +103,8 @@ class OpenVinoEngine(BatchingEngine):
         self._vocab = _token_bytes(self.tokenizer)
         self.n_vocab = len(self._vocab)
         self.fim_tokens = _fim_tokens(self._vocab)
+        bos = self.tokenizer.get_bos_token_id()
+        self.bos_token = bos if bos >= 0 and bos in self.tokenize("", add_special=True) else None
 
         self._next_id = 0
         self.verbose = verbose
