@@ -244,7 +244,7 @@ async def complete(
                     if output.failure is not None:
                         raise failure_error(output.failure)
                     texts[index].append(output.text)
-                    tokens[index] += output.logprobs
+                    tokens[index] += output.prompt_logprobs + output.logprobs
                     if generation.done:
                         record.status = 200
                         choices = [

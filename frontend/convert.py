@@ -146,10 +146,11 @@ def chat_request(body: schema.ChatCompletionRequest, model: str) -> list[wire.Ge
 
 def completion_request(body: schema.CompletionRequest, model: str) -> list[wire.Generate]:
     """One Generate per prompt, all with the request's id (generation.choice_requests numbers them)."""
-    if body.echo and body.logprobs is not None:  # that would need the prompt tokens' logprobs too
-        raise APIError(400, "echo with logprobs is not supported: the prompt's logprobs are not computed", param="echo")
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    params = _sampling(body, body.max_tokens, -1 if body.logprobs is None else body.logprobs)
+    logprobs = -1 if body.logprobs is None else body.logprobs
+    params = _sampling(body, body.max_tokens, logprobs)
+    if body.echo:  # the echoed prompt's tokens get logprobs too
+        params = msgspec.structs.replace(params, prompt_logprobs=logprobs)
     return [
         wire.Generate(id=request_id, model=body.model or model, params=params, prompt=prompt, suffix=body.suffix or None)
         for prompt in prompts(body)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import codecs
+import math
 from array import array
 
 import msgspec
@@ -166,15 +167,17 @@ class TextRender:
         for t in tokens:
             offsets.append(self._offset)
             self._offset += len(self._decoder.decode(t.piece))
+        # an echoed prompt's first token has no logprob (NaN on the wire): null, as OpenAI has it
+        known = [not math.isnan(t.logprob) for t in tokens]
         return schema.TextChoiceLogprobs(
             tokens=[token_text(t.piece) for t in tokens],
-            token_logprobs=[t.logprob for t in tokens],
-            top_logprobs=[{token_text(c.piece): c.logprob for c in t.top} for t in tokens],
+            token_logprobs=[t.logprob if k else None for t, k in zip(tokens, known)],
+            top_logprobs=[{token_text(c.piece): c.logprob for c in t.top} if k else None for t, k in zip(tokens, known)],
             text_offset=offsets,
         )
 
     def chunks(self, output: wire.Output) -> list[bytes]:
-        logprobs = self._logprobs(output.logprobs)
+        logprobs = self._logprobs(output.prompt_logprobs + output.logprobs)
         text, self._echo = self._echo + output.text, ""
         choice = schema.TextChoice(index=self.index, text=text, finish_reason=output.finish_reason, logprobs=logprobs)
         return [self._completion([choice], timings=timings(output.timings))]

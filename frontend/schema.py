@@ -142,7 +142,7 @@ class CompletionRequest(SamplingFields, kw_only=True):
     # several prompts: a choice per prompt (times n), indexed prompt by prompt; limits.max-n bounds them all
     prompt: str | Annotated[list[str], Meta(min_length=1)]
     logprobs: TextLogprobs | None = None  # None: none; k: each token's logprob and the k most likely tokens'
-    echo: bool = False  # the prompt comes back before the completion (not with logprobs: see convert)
+    echo: bool = False  # the prompt comes back before the completion; with logprobs, its tokens' logprobs too
     suffix: str | None = None  # fill in the middle: the text after the completion (models with FIM tokens)
 
 
@@ -187,8 +187,8 @@ class TextChoiceLogprobs(msgspec.Struct):
     """The legacy completions' logprobs: parallel lists, one entry per generated token."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]  # where each token starts in the generated text, in characters
 
 

@@ -26,6 +26,7 @@ class SamplingParams(msgspec.Struct, array_like=True, frozen=True):
     # response_format and forced tool calls both become one, and each engine enforces it with a grammar.
     json_schema: str | None = None
     logprobs: int = -1  # -1: none; 0: each generated token's own logprob; k > 0: also the k most likely tokens
+    prompt_logprobs: int = -1  # the same for the prompt's tokens (completions' echo with logprobs)
 
 
 class ChatMessage(msgspec.Struct, array_like=True, frozen=True):
@@ -134,6 +135,9 @@ class Output(msgspec.Struct, array_like=True):
     worker: str = ""  # on the last output: the worker that served it (the broker fills it in)
     logprobs: list[TokenLogprob] = []  # with SamplingParams.logprobs >= 0: the tokens generated since the last output
     embeddings: list[bytes] = []  # the answer to an Embed, one per input: float32 little-endian, unit length
+    # with SamplingParams.prompt_logprobs >= 0, on the first output: every prompt token, the first with
+    # logprob NaN (nothing comes before it to predict it) and no top tokens
+    prompt_logprobs: list[TokenLogprob] = []
 
 
 Request = Generate | Embed  # what the broker queues and a worker's slot runs

@@ -63,8 +63,34 @@ def test_echo_puts_the_prompt_first(client, model, http):
     streamed = stream_chunks(http, "/v1/completions", {"prompt": prompt, "max_tokens": 6, "temperature": 0, "echo": True})
     assert "".join(c["choices"][0]["text"] for c in streamed) == echoed.choices[0].text
     assert streamed[0]["choices"][0]["text"].startswith(prompt)
-    body = {"prompt": prompt, "max_tokens": 6, "echo": True, "logprobs": 0}
-    assert "prompt" in assert_error(http.post("/v1/completions", json=body), 400, "echo")["message"]
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, model, http, engine):
+    """What evaluation harnesses send to score a text: echo, logprobs and one token."""
+    prompt = "The capital of France is Paris"
+    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 2}
+    if engine == "intel-cpu":  # openvino-genai gives no logprobs for the prompt
+        assert "OpenVINO" in assert_error(http.post("/v1/completions", json=body), 400, "echo")["message"]
+        return
+    reply = client.completions.create(model=model, **body)
+    choice, usage = reply.choices[0], reply.usage
+    lp = choice.logprobs
+    assert len(lp.tokens) == usage.prompt_tokens + usage.completion_tokens
+    assert "".join(lp.tokens) == choice.text and choice.text.startswith(prompt)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert all(len(top) <= 2 for top in lp.top_logprobs[1:])
+    # the prompt's own logprobs do not depend on streaming or on what the prefix cache holds
+    streamed = stream_chunks(http, "/v1/completions", {**body, "stream": True})
+    streamed_lp = [v for c in streamed if c["choices"] for v in c["choices"][0]["logprobs"]["token_logprobs"]]
+    assert streamed_lp[0] is None
+    assert streamed_lp[1 : usage.prompt_tokens] == pytest.approx(lp.token_logprobs[1 : usage.prompt_tokens], abs=1e-3)
+    # a likely continuation scores higher than an unlikely one
+    unlikely = client.completions.create(model=model, **{**body, "prompt": "The capital of France is Banana"})
+    assert sum(lp.token_logprobs[1 : usage.prompt_tokens]) > sum(
+        unlikely.choices[0].logprobs.token_logprobs[1 : unlikely.usage.prompt_tokens]
+    )
 
 
 def test_suffix_needs_a_model_with_fill_in_the_middle_tokens(http):

@@ -52,6 +52,7 @@ class Sequence:
     started: float = 0.0
     first_token_at: float = 0.0
     logprobs: list[wire.TokenLogprob] = field(default_factory=list)  # not yet sent
+    prompt_logprobs: list[wire.TokenLogprob] = field(default_factory=list)  # not yet sent (echo with logprobs)
 
 
 class EngineError(Exception):
@@ -136,7 +137,7 @@ class LlamaCppEngine(BatchingEngine):
         self._admit()
         if not self.running:
             return []
-        sampling_rows = self._fill_batch()
+        sampling_rows, prompt_rows = self._fill_batch()
         rc = llama_cpp.llama_decode(self.ctx.ctx, self.batch.batch)
         if rc != 0:
             outputs = [
@@ -145,6 +146,8 @@ class LlamaCppEngine(BatchingEngine):
             for seq in list(self.running):
                 self._release(seq)
             return outputs
+        for seq, i, row in prompt_rows:  # the logits at prompt token i predict token i + 1
+            seq.prompt_logprobs.append(self._logprob(row, seq.prompt[i + 1], seq.request.params.prompt_logprobs))
         now = time.perf_counter()
         outputs = []
         for seq, row in sampling_rows:
@@ -163,6 +166,9 @@ class LlamaCppEngine(BatchingEngine):
                 # Logits differ in the last bits with how the prompt was split into batches, so a seeded
                 # request reads its whole prompt afresh: the same request then gives the same text.
                 keep = 0
+            if seq.request.params.prompt_logprobs >= 0:  # the cached part has no logits to read
+                keep = 0
+                seq.prompt_logprobs = [wire.TokenLogprob(seq.prompt[0], self._piece(seq.prompt[0]), float("nan"))]
             self.ctx.kv_cache_seq_rm(slot.seq_id, keep, -1)
             del slot.cached[keep:]
             seq.slot, seq.fed = slot, keep
@@ -174,13 +180,16 @@ class LlamaCppEngine(BatchingEngine):
             seq.started = time.perf_counter()
             self.running.append(seq)
 
-    def _fill_batch(self) -> list[tuple[Sequence, int]]:
-        """Put every generating sequence's next token, then prompt chunks, into the batch."""
+    def _fill_batch(self) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int, int]]]:
+        """Put every generating sequence's next token, then prompt chunks, into the batch. Returns the
+        rows to sample from, and the rows whose logits give prompt logprobs (sequence, prompt index, row)."""
         batch = self.batch.batch
         n = 0
         rows: list[tuple[Sequence, int]] = []
+        prompt_rows: list[tuple[Sequence, int, int]] = []
 
-        def put(seq: Sequence, token: int, wants_logits: bool) -> None:
+        def put(seq: Sequence, token: int, wants_logits: bool) -> int:
+            """Add the token at the sequence's next position; its batch row."""
             nonlocal n
             slot = seq.slot
             batch.token[n] = token
@@ -189,21 +198,26 @@ class LlamaCppEngine(BatchingEngine):
             batch.seq_id[n][0] = slot.seq_id
             batch.logits[n] = wants_logits
             slot.cached.append(token)
-            if wants_logits:
-                rows.append((seq, n))
             n += 1
+            return n - 1
 
         for seq in self.running:
             if seq.fed == len(seq.prompt):
-                put(seq, seq.next_token, True)
+                rows.append((seq, put(seq, seq.next_token, True)))
         for seq in self.running:
             if seq.fed < len(seq.prompt) and n < BATCH_TOKENS:
                 chunk_end = min(len(seq.prompt), seq.fed + BATCH_TOKENS - n)
+                every_row = seq.request.params.prompt_logprobs >= 0
                 for i in range(seq.fed, chunk_end):
-                    put(seq, seq.prompt[i], i == len(seq.prompt) - 1)
+                    last = i == len(seq.prompt) - 1
+                    row = put(seq, seq.prompt[i], last or every_row)
+                    if last:
+                        rows.append((seq, row))
+                    elif every_row:
+                        prompt_rows.append((seq, i, row))
                 seq.fed = chunk_end
         batch.n_tokens = n
-        return rows
+        return rows, prompt_rows
 
     def _sample(self, seq: Sequence, row: int, now: float) -> wire.Output | None:
         if seq.grammar_sampler is None:
@@ -228,7 +242,9 @@ class LlamaCppEngine(BatchingEngine):
         seq.next_token = token
         if finish is None and not text:
             return None
-        return self._output(seq, text, finish, seq.completion_tokens, seq.prompt_evaluated, now)
+        output = self._output(seq, text, finish, seq.completion_tokens, seq.prompt_evaluated, now)
+        output.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, []
+        return output
 
     def _release(self, seq: Sequence) -> None:
         """Free the sequence's slot, keeping its KV cache for prefix reuse."""

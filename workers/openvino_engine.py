@@ -112,6 +112,9 @@ class OpenVinoEngine(BatchingEngine):
     # --- requests in -------------------------------------------------------
 
     def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int) -> wire.Output | None:
+        if request.params.prompt_logprobs >= 0:
+            message = "echo with logprobs is not supported by the OpenVINO engine: it gives no logprobs for the prompt"
+            return wire.failed(request.id, 400, message, param="echo")
         if request.params.logprobs > 0:
             # openvino-genai computes only the chosen token's logprob, not the most likely ones
             param = "top_logprobs" if request.messages is not None else "logprobs"
