@@ -130,7 +130,7 @@ class Broker:
     # --- clients -----------------------------------------------------------
 
     def _on_client(self, client: bytes, message: wire.Message) -> None:
-        if isinstance(message, (wire.Generate, wire.Embed, wire.Tokenize, wire.Detokenize)):
+        if isinstance(message, wire.Request | Lookup):
             self._accept(client, message)
         elif isinstance(message, wire.Abort):
             self._abort(message.ids)
@@ -149,7 +149,7 @@ class Broker:
         refusal = self._refusal(request)
         if refusal is not None:
             self._send(self.clients, client, wire.Results(outputs=[refusal]))
-        elif isinstance(request, (wire.Generate, wire.Embed)):
+        elif isinstance(request, wire.Request):
             self.queue[request.id] = Queued(client, request)
             self._dispatch()
         else:  # a lookup goes straight to the least busy ready worker: it needs no slot
@@ -182,7 +182,7 @@ class Broker:
                 code="model_not_found",
                 param="model",
             )
-        if isinstance(request, (wire.Tokenize, wire.Detokenize)):  # a lookup never waits, so there is always room
+        if isinstance(request, Lookup):  # a lookup never waits, so there is always room
             return None
         room = sum(w.free_slots for w in ready) + self.plan.max_waiting * len(ready)
         waiting = sum(q.request.model.lower() == request.model.lower() and wire.task_of(q.request) == task

@@ -129,8 +129,13 @@ class Child:
     started_at: float = 0.0
 
     def start(self) -> None:
-        # the data folder as an absolute path: the children run in "/" (below)
-        env = {**os.environ, "INFERSNAP_DATA": str(paths.data_dir()), RESTARTS_VARIABLE: str(self.restarts)}
+        # the data and runtime folders as absolute paths: the children run in "/" (below)
+        env = {
+            **os.environ,
+            "INFERSNAP_DATA": str(paths.data_dir()),
+            "XDG_RUNTIME_DIR": str(paths.runtime_base()),
+            RESTARTS_VARIABLE: str(self.restarts),
+        }
         # cwd "/": run from a source checkout, `python -m infersnap.broker` would otherwise import the
         # checkout's infersnap/ folder (sys.path[0] is the cwd) instead of the installed package
         self.process = subprocess.Popen(

@@ -153,12 +153,8 @@ def completion_request(body: schema.CompletionRequest, model: str) -> list[wire.
         params = msgspec.structs.replace(params, prompt_logprobs=logprobs)
     return [
         wire.Generate(id=request_id, model=body.model or model, params=params, prompt=prompt, suffix=body.suffix or None)
-        for prompt in prompts(body)
+        for prompt in body.prompts
     ]
-
-
-def prompts(body: schema.CompletionRequest) -> list[str]:
-    return [body.prompt] if isinstance(body.prompt, str) else body.prompt
 
 
 def embedding_request(body: schema.EmbeddingRequest, model: str) -> wire.Embed:

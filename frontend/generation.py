@@ -8,6 +8,7 @@ queue, interleaved, and each is labelled here with its choice index.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import msgspec
 
@@ -38,10 +39,10 @@ class Generation:
     """The outputs of a request's choices, in arrival order, until every choice has finished."""
 
     def __init__(
-        self, broker: BrokerClient, requests: list[wire.Request], deadline: float | None, choices_per_prompt: int = 1
+        self, broker: BrokerClient, requests: Sequence[wire.Request], deadline: float | None, choices_per_prompt: int = 1
     ) -> None:
         self.broker = broker
-        self.requests = requests
+        self.requests = list(requests)
         self.choices_per_prompt = choices_per_prompt
         self.index = {r.id: i for i, r in enumerate(requests)}
         self.deadline = deadline
@@ -78,6 +79,8 @@ class Generation:
         while True:
             deadline = self.deadline
             wait = STALL_CHECK_SECONDS if deadline is None else min(STALL_CHECK_SECONDS, deadline - loop.time())
+            if not self.outputs.empty():  # wait_for(..., 0) would time out even with one waiting
+                return self.outputs.get_nowait()
             try:
                 return await asyncio.wait_for(self.outputs.get(), max(wait, 0))
             except asyncio.TimeoutError:
@@ -105,9 +108,13 @@ class Generation:
             else:
                 self.broker.forget(request.id)
 
+    def ended(self) -> list[wire.Output]:
+        """The last Output of each choice that ended, with an answer or an error."""
+        return [o for o in self.last if o is not None and o.finish_reason is not None]
+
     def finished(self) -> list[wire.Output]:
-        """The last Output of each choice that finished with an answer."""
-        return [o for o in self.last if o is not None and o.finish_reason is not None and o.failure is None]
+        """The last Output of each choice that ended with an answer."""
+        return [o for o in self.ended() if o.failure is None]
 
     @property
     def prompt_tokens(self) -> int:

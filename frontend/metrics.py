@@ -107,12 +107,13 @@ class RequestRecord:
     def finish(self, generation: Generation | None) -> None:
         """Count the request and log its line. The tokens of each choice that finished count for the
         worker that ran it; the log line shows the prompt tokens as usage does (once per prompt)."""
+        ended = generation.ended() if generation is not None else []
         choices = generation.finished() if generation is not None else []
         prompt_tokens = generation.prompt_tokens if generation is not None else 0
         elapsed = time.monotonic() - self.started
-        workers = sorted({c.worker for c in choices if c.worker})
+        workers = sorted({c.worker for c in ended if c.worker})  # a worker's error counts for it too
         completion = sum(c.completion_tokens for c in choices)
-        self.metrics.requests[(self.endpoint, choices[0].worker if choices else "", str(self.status))] += 1
+        self.metrics.requests[(self.endpoint, workers[0] if workers else "", str(self.status))] += 1
         for choice in choices:
             if choice.worker:
                 self.metrics.prompt_tokens[choice.worker] += choice.prompt_tokens

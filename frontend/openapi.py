@@ -27,7 +27,7 @@ ERRORS = {
     401: "Missing or wrong API key (only when the server has http.api-keys)",
     404: "Unknown model (`code: model_not_found`)",
     413: "Body larger than http.max-body-bytes",
-    501: "Embeddings are off on this server (worker.embeddings)",
+    501: "No embedding worker runs (worker.embeddings is false, or no llama.cpp engine runs on this CPU)",
     503: "No worker ready yet, or every queue is full (`code: server_overloaded`); comes with Retry-After",
     504: "The request ran past queue.request-timeout (`code: timeout`)",
 }
@@ -135,7 +135,7 @@ def build(plan: ServePlan) -> dict[str, Any]:
                           [400, 401, 404, 413, 501, 503, 504], body="EmbeddingRequest")
             )
         },
-        "/health": {"get": operation("200 once a worker is ready; 503 while loading", _json("Health"), [503])},
+        "/health": {"get": operation("200 once a generating worker is ready; 503 while loading", _json("Health"), [503])},
     }
     document: dict[str, Any] = {
         "openapi": "3.1.0",

@@ -14,7 +14,7 @@ from array import array
 import msgspec
 
 from infersnap import wire
-from infersnap.frontend import convert, schema, tools
+from infersnap.frontend import schema, tools
 
 _encode = msgspec.json.encode
 
@@ -147,7 +147,7 @@ class TextRender:
         self.id, self.model, self.created, self.index = request_id, model, schema.now(), index
         self.logprobs = body.logprobs is not None
         # echo: the prompt goes before the answer, in the first chunk when streaming
-        self._echo = convert.prompts(body)[index // (body.n or 1)] if body.echo else ""
+        self._echo = body.prompts[index // (body.n or 1)] if body.echo else ""
         # for text_offset: characters of the generated text so far, counting a split character once, where it ends
         self._offset = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

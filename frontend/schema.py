@@ -145,6 +145,10 @@ class CompletionRequest(SamplingFields, kw_only=True):
     echo: bool = False  # the prompt comes back before the completion; with logprobs, its tokens' logprobs too
     suffix: str | None = None  # fill in the middle: the text after the completion (models with FIM tokens)
 
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+
 
 # --- responses ---------------------------------------------------------------
 

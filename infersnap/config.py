@@ -62,7 +62,7 @@ KEYS: dict[str, Key] = {
         Key("http.send-timeout", int, 30, "seconds a client may leave a streamed answer unread before it is dropped and its generation stopped", _between(1, 3600)),
         Key("http.cors-origins", str, "", "browser origins allowed to call the API, comma-separated, * for any; empty: none"),
         Key("limits.max-tokens", int, 32768, "largest max_tokens a request may ask for", _between(1, 1 << 24)),
-        Key("limits.max-n", int, 8, "largest n (choices per request) a request may ask for", _between(1, 128)),
+        Key("limits.max-n", int, 8, "most choices a request may ask for (n, times the prompts of a list)", _between(1, 128)),
         Key("model.path", str, "", "GGUF file to serve; empty means the default model (SmolLM2-135M-Instruct)"),
         Key("model.name", str, "", "model id clients use; empty means the file name without .gguf"),
         Key("engines", str, "auto", "engines that serve, comma-separated (see `infersnap engines`); auto: the best per device", _engine_names),

@@ -21,6 +21,11 @@ def config_file() -> Path:
     return data_dir() / "config.json"
 
 
+def runtime_base() -> Path:
+    """Where runtime folders go: $XDG_RUNTIME_DIR, else the temp dir; absolute, whatever the cwd."""
+    return Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()).absolute()
+
+
 def runtime_dir(create: bool = False) -> Path:
     """The folder that holds the ipc:// sockets, mode 0700.
 
@@ -28,7 +33,7 @@ def runtime_dir(create: bool = False) -> Path:
     $XDG_RUNTIME_DIR (or the temp dir) under a short name derived from the
     data folder: every data folder gets its own server and sockets.
     """
-    base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+    base = runtime_base()
     digest = hashlib.sha1(str(data_dir()).encode()).hexdigest()[:12]
     path = base / f"infersnap-{os.getuid()}-{digest}"
     if create:

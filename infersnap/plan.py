@@ -47,8 +47,9 @@ class ServePlan(msgspec.Struct, frozen=True):
 
     @property
     def capacity(self) -> int:
-        """Generations the workers can run and queue at once: more in one request are always refused."""
-        return sum(self.slots + self.max_waiting for w in self.workers if w.task == "generate")
+        """Generations the workers can run and queue at once, all of them ready: more in one request
+        could never be accepted."""
+        return (self.slots + self.max_waiting) * sum(w.task == "generate" for w in self.workers)
 
     @property
     def embeddings(self) -> bool:

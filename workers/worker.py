@@ -119,7 +119,7 @@ def _serve_generation(engine, inbox: queue.Queue, outbox: zmq.Socket, info: wire
         while message is not None:
             if isinstance(message, wire.Generate):
                 if engine is None:
-                    refused = wire.failed(message.id, 503, f"worker {info.worker_id} failed to load: {info.error}")
+                    refused = wire.failed(message.id, 503, not_loaded(info))
                 else:
                     refused = _add(engine, message)
                 if refused is not None:
@@ -139,7 +139,7 @@ def _serve_generation(engine, inbox: queue.Queue, outbox: zmq.Socket, info: wire
 def _serve_embeddings(engine, inbox: queue.Queue, outbox: zmq.Socket, info: wire.WorkerInfo) -> None:
     """Answer each Embed with one Output. The broker sends one at a time; between two batches of its
     inputs the engine looks for an Abort of it (timed out, client gone) and stops there."""
-    later: deque = deque()  # what came while looking for an Abort
+    later: deque[wire.Message] = deque()  # what came while looking for an Abort
 
     def aborted(request_id: str) -> bool:
         while True:
@@ -156,7 +156,7 @@ def _serve_embeddings(engine, inbox: queue.Queue, outbox: zmq.Socket, info: wire
         if not isinstance(message, wire.Embed):
             continue
         if engine is None:
-            output = wire.failed(message.id, 503, f"worker {info.worker_id} failed to load: {info.error}")
+            output = wire.failed(message.id, 503, not_loaded(info))
         else:
             try:
                 output = engine.embed(message, lambda: aborted(message.id))
@@ -172,9 +172,12 @@ VISIBLE_DEVICES = {"cuda": ["CUDA_VISIBLE_DEVICES"], "amd": ["HIP_VISIBLE_DEVICE
 
 
 def only_device(device: str) -> None:
-    """Pin a llama.cpp GPU worker to its device, before the GPU runtime starts and reads these."""
+    """Pin a llama.cpp worker to its device, before the GPU runtime starts and reads these: a GPU
+    worker sees its own GPU, a CPU worker no CUDA or ROCm GPU at all (its context is kept off a GPU too)."""
     kind, _, index = device.partition(":")
-    if kind in VISIBLE_DEVICES and index:
+    if kind == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["HIP_VISIBLE_DEVICES"] = ""
+    elif kind in VISIBLE_DEVICES and index:
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # hwdetect numbers GPUs in PCI slot order too
         for name in VISIBLE_DEVICES[kind]:
             os.environ[name] = index
@@ -185,6 +188,7 @@ def load_engine(plan: ServePlan, spec: WorkerSpec):
     if spec.task == "embed":
         from infersnap.workers.llamacpp_embedder import LlamaCppEmbedder
 
+        only_device(spec.device)
         return LlamaCppEmbedder(plan.model_path, plan.context, spec.threads, plan.verbose)
     if spec.runtime == "llamacpp":
         from infersnap.workers.llamacpp_engine import LlamaCppEngine
@@ -210,7 +214,7 @@ def _add(engine, request: wire.Generate) -> wire.Output | None:
 def _answer(engine, request: wire.Tokenize | wire.Detokenize, info: wire.WorkerInfo) -> wire.TokenizeResult:
     """engine.answer, where an unexpected error fails this lookup, not the worker."""
     if engine is None:
-        failure = wire.Failure(503, f"worker {info.worker_id} failed to load: {info.error}")
+        failure = wire.Failure(503, not_loaded(info))
         return wire.TokenizeResult(id=request.id, failure=failure)
     try:
         return engine.answer(request)
@@ -218,6 +222,11 @@ def _answer(engine, request: wire.Tokenize | wire.Detokenize, info: wire.WorkerI
         log.exception("tokenizer request %s failed", request.id)
         failure = wire.Failure(500, "the engine's tokenizer failed on this request")
         return wire.TokenizeResult(id=request.id, failure=failure)
+
+
+def not_loaded(info: wire.WorkerInfo) -> str:
+    """What a request to a worker whose engine failed to load is told."""
+    return f"worker {info.worker_id} failed to load: {info.error}"
 
 
 def _next_or_none(inbox: queue.Queue):
