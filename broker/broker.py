@@ -46,6 +46,11 @@ log = logging.getLogger("infersnap.broker")
 Lookup = wire.Tokenize | wire.Detokenize
 
 
+def kind_of(request: wire.Request | Lookup) -> tuple[str, str]:
+    """The (model, task) whose workers can take it: what the queue's room and dispatch are counted by."""
+    return request.model.lower(), wire.task_of(request)
+
+
 @dataclass
 class Route:
     client: bytes
@@ -153,7 +158,7 @@ class Broker:
             self.queue[request.id] = Queued(client, request)
             self._dispatch()
         else:  # a lookup goes straight to the least busy ready worker: it needs no slot
-            ready = [w for w in self.workers.values() if w.serves(request.model, wire.task_of(request)) and w.info.state == "ready"]
+            ready = [w for w in self.workers.values() if w.serves(*kind_of(request)) and w.info.state == "ready"]
             worker = min(ready, key=lambda w: len(w.in_flight) + len(w.lookups))
             self.routes[request.id] = Route(client=client, worker=worker.identity)
             worker.lookups.add(request.id)
@@ -163,8 +168,8 @@ class Broker:
         """Why this request cannot be accepted now, as its error Output; None if it can."""
         if self.drain_deadline is not None:
             return wire.failed(request.id, 503, "the server is shutting down", code="shutting_down")
-        task = wire.task_of(request)
-        serving = [w for w in self.workers.values() if w.serves(request.model, task)]
+        kind = kind_of(request)
+        serving = [w for w in self.workers.values() if w.serves(*kind)]
         ready = [w for w in serving if w.info.state == "ready"]
         if not ready:
             failed = [w.info for w in serving if w.info.state == "failed"]
@@ -185,9 +190,7 @@ class Broker:
         if isinstance(request, Lookup):  # a lookup never waits, so there is always room
             return None
         room = sum(w.free_slots for w in ready) + self.plan.max_waiting * len(ready)
-        waiting = sum(q.request.model.lower() == request.model.lower() and wire.task_of(q.request) == task
-                      for q in self.queue.values())
-        if waiting >= room:
+        if sum(kind_of(q.request) == kind for q in self.queue.values()) >= room:
             # Refuse at once rather than queue without end; the frontend adds Retry-After.
             return wire.failed(request.id, 503, "the server is at capacity; retry shortly", code="server_overloaded")
         return None
@@ -196,7 +199,7 @@ class Broker:
         """Hand queued requests, oldest first, to workers with a free slot; end those no worker can serve."""
         full: set[tuple[str, str]] = set()  # (model, task) whose workers have no free slot left
         for request_id, queued in list(self.queue.items()):
-            kind = (queued.request.model.lower(), wire.task_of(queued.request))
+            kind = kind_of(queued.request)
             if kind in full:
                 continue
             serving = [w for w in self.workers.values() if w.serves(*kind)]

@@ -231,7 +231,7 @@ async def complete(
         generate = prompts[0]
         record.request_id, record.model = generate.id, generate.model
         requests = choice_requests(prompts, body.n or 1)
-        renders = [render_class(generate.id, generate.model, body, i) for i in range(len(requests))]
+        renders = render_class.for_choices(generate.id, generate.model, body, len(requests))
         generation = Generation(request.app.ctx.broker, requests, deadline(plan), body.n or 1)
         try:
             await generation.start()

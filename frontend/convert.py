@@ -26,7 +26,7 @@ def check_limits(body: schema.SamplingFields, plan: ServePlan) -> None:
                 f"{field} is {value}, but this server allows at most {plan.max_tokens} (limits.max-tokens)",
                 param=field,
             )
-    prompts = len(body.prompt) if isinstance(getattr(body, "prompt", None), list) else 1
+    prompts = len(body.prompts) if isinstance(body, schema.CompletionRequest) else 1
     choices = (body.n or 1) * prompts
     # past what the workers can run and queue at once, the broker would refuse it every time
     limit, why = min((plan.max_n, "limits.max-n"), (plan.capacity, "worker.slots + queue.max-waiting per worker"))

@@ -74,15 +74,23 @@ def embeddings(output: wire.Output, model: str, encoding_format: str) -> bytes:
 
 
 class ChatRender:
-    def __init__(self, request_id: str, model: str, body: schema.ChatCompletionRequest, index: int = 0) -> None:
+    def __init__(
+        self, request_id: str, model: str, body: schema.ChatCompletionRequest, index: int, toolset: tools.ToolSet | None
+    ) -> None:
         self.id, self.model, self.created, self.index = request_id, model, schema.now(), index
-        self.tools = tools.from_request(body)
+        self.tools = toolset
         self.logprobs = bool(body.logprobs)
         self._sent_role = False
         # While the answer may still be a tool call it is held back, so that a call reaches the
         # client as tool_calls and never as text; an answer that can't be one streams as usual.
         self._held: str | None = "" if self.tools is not None else None
         self._held_logprobs: list[wire.TokenLogprob] = []  # the held text's tokens
+
+    @classmethod
+    def for_choices(cls, request_id: str, model: str, body: schema.ChatCompletionRequest, count: int) -> list[ChatRender]:
+        """One render per choice; the request's tools are read once for all of them."""
+        toolset = tools.from_request(body)
+        return [cls(request_id, model, body, i, toolset) for i in range(count)]
 
     def _chunk(self, choices: list[schema.ChunkChoice], **extra: object) -> bytes:
         return _encode(
@@ -143,7 +151,7 @@ class ChatRender:
 
 
 class TextRender:
-    def __init__(self, request_id: str, model: str, body: schema.CompletionRequest, index: int = 0) -> None:
+    def __init__(self, request_id: str, model: str, body: schema.CompletionRequest, index: int) -> None:
         self.id, self.model, self.created, self.index = request_id, model, schema.now(), index
         self.logprobs = body.logprobs is not None
         # echo: the prompt goes before the answer, in the first chunk when streaming
@@ -151,6 +159,11 @@ class TextRender:
         # for text_offset: characters of the generated text so far, counting a split character once, where it ends
         self._offset = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    @classmethod
+    def for_choices(cls, request_id: str, model: str, body: schema.CompletionRequest, count: int) -> list[TextRender]:
+        """One render per choice."""
+        return [cls(request_id, model, body, i) for i in range(count)]
 
     def _completion(self, choices: list[schema.TextChoice], **extra: object) -> bytes:
         return _encode(
