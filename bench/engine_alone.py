@@ -14,6 +14,8 @@ import statistics
 import time
 
 from infersnap import wire
+from infersnap.workers.engine_base import EngineSettings
+from infersnap.workers.worker import engine_class
 from infersnap.models import default_model_path
 
 STORY = [wire.ChatMessage("user", "Write a short story about a dragon who learns to cook.")]
@@ -23,14 +25,7 @@ NO_EOS = {2: -100.0}  # SmolLM2's <|im_end|>
 def build(name: str, threads: int, slots: int = 8, context: int = 2048):
     path = str(default_model_path())
     start = time.perf_counter()
-    if name == "llamacpp":
-        from infersnap.workers.llamacpp_engine import LlamaCppEngine
-
-        engine = LlamaCppEngine(path, slots, context, threads)
-    else:
-        from infersnap.workers.openvino_engine import OpenVinoEngine
-
-        engine = OpenVinoEngine(path, "cpu", slots, context, threads)
+    engine = engine_class(name, "generate")(EngineSettings(path, "cpu", slots, context, threads))
     return engine, time.perf_counter() - start
 
 

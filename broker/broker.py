@@ -1,22 +1,33 @@
-"""Routes requests from frontends (and CLI queries) to workers, and results back.
+"""Routes requests from frontends (and CLI queries) to workers, and results back, without opening them.
 
 Two ROUTER sockets: clients (frontends, the CLI, the supervisor) and
-workers. Workers announce themselves and heartbeat with WorkerStatus.
+workers. Workers announce themselves, what they can do (their
+capabilities) and what they run, and heartbeat with WorkerStatus.
 
-A worker gets a request only when it has a free slot, so every request a
-worker holds is one it is generating. The rest wait here, in arrival order,
-and go to whichever worker serving their model frees a slot first (the
-least loaded when several can take one). That keeps the queue in the one
+A request comes as a Submit (its id, model and needs) followed by its body,
+which the broker passes on unread, as Majordomo does: the worker gets a
+Dispatch (the client to answer) and the body, and answers with a Deliver
+(the client, the requests that ended) followed by a Results for that client,
+also passed on unread. So the broker decodes only small headers, never a
+prompt or a step's outputs.
+
+A worker gets a request only when it has a free slot and can do what the
+request needs, so every request a worker holds is one it is generating. The
+rest wait here, in arrival order, and go to whichever such worker frees a
+slot first (the least loaded when several can take one). A request that no
+worker serving its model can ever serve is refused at once with the 400
+naming its parameter, whatever the load. That keeps the queue in the one
 process that outlives a worker: when a worker dies (the supervisor reports
 its exit at once; a new pid or a heartbeat missed for WORKER_TIMEOUT tell
 too) the requests it was generating end with a 503, and the queued ones,
 which it never saw, go to the next worker that can take them. The queue is
 bounded: a request that can neither run nor wait within `max_waiting` per
-ready worker is refused with 503 at once. An Embed is a request like a
-Generate, for the workers whose task is "embed" (each answers one at a
-time). Tokenizer lookups (Tokenize, Detokenize) skip the queue: each goes at
-once to a ready generating worker serving its model, takes no slot, and is
-routed back (or ended with a 503 when that worker is lost) like a request.
+ready worker is refused with 503 at once. Tokenizer lookups are requests
+that take no slot: each goes at once to the least busy worker that can.
+
+Reconciliation: a worker's heartbeat lists the requests it runs; any the
+broker has no route for (after a broker restart, or a client that is gone)
+is aborted there. A client whose socket is gone loses its routes.
 
 On Drain (SIGTERM to `infersnap serve`) new requests get 503; accepted ones
 may finish until the grace period ends, then end with a 503 too.
@@ -26,7 +37,9 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 import msgspec
 import zmq
@@ -43,12 +56,21 @@ RESTARTING = "restarting"  # the state of a worker whose process stopped, until 
 log = logging.getLogger("infersnap.broker")
 
 
-Lookup = wire.Tokenize | wire.Detokenize
+def takes_slot(needs: wire.Needs) -> bool:
+    """Tokenizer lookups are answered between two engine steps and hold no slot."""
+    return needs.task != "tokenize"
 
 
-def kind_of(request: wire.Request | Lookup) -> tuple[str, str]:
-    """The (model, task) whose workers can take it: what the queue's room and dispatch are counted by."""
-    return request.model.lower(), wire.task_of(request)
+@dataclass
+class Queued:
+    client: bytes
+    submit: wire.Submit
+    body: bytes
+
+    @property
+    def kind(self) -> bytes:
+        """Requests of one kind (model and needs) can go to the same workers."""
+        return self.submit.model.lower().encode() + b"\0" + msgspec.msgpack.encode(self.submit.needs)
 
 
 @dataclass
@@ -58,85 +80,105 @@ class Route:
 
 
 @dataclass
-class Queued:
-    client: bytes
-    request: wire.Request
-
-
-@dataclass
 class Worker:
     identity: bytes
     info: wire.WorkerInfo
     last_seen: float
-    in_flight: set[str] = field(default_factory=set)  # requests it is running, one per slot
-    lookups: set[str] = field(default_factory=set)  # tokenizer lookups it is answering (they take no slot)
-
-    def has_model(self, model: str) -> bool:
-        return self.info.model.lower() == model.lower()
+    running: set[str] = field(default_factory=set)  # requests dispatched to it that hold a slot
+    lookups: set[str] = field(default_factory=set)  # tokenizer lookups dispatched to it
 
     def serves(self, model: str, task: str) -> bool:
-        return self.has_model(model) and self.info.task == task
+        return self.info.model.lower() == model.lower() and task in self.info.capabilities.tasks
+
+    def may_serve(self, needs: wire.Needs) -> bool:
+        """Whether it can serve these needs now or once back: a loading worker may still gain features."""
+        if self.info.state == "failed":
+            return False
+        return self.info.state == "loading" or wire.unmet(needs, self.info.capabilities) is None
+
+    def can_take(self, needs: wire.Needs) -> bool:
+        """Whether it can start a request with these needs now."""
+        if self.info.state != "ready" or wire.unmet(needs, self.info.capabilities) is not None:
+            return False
+        return not takes_slot(needs) or self.free_slots > 0
 
     @property
     def free_slots(self) -> int:
-        return self.info.slots - len(self.in_flight) if self.info.state == "ready" else 0
+        return self.info.slots - len(self.running) if self.info.state == "ready" else 0
+
+    @property
+    def load(self) -> float:
+        return (len(self.running) + len(self.lookups)) / self.info.slots
 
 
 class Broker:
-    def __init__(self, plan: ServePlan, zctx: zmq.Context | None = None) -> None:
+    def __init__(
+        self, plan: ServePlan, zctx: zmq.Context | None = None, address: Callable[[str], str] = paths.socket_address
+    ) -> None:
         self.plan = plan
+        self.boot = uuid.uuid4().hex
         self.zctx = zctx or zmq.Context.instance()
-        self.clients = self._bind("clients")
-        self.workers_socket = self._bind("workers")
+        self.clients = self._bind(address("clients"))
+        self.workers_socket = self._bind(address("workers"))
+        self.poller = zmq.Poller()
+        self.poller.register(self.clients, zmq.POLLIN)
+        self.poller.register(self.workers_socket, zmq.POLLIN)
         self.workers: dict[bytes, Worker] = {}
         self.routes: dict[str, Route] = {}  # dispatched requests
-        self.queue: dict[str, Queued] = {}  # accepted, waiting for a slot; dicts keep arrival order
+        self.queue: dict[str, Queued] = {}  # accepted, waiting for a worker; dicts keep arrival order
         self.drain_deadline: float | None = None
 
-    def _bind(self, name: str) -> zmq.Socket:
+    def _bind(self, address: str) -> zmq.Socket:
         socket = self.zctx.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted peer takes over its old identity
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a gone peer raises instead of vanishing
-        socket.bind(paths.socket_address(name))
+        socket.bind(address)
         return socket
 
     def serve_forever(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.clients, zmq.POLLIN)
-        poller.register(self.workers_socket, zmq.POLLIN)
         while True:
-            events = dict(poller.poll(TICK_MS))
-            if self.workers_socket in events:
-                self._drain(self.workers_socket, self._on_worker)
-            if self.clients in events:
-                self._drain(self.clients, self._on_client)
-            self._tick(time.monotonic())
+            self.poll_once(TICK_MS)
+
+    def poll_once(self, timeout_ms: int) -> None:
+        """Handle what arrives within `timeout_ms`, then check the workers' heartbeats and the drain."""
+        events = dict(self.poller.poll(timeout_ms))
+        if self.workers_socket in events:
+            self._read_all(self.workers_socket, self._on_worker)
+        if self.clients in events:
+            self._read_all(self.clients, self._on_client)
+        self._tick(time.monotonic())
 
     @staticmethod
-    def _drain(socket: zmq.Socket, handle) -> None:
+    def _read_all(socket: zmq.Socket, handle) -> None:
+        """Handle every message waiting on the socket: [identity, header] or [identity, header, body]."""
         while True:
             try:
-                identity, payload = socket.recv_multipart(zmq.NOBLOCK)
+                identity, header, *body = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            except ValueError:  # not the two frames a peer sends: ignore it
+            except ValueError:  # fewer frames than any peer sends: ignore it
                 continue
             try:
-                message = wire.decode(payload)
+                message = wire.decode(header)
             except Exception:
                 log.warning("dropped an undecodable message")
                 continue
             try:
-                handle(identity, message)
+                handle(identity, message, body[0] if body else b"")
             except Exception:  # one bad message must not take the broker, and every route, down
                 log.exception("could not handle a %s", type(message).__name__)
 
     # --- clients -----------------------------------------------------------
 
-    def _on_client(self, client: bytes, message: wire.Message) -> None:
-        if isinstance(message, wire.Request | Lookup):
-            self._accept(client, message)
+    def _on_client(self, client: bytes, message: wire.Message, body: bytes) -> None:
+        if isinstance(message, wire.Submit):
+            refusal = self._refusal(message)
+            if refusal is not None:
+                self._send_results(client, [refusal])
+            else:
+                self.queue[message.id] = Queued(client, message, body)
+                self._dispatch()
         elif isinstance(message, wire.Abort):
             self._abort(message.ids)
         elif isinstance(message, wire.StatusQuery):
@@ -150,71 +192,65 @@ class Broker:
                      len(self.routes) + len(self.queue), message.grace)
             self.drain_deadline = time.monotonic() + message.grace
 
-    def _accept(self, client: bytes, request: wire.Request | Lookup) -> None:
-        refusal = self._refusal(request)
-        if refusal is not None:
-            self._send(self.clients, client, wire.Results(outputs=[refusal]))
-        elif isinstance(request, wire.Request):
-            self.queue[request.id] = Queued(client, request)
-            self._dispatch()
-        else:  # a lookup goes straight to the least busy ready worker: it needs no slot
-            ready = [w for w in self.workers.values() if w.serves(*kind_of(request)) and w.info.state == "ready"]
-            worker = min(ready, key=lambda w: len(w.in_flight) + len(w.lookups))
-            self.routes[request.id] = Route(client=client, worker=worker.identity)
-            worker.lookups.add(request.id)
-            self._send(self.workers_socket, worker.identity, request)
-
-    def _refusal(self, request: wire.Request | Lookup) -> wire.Output | None:
+    def _refusal(self, submit: wire.Submit) -> wire.Output | None:
         """Why this request cannot be accepted now, as its error Output; None if it can."""
         if self.drain_deadline is not None:
-            return wire.failed(request.id, 503, "the server is shutting down", code="shutting_down")
-        kind = kind_of(request)
-        serving = [w for w in self.workers.values() if w.serves(*kind)]
+            return wire.failed(submit.id, 503, "the server is shutting down", code="shutting_down")
+        needs = submit.needs
+        serving = [w for w in self.workers.values() if w.serves(submit.model, needs.task)]
         ready = [w for w in serving if w.info.state == "ready"]
         if not ready:
             failed = [w.info for w in serving if w.info.state == "failed"]
             if failed and len(failed) == len(serving):
                 reasons = "; ".join(f"{w.worker_id}: {w.error}" for w in failed)
-                return wire.failed(request.id, 503, f"no worker could load this model ({reasons})")
+                return wire.failed(submit.id, 503, f"no worker could load this model ({reasons})")
             # a worker for the model, of another task, says its own is still to come
-            if serving or not self.workers or any(w.has_model(request.model) for w in self.workers.values()):
-                return wire.failed(request.id, 503, "no worker is ready to serve this model yet; retry shortly")
+            models = {w.info.model.lower() for w in self.workers.values()}
+            if serving or not self.workers or submit.model.lower() in models:
+                return wire.failed(submit.id, 503, "no worker is ready to serve this model yet; retry shortly")
             known = ", ".join(sorted({w.info.model for w in self.workers.values()}))
             return wire.failed(
-                request.id,
+                submit.id,
                 404,
-                f"The model '{request.model}' does not exist. Models served here: {known}",
+                f"The model '{submit.model}' does not exist. Models served here: {known}",
                 code="model_not_found",
                 param="model",
             )
-        if isinstance(request, Lookup):  # a lookup never waits, so there is always room
+        if not any(w.may_serve(needs) for w in serving):
+            feature = next(f for f in (wire.unmet(needs, w.info.capabilities) for w in ready) if f)
+            runtimes = [w.info.runtime for w in serving if w.info.state != "failed"]
+            return wire.refusal(submit.id, needs, feature, runtimes, ready[0].info.model)
+        if not takes_slot(needs):  # a lookup never waits for a slot, so there is always room
             return None
-        room = sum(w.free_slots for w in ready) + self.plan.max_waiting * len(ready)
-        if sum(kind_of(q.request) == kind for q in self.queue.values()) >= room:
+        room = sum(wire.capacity(w.info.slots, self.plan.max_waiting) - len(w.running) for w in ready)
+        waiting = sum(q.submit.model.lower() == submit.model.lower() and q.submit.needs.task == needs.task
+                      for q in self.queue.values())
+        if waiting >= room:
             # Refuse at once rather than queue without end; the frontend adds Retry-After.
-            return wire.failed(request.id, 503, "the server is at capacity; retry shortly", code="server_overloaded")
+            return wire.failed(submit.id, 503, "the server is at capacity; retry shortly", code="server_overloaded")
         return None
 
     def _dispatch(self) -> None:
-        """Hand queued requests, oldest first, to workers with a free slot; end those no worker can serve."""
-        full: set[tuple[str, str]] = set()  # (model, task) whose workers have no free slot left
+        """Hand queued requests, oldest first, to workers that can take them; end those no worker can serve."""
+        blocked: set[bytes] = set()  # kinds of request no worker can take now
         for request_id, queued in list(self.queue.items()):
-            kind = kind_of(queued.request)
-            if kind in full:
+            kind = queued.kind
+            if kind in blocked:
                 continue
-            serving = [w for w in self.workers.values() if w.serves(*kind)]
-            if all(w.info.state == "failed" for w in serving):  # none left to wait for
+            submit = queued.submit
+            serving = [w for w in self.workers.values() if w.serves(submit.model, submit.needs.task)]
+            if not any(w.may_serve(submit.needs) for w in serving):  # none left to wait for
                 self._fail({request_id: self.queue.pop(request_id)}, "no worker can serve this model any more")
                 continue
-            free = [w for w in serving if w.free_slots > 0]
+            free = [w for w in serving if w.can_take(submit.needs)]
             if not free:
-                full.add(kind)
+                blocked.add(kind)
                 continue
-            worker = max(free, key=lambda w: w.free_slots / w.info.slots)
+            worker = min(free, key=lambda w: w.load)
             del self.queue[request_id]
             self.routes[request_id] = Route(client=queued.client, worker=worker.identity)
-            worker.in_flight.add(request_id)
-            self._send(self.workers_socket, worker.identity, queued.request)
+            (worker.running if takes_slot(submit.needs) else worker.lookups).add(request_id)
+            self._send(self.workers_socket, worker.identity, wire.Dispatch(queued.client, request_id), queued.body)
 
     def _abort(self, ids: list[str]) -> None:
         by_worker: dict[bytes, list[str]] = {}
@@ -224,21 +260,34 @@ class Broker:
             route = self.routes.pop(request_id, None)
             if route is not None:
                 by_worker.setdefault(route.worker, []).append(request_id)
-                if route.worker in self.workers:
-                    self.workers[route.worker].in_flight.discard(request_id)
-                    self.workers[route.worker].lookups.discard(request_id)
+                self._unassign(route.worker, request_id)
         for identity, worker_ids in by_worker.items():
             self._send(self.workers_socket, identity, wire.Abort(ids=worker_ids))
         self._dispatch()
 
+    def _unassign(self, identity: bytes, request_id: str) -> None:
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.running.discard(request_id)
+            worker.lookups.discard(request_id)
+
+    def _client_gone(self, client: bytes) -> None:
+        """A client we could not send to (its process ended): what it asked for is stopped."""
+        ids = [i for i, q in self.queue.items() if q.client == client]
+        ids += [i for i, r in self.routes.items() if r.client == client]
+        if ids:
+            log.info("a client is gone; stopping its %d requests", len(ids))
+            self._abort(ids)
+
     def status(self, query_id: str) -> wire.Status:
         return wire.Status(
             id=query_id,
+            boot=self.boot,
             endpoints={"openai": self.plan.api_url},
-            # the broker's count of what runs is exact; the worker's own is a heartbeat old
-            workers=[msgspec.structs.replace(w.info, running=len(w.in_flight)) for w in self._in_plan_order()],
-            in_flight=[*self.routes, *self.queue],
-            waiting=len(self.queue),
+            # the broker's list of what runs is exact; the worker's own is a heartbeat old
+            workers=[msgspec.structs.replace(w.info, running=sorted(w.running)) for w in self._in_plan_order()],
+            routed=[*self.routes, *self.queue],
+            queued=len(self.queue),
             draining=self.drain_deadline is not None,
         )
 
@@ -249,60 +298,54 @@ class Broker:
 
     # --- workers -----------------------------------------------------------
 
-    def _on_worker(self, identity: bytes, message: wire.Message) -> None:
+    def _on_worker(self, identity: bytes, message: wire.Message, body: bytes) -> None:
         now = time.monotonic()
         worker = self.workers.get(identity)
         if isinstance(message, wire.WorkerStatus):
-            if worker is not None and worker.info.pid != message.info.pid and worker.info.state != RESTARTING:
+            info = message.info
+            if worker is not None and worker.info.pid != info.pid and worker.info.state != RESTARTING:
                 self._lost(worker, "restarted")  # back faster than its heartbeat could be missed
-            if worker is None or worker.info.state != message.info.state:
-                log.info("worker %s (%s) is %s%s", message.info.worker_id, message.info.device, message.info.state,
-                         f": {message.info.error}" if message.info.error else "")
+            if worker is None or worker.info.state != info.state:
+                log.info("worker %s (%s) is %s%s", info.worker_id, info.device, info.state,
+                         f": {info.error}" if info.error else "")
             if worker is None:
-                worker = self.workers[identity] = Worker(identity, message.info, now)
-            worker.info, worker.last_seen = message.info, now
+                worker = self.workers[identity] = Worker(identity, info, now)
+            worker.info, worker.last_seen = info, now
+            self._reconcile(worker)
             self._dispatch()
-        elif isinstance(message, wire.Results) and worker is not None:
+        elif isinstance(message, wire.Deliver) and worker is not None:
             worker.last_seen = now
-            self._relay(worker, message.outputs)
-        elif isinstance(message, wire.TokenizeResult) and worker is not None:
-            worker.last_seen = now
-            worker.lookups.discard(message.id)
-            route = self.routes.pop(message.id, None)
-            if route is not None:  # else aborted meanwhile
-                self._send(self.clients, route.client, message)
+            for request_id in message.ended:
+                route = self.routes.get(request_id)
+                if route is not None and route.worker == identity:
+                    del self.routes[request_id]
+                self._unassign(identity, request_id)
+            self._send(self.clients, message.client, body)
+            if message.ended:
+                self._dispatch()
 
-    def _relay(self, worker: Worker, outputs: list[wire.Output]) -> None:
-        by_client: dict[bytes, list[wire.Output]] = {}
-        ended = False
-        for output in outputs:
-            route = self.routes.get(output.id)
-            if route is None:  # aborted meanwhile
-                continue
-            by_client.setdefault(route.client, []).append(output)
-            if output.finish_reason is not None:
-                output.worker = worker.info.worker_id
-                del self.routes[output.id]
-                worker.in_flight.discard(output.id)
-                ended = True
-        for client, batch in by_client.items():
-            self._send(self.clients, client, wire.Results(outputs=batch))
-        if ended:
-            self._dispatch()
+    def _reconcile(self, worker: Worker) -> None:
+        """Abort what the worker runs that nobody here waits for (a broker restart, a client gone)."""
+        strays = [i for i in worker.info.running if i not in self.routes or self.routes[i].worker != worker.identity]
+        if strays:
+            log.info("worker %s runs %d requests nobody waits for; aborting them", worker.info.worker_id, len(strays))
+            self._send(self.workers_socket, worker.identity, wire.Abort(ids=strays))
 
     def _lost(self, worker: Worker, why: str) -> None:
         """The worker's process is gone: end what it was generating; what waits here goes elsewhere."""
         log.warning("worker %s %s; %d requests it was generating end with an error",
-                    worker.info.worker_id, why, len(worker.in_flight))
+                    worker.info.worker_id, why, len(worker.running))
         message = f"worker {worker.info.worker_id} stopped while generating this request; please retry"
-        routes = {i: self.routes.pop(i) for i in [*worker.in_flight, *worker.lookups] if i in self.routes}
-        self._fail(routes, message)
-        if worker.in_flight:  # in case it is alive after all (stalled, not dead): stop its work
-            self._send(self.workers_socket, worker.identity, wire.Abort(ids=list(worker.in_flight)))
-        worker.in_flight.clear()
+        ids = [*worker.running, *worker.lookups]
+        self._fail({i: self.routes.pop(i) for i in ids if i in self.routes}, message)
+        if ids:  # in case it is alive after all (stalled, not dead): stop its work
+            self._send(self.workers_socket, worker.identity, wire.Abort(ids=ids))
+        worker.running.clear()
         worker.lookups.clear()
-        worker.info.state, worker.info.error = RESTARTING, f"the worker process {why}; waiting for it to come back"
-        worker.info.running = worker.info.waiting = 0
+        worker.info = msgspec.structs.replace(
+            worker.info, state=RESTARTING, error=f"the worker process {why}; waiting for it to come back",
+            running=[], waiting=0,
+        )
         self._dispatch()  # what waited here goes to another worker, or fails if none is left
 
     def _tick(self, now: float) -> None:
@@ -322,11 +365,17 @@ class Broker:
         by_client: dict[bytes, list[wire.Output]] = {}
         for request_id, entry in entries.items():
             by_client.setdefault(entry.client, []).append(wire.failed(request_id, 503, message, code=code))
-        for client, batch in by_client.items():
-            self._send(self.clients, client, wire.Results(outputs=batch))
+        for client, outputs in by_client.items():
+            self._send_results(client, outputs)
 
-    def _send(self, socket: zmq.Socket, identity: bytes, message: wire.Message) -> None:
+    def _send_results(self, client: bytes, outputs: list[wire.Output]) -> None:
+        self._send(self.clients, client, wire.encode(wire.Results(outputs=outputs)))
+
+    def _send(self, socket: zmq.Socket, identity: bytes, message: wire.Message | bytes, *body: bytes) -> None:
+        frames = [identity, message if isinstance(message, bytes) else wire.encode(message), *body]
         try:
-            socket.send_multipart([identity, wire.encode(message)], zmq.NOBLOCK)
+            socket.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # the peer is gone or cannot take more
             log.warning("could not send to %r: %s", identity, exc)
+            if socket is self.clients and exc.errno == zmq.EHOSTUNREACH:
+                self._client_gone(identity)

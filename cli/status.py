@@ -48,25 +48,26 @@ def tell_broker(message: wire.Message) -> None:
 
 def status_document(status: wire.Status) -> dict:
     """The status as `infersnap status` prints it."""
-    engines = sorted({w.engine for w in status.workers if w.task == "generate"})
+    engines = sorted({w.engine for w in status.workers if "generate" in w.capabilities.tasks})
     return {
         "engine": ", ".join(engines) if engines else None,
         "endpoints": dict(status.endpoints),
         "model": ", ".join(wire.models_of(status)) or None,
-        "waiting": status.waiting,
+        "waiting": status.queued,
         **({"draining": True} if status.draining else {}),
         "workers": [
             {
                 "id": w.worker_id,
                 "device": w.device,
                 "engine": w.engine,
-                "task": w.task,
+                "task": w.capabilities.tasks[0],  # its own: generate (with tokenizer lookups) or embed
+                **({"can": w.capabilities.features} if w.capabilities.features else {}),
                 "model": w.model,
                 "state": w.state,
                 **({"error": w.error} if w.error else {}),
                 "slots": w.slots,
                 "context": w.context,
-                "running": w.running,
+                "running": len(w.running),
                 "waiting": w.waiting,
                 "pid": w.pid,
                 **({"restarts": w.restarts} if w.restarts else {}),

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass
 
 from infersnap import paths, wire
@@ -51,16 +52,15 @@ def build_plan(config: Config) -> ServePlan:
     if warning:
         print(f"infersnap: {warning}", file=sys.stderr, flush=True)
     cores = physical_core_cpus()
-    workers = worker_specs(assignments, cores, config.get("worker.threads"))
+    workers = worker_specs(assignments, cores, config.get("worker.threads"), config.get("worker.slots"))
     if config.get("worker.embeddings"):
-        workers += embedding_specs(workers, cores, embedding_engine(machine))
+        workers += embedding_specs(workers, cores, embedding_engine(machine), config.get("worker.embedding-slots"))
     return ServePlan(
         host=config.get("http.host"),
         port=config.get("http.port"),
         max_body_bytes=config.get("http.max-body-bytes"),
         model_path=str(model_path),
         model_name=model_name,
-        slots=config.get("worker.slots"),
         context=config.get("worker.context"),
         max_waiting=config.get("queue.max-waiting"),
         request_timeout=config.get("queue.request-timeout"),
@@ -75,9 +75,16 @@ def build_plan(config: Config) -> ServePlan:
     )
 
 
-def worker_specs(assignments: list[Assignment], cores: list[int], cpu_threads: int) -> list[WorkerSpec]:
-    """One worker per (engine, device), named after its device. A GPU or NPU worker takes the
-    cores its host threads need from the end of the list, while the CPU worker keeps one at least."""
+def worker_specs(assignments: list[Assignment], cores: list[int], cpu_threads: int, slots: int) -> list[WorkerSpec]:
+    """One worker per (engine, device), named after its device, or `device/engine` where two engines
+    (of two runtimes) share one device: a worker id is its ZeroMQ identity, so it must be unique. A GPU
+    or NPU worker takes the cores its host threads need from the end of the list, while the CPU
+    workers keep one at least; two CPU engines share the CPU's cores."""
+    per_device = Counter(a.device for a in assignments)
+
+    def worker_id(assignment: Assignment) -> str:
+        return assignment.device if per_device[assignment.device] == 1 else f"{assignment.device}/{assignment.engine}"
+
     cpu_cores = list(cores)
     accelerators = []
     for assignment in (a for a in assignments if a.device != "cpu"):
@@ -88,28 +95,32 @@ def worker_specs(assignments: list[Assignment], cores: list[int], cpu_threads: i
         else:
             own = list(cores)
         accelerators.append(
-            WorkerSpec(assignment.device, assignment.device, assignment.engine, manifest.runtime, own,
-                       max(wanted, 1), manifest.settings.gpu_layers)
+            WorkerSpec(worker_id(assignment), assignment.device, assignment.engine, manifest.runtime, own,
+                       max(wanted, 1), slots, manifest.settings.gpu_layers)
         )
     cpu = [
-        WorkerSpec("cpu", "cpu", a.engine, manifests()[a.engine].runtime, cpu_cores, cpu_threads or len(cpu_cores))
+        WorkerSpec(worker_id(a), "cpu", a.engine, manifests()[a.engine].runtime, cpu_cores,
+                   cpu_threads or len(cpu_cores), slots)
         for a in assignments
         if a.device == "cpu"
     ]
     return cpu + accelerators
 
 
-def embedding_specs(workers: list[WorkerSpec], cores: list[int], best_llamacpp: str | None) -> list[WorkerSpec]:
-    """The embedding worker: llama.cpp on the CPU worker's cores (or all of them without one), with
-    the CPU worker's engine if that is llama.cpp, else the best llama.cpp CPU engine; none where no
+def embedding_specs(
+    workers: list[WorkerSpec], cores: list[int], best_llamacpp: str | None, slots: int = 1
+) -> list[WorkerSpec]:
+    """The embedding worker: llama.cpp on the CPU workers' cores (or all of them without one), with
+    a CPU worker's engine if that is llama.cpp, else the best llama.cpp CPU engine; none where no
     llama.cpp CPU engine can run. Its threads share those cores with the CPU worker's, which is
     cheap while one of the two is idle."""
-    cpu = next((w for w in workers if w.device == "cpu"), None)
-    engine = cpu.engine if cpu is not None and cpu.runtime == "llamacpp" else best_llamacpp
+    cpu = [w for w in workers if w.device == "cpu"]
+    llamacpp = next((w for w in cpu if w.runtime == "llamacpp"), None)
+    engine = llamacpp.engine if llamacpp is not None else best_llamacpp
     if engine is None:
         return []
-    cpus, threads = (cpu.cpus, cpu.threads) if cpu is not None else (cores, len(cores))
-    return [WorkerSpec("embed", "cpu", engine, manifests()[engine].runtime, cpus, threads, task="embed")]
+    cpus, threads = (cpu[0].cpus, cpu[0].threads) if cpu else (cores, len(cores))
+    return [WorkerSpec("embed", "cpu", engine, manifests()[engine].runtime, cpus, threads, slots, task="embed")]
 
 
 def _die_with_parent() -> None:
@@ -196,7 +207,7 @@ class Supervisor:
         """New requests get 503 while running ones finish, for up to the drain timeout."""
         try:
             tell_broker(wire.Drain(grace=self.plan.drain_timeout))
-            running = len(query_status(timeout=1).in_flight)
+            running = len(query_status(timeout=1).routed)
         except NotRunning:
             return
         if running:
@@ -206,7 +217,7 @@ class Supervisor:
         while running and not self.hurry and time.monotonic() < deadline:
             time.sleep(0.1)
             try:
-                running = len(query_status(timeout=1).in_flight)
+                running = len(query_status(timeout=1).routed)
             except NotRunning:
                 return
         time.sleep(0.3)  # the frontend writes the last bytes of the answers that just ended

@@ -87,7 +87,7 @@ def create_app(plan: ServePlan) -> Sanic:
         status = await request.app.ctx.broker.status()
         if status.draining:
             raise APIError(503, "Shutting down", type="unavailable_error", headers={"Retry-After": "1"})
-        if any(w.state == "ready" and w.task == "generate" for w in status.workers):
+        if any(w.state == "ready" and "generate" in w.capabilities.tasks for w in status.workers):
             return json_response(b'{"status":"ok"}')
         raise APIError(503, "Loading model", type="unavailable_error", headers={"Retry-After": "1"})
 
@@ -134,7 +134,7 @@ def create_app(plan: ServePlan) -> Sanic:
         body = decode_body(request, schema.DetokenizeRequest)
         model = body.model or plan.model_name
         result = await lookup(request, wire.Detokenize(id=f"detok-{uuid.uuid4().hex}", model=model, tokens=body.tokens))
-        return json_response(msgspec.json.encode(schema.DetokenizeResponse(content=result.content)))
+        return json_response(msgspec.json.encode(schema.DetokenizeResponse(content=result.text)))
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> HTTPResponse:
@@ -171,9 +171,9 @@ def create_app(plan: ServePlan) -> Sanic:
     return app
 
 
-async def lookup(request: Request, message: wire.Tokenize | wire.Detokenize) -> wire.TokenizeResult:
+async def lookup(request: Request, message: wire.Tokenize | wire.Detokenize) -> wire.Output:
     """A worker tokenizer's answer; its failure (unknown model, bad token id, no worker) as the HTTP error."""
-    result = await request.app.ctx.broker.lookup(message)
+    result = await request.app.ctx.broker.answer(message)
     if result.failure is not None:
         raise failure_error(result.failure)
     return result

@@ -1,10 +1,15 @@
 """The frontend's connection to the broker: submit requests, read their outputs.
 
-One DEALER socket per frontend process. A reader task takes every Results
+One DEALER socket per frontend process. A request goes as a Submit (what the
+broker routes it by) and its body. A reader task takes every Results
 message off the socket and hands each Output to the queue of the request
-it belongs to, so a request handler only ever awaits its own queue. A
-message with a single reply (a status query, a tokenizer lookup) awaits a
-future that the reader resolves by id.
+it belongs to, so a request handler only ever awaits its own queue; a
+status query awaits a future that the reader resolves by id.
+
+A watch task asks the broker, every WATCH_SECONDS while requests are
+pending, which requests it still routes: one it has lost (a broker that
+restarted knows none) ends with a 503, and a broker that does not answer
+ends them all and the socket is made anew, so no request waits forever.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import zmq.asyncio
 from infersnap import paths, wire
 
 LOOKUP_TIMEOUT = 30.0  # seconds; a worker answers a lookup between two engine steps
+WATCH_SECONDS = 1.0
+STATUS_TIMEOUT = 2.0
 
 
 class BrokerUnavailable(Exception):
@@ -27,19 +34,27 @@ class BrokerUnavailable(Exception):
 class BrokerClient:
     def __init__(self) -> None:
         self.zctx = zmq.asyncio.Context()
-        self.socket = self.zctx.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(paths.socket_address("clients"))
-        self.requests: dict[str, asyncio.Queue[wire.Output]] = {}
-        self.replies: dict[str, asyncio.Future] = {}  # single replies awaited, by message id
+        self.socket = self._connect()
+        self.requests: dict[str, asyncio.Queue[wire.Output]] = {}  # pending requests' output queues
+        self.replies: dict[str, asyncio.Future] = {}  # status replies awaited, by query id
         self._reader: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
+
+    def _connect(self) -> zmq.asyncio.Socket:
+        socket = self.zctx.socket(zmq.DEALER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.connect(paths.socket_address("clients"))
+        return socket
 
     def start(self) -> None:
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read())
+        self._watch = loop.create_task(self._watch_routes())
 
     async def close(self) -> None:
-        if self._reader:
-            self._reader.cancel()
+        for task in (self._reader, self._watch):
+            if task:
+                task.cancel()
         self.socket.close()
         self.zctx.term()
 
@@ -49,58 +64,76 @@ class BrokerClient:
             if isinstance(message, wire.Results):
                 for output in message.outputs:
                     queue = self.requests.get(output.id)
-                    if queue is not None:
-                        queue.put_nowait(output)
-                    else:  # a lookup the broker ended early (no worker, worker lost) gets a failed Output
-                        self._resolve(output.id, output)
-            elif isinstance(message, (wire.Status, wire.TokenizeResult)):
-                self._resolve(message.id, message)
+                    if queue is None:  # aborted, or ended by the watch meanwhile
+                        continue
+                    if output.finish_reason is not None:
+                        del self.requests[output.id]
+                    queue.put_nowait(output)
+            elif isinstance(message, wire.Status):
+                future = self.replies.pop(message.id, None)
+                if future is not None and not future.done():
+                    future.set_result(message)
 
-    def _resolve(self, reply_id: str, reply: wire.Message | wire.Output) -> None:
-        future = self.replies.pop(reply_id, None)
-        if future is not None and not future.done():
-            future.set_result(reply)
+    async def submit(self, request: wire.Request, outputs: asyncio.Queue[wire.Output]) -> None:
+        """Send a request; its outputs go to `outputs` (which several requests may share)."""
+        # encoded first: a request that cannot be encoded leaves nothing behind
+        frames = [wire.encode(wire.Submit(request.id, request.model, wire.needs_of(request))), wire.encode(request)]
+        self.requests[request.id] = outputs
+        await self.socket.send_multipart(frames)
 
-    async def _ask(self, message: wire.Message, reply_id: str, timeout: float) -> wire.Message | wire.Output:
-        """Send `message` and await the one reply with id `reply_id`."""
-        data = wire.encode(message)
+    async def answer(self, request: wire.Request, timeout: float = LOOKUP_TIMEOUT) -> wire.Output:
+        """The one Output that answers a request (a tokenizer lookup), or the failure that ended it."""
+        outputs: asyncio.Queue[wire.Output] = asyncio.Queue()
+        await self.submit(request, outputs)
+        try:
+            return await asyncio.wait_for(outputs.get(), timeout)
+        except asyncio.TimeoutError:
+            self.abort(request.id)
+            return wire.failed(request.id, 503, "no worker answered; retry shortly")
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; synchronous so it can run while the handler is being cancelled."""
+        self.requests.pop(request_id, None)
+        self.socket.send(wire.encode(wire.Abort(ids=[request_id])), zmq.NOBLOCK)
+
+    async def status(self, timeout: float = STATUS_TIMEOUT) -> wire.Status:
+        query = wire.StatusQuery(id=uuid.uuid4().hex)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self.replies[reply_id] = future
-        await self.socket.send(data)
+        self.replies[query.id] = future
+        await self.socket.send(wire.encode(query))
         try:
             return await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
             raise BrokerUnavailable("the broker did not answer") from None
         finally:
-            self.replies.pop(reply_id, None)
+            self.replies.pop(query.id, None)
 
-    async def submit(self, request: wire.Request, outputs: asyncio.Queue[wire.Output]) -> None:
-        """Send a request; its outputs go to `outputs` (which several requests may share)."""
-        message = wire.encode(request)  # first: a request that cannot be encoded leaves nothing behind
-        self.requests[request.id] = outputs
-        await self.socket.send(message)
+    async def _watch_routes(self) -> None:
+        """End the pending requests the broker no longer routes. Requests and status queries share
+        the socket, so the broker has seen every request sent before the query it answers."""
+        while True:
+            await asyncio.sleep(WATCH_SECONDS)
+            if not self.requests:
+                continue
+            pending = list(self.requests)
+            try:
+                routed = set((await self.status()).routed)
+            except BrokerUnavailable:
+                self._end(pending, "the server's broker does not answer; please retry")
+                self._reconnect()
+                continue
+            self._end([i for i in pending if i not in routed], "the server lost this request while restarting; please retry")
 
-    def forget(self, request_id: str) -> None:
-        self.requests.pop(request_id, None)
+    def _end(self, ids: list[str], message: str) -> None:
+        for request_id in ids:
+            queue = self.requests.pop(request_id, None)
+            if queue is not None:
+                queue.put_nowait(wire.failed(request_id, 503, message))
 
-    def abort(self, request_id: str) -> None:
-        """Stop a request; synchronous so it can run while the handler is being cancelled."""
-        self.forget(request_id)
-        self.socket.send(wire.encode(wire.Abort(ids=[request_id])), zmq.NOBLOCK)
-
-    async def status(self, timeout: float = 2.0) -> wire.Status:
-        query = wire.StatusQuery(id=uuid.uuid4().hex)
-        return await self._ask(query, query.id, timeout)
-
-    async def lookup(
-        self, request: wire.Tokenize | wire.Detokenize, timeout: float = LOOKUP_TIMEOUT
-    ) -> wire.TokenizeResult:
-        """A worker's answer to a tokenizer lookup, or the failure that ended it."""
-        try:
-            reply = await self._ask(request, request.id, timeout)
-        except BrokerUnavailable:
-            self.abort(request.id)  # the broker, if it is there, forgets it
-            return wire.TokenizeResult(request.id, failure=wire.Failure(503, "no worker answered; retry shortly"))
-        if isinstance(reply, wire.Output):
-            return wire.TokenizeResult(request.id, failure=reply.failure)
-        return reply
+    def _reconnect(self) -> None:
+        """A new socket, so that nothing queued for a lost broker reaches its successor."""
+        if self._reader:
+            self._reader.cancel()
+        self.socket.close()
+        self.socket = self._connect()
+        self._reader = asyncio.get_running_loop().create_task(self._read())

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 import msgspec
 
 from infersnap import wire
-from infersnap.frontend.broker_client import BrokerClient, BrokerUnavailable
+from infersnap.frontend.broker_client import BrokerClient
 
-STALL_CHECK_SECONDS = 5.0
 INT64 = 2**64
 
 
@@ -62,51 +61,29 @@ class Generation:
         return not self.unfinished
 
     async def next(self) -> tuple[int, wire.Output]:
-        """The next output and its choice's index. An error Output if the broker no longer knows an
-        unfinished choice, or if the request ran past its deadline (then its choices are stopped).
-
-        A broker that restarted has lost its routes: without this check such a
-        request would wait forever. Requests and status queries share one socket,
-        so the broker has always seen the requests before it answers the query.
-        """
+        """The next output and its choice's index; past the request's deadline, the 504 that ends it
+        (then its choices are stopped). The broker client ends a request its broker lost."""
         output = await self._next_output()
         i = self.index[output.id]  # the client hands this queue only its outputs
         self.last[i] = output
         return i, output
 
     async def _next_output(self) -> wire.Output:
-        loop = asyncio.get_running_loop()
-        while True:
-            deadline = self.deadline
-            wait = STALL_CHECK_SECONDS if deadline is None else min(STALL_CHECK_SECONDS, deadline - loop.time())
-            if not self.outputs.empty():  # wait_for(..., 0) would time out even with one waiting
-                return self.outputs.get_nowait()
-            try:
-                return await asyncio.wait_for(self.outputs.get(), max(wait, 0))
-            except asyncio.TimeoutError:
-                pass
+        if self.deadline is None or not self.outputs.empty():  # wait_for(..., 0) would time out even with one waiting
+            return await self.outputs.get()
+        try:
+            return await asyncio.wait_for(self.outputs.get(), max(self.deadline - asyncio.get_running_loop().time(), 0))
+        except asyncio.TimeoutError:
             unfinished = self.unfinished
-            if deadline is not None and loop.time() >= deadline:
-                self.close()  # now: once the failure below is filed, its choice no longer counts as unfinished
-                return wire.failed(
-                    unfinished[0], 504, "the request took longer than the server's queue.request-timeout", code="timeout"
-                )
-            try:
-                in_flight = set((await self.broker.status()).in_flight)
-            except BrokerUnavailable:
-                in_flight = set()
-            lost = [i for i in unfinished if i not in in_flight]
-            if lost and self.outputs.empty():
-                return wire.failed(lost[0], 503, "the server lost this request while restarting; please retry")
+            self.close()  # now: once the failure below is filed, its choice no longer counts as unfinished
+            return wire.failed(
+                unfinished[0], 504, "the request took longer than the server's queue.request-timeout", code="timeout"
+            )
 
     def close(self) -> None:
-        """Forget the finished choices and stop the others (the client left, or one choice failed)."""
-        unfinished = set(self.unfinished)
-        for request in self.requests:
-            if request.id in unfinished:
-                self.broker.abort(request.id)
-            else:
-                self.broker.forget(request.id)
+        """Stop the choices still generating (the client left, or one choice failed)."""
+        for request_id in self.unfinished:
+            self.broker.abort(request_id)
 
     def ended(self) -> list[wire.Output]:
         """The last Output of each choice that ended, with an answer or an error."""

@@ -78,10 +78,10 @@ class Metrics:
         family("infersnap_request_duration_seconds", "histogram", "Time from arrival to the end of the answer",
                self.latency.lines("infersnap_request_duration_seconds"))
         family("infersnap_requests_running", "gauge", "Requests a worker is running now",
-               [f'infersnap_requests_running{{worker="{w.worker_id}"}} {w.running}' for w in status.workers])
+               [f'infersnap_requests_running{{worker="{w.worker_id}"}} {len(w.running)}' for w in status.workers])
         family("infersnap_requests_waiting", "gauge", "Requests waiting for a free slot, by worker and in the broker's queue",
                [f'infersnap_requests_waiting{{worker="{w.worker_id}"}} {w.waiting}' for w in status.workers]
-               + [f'infersnap_requests_waiting{{worker=""}} {status.waiting}'])
+               + [f'infersnap_requests_waiting{{worker=""}} {status.queued}'])
         family("infersnap_worker_ready", "gauge", "1 if the worker is ready to serve, by worker, device, engine and state",
                [f'infersnap_worker_ready{{worker="{w.worker_id}",device="{w.device}",engine="{w.engine}",'
                 f'state="{w.state}"}} {int(w.state == "ready")}' for w in status.workers])

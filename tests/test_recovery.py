@@ -36,7 +36,9 @@ def child_pid(server, module: str) -> int:
 
 
 def test_a_request_caught_in_a_broker_crash_ends_with_an_error_and_service_resumes(tmp_path):
-    server = start_server(tmp_path)
+    """The restarted broker knows no routes: the worker's heartbeat lists the old request, the broker
+    aborts it there, so the one slot is free for the next request at once (not after 1500 tokens)."""
+    server = start_server(tmp_path, **{"worker.slots": "1", "worker.embeddings": "false"})
     try:
         replies: list[httpx.Response] = []
         caller = threading.Thread(
@@ -57,8 +59,10 @@ def test_a_request_caught_in_a_broker_crash_ends_with_an_error_and_service_resum
             20,
             "service did not resume after the broker restarted",
         )
+        restarted_at = time.monotonic()
         again = httpx.post(f"{server.url}/chat/completions", json={**LONG, "max_tokens": 5}, timeout=30)
         assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 5
+        assert time.monotonic() - restarted_at < 2, "the old request kept the worker's slot"
     finally:
         assert server.stop(signal.SIGTERM) == 0
 
@@ -86,7 +90,7 @@ from infersnap.cli.supervisor import Supervisor, build_plan
 from infersnap.config import Config
 from infersnap.plan import WorkerSpec
 plan = build_plan(Config())
-gpu = WorkerSpec("GPU.0", "GPU.0", "intel-gpu", "openvino", [0], 1)
+gpu = WorkerSpec("GPU.0", "GPU.0", "intel-gpu", "openvino", [0], 1, slots=4)
 sys.exit(Supervisor(msgspec.structs.replace(plan, workers=[*plan.workers, gpu])).run())
 """
 

@@ -1,20 +1,15 @@
-"""llama-server's /tokenize and /detokenize on both engines, and how the broker routes them."""
+"""llama-server's /tokenize and /detokenize on both engines."""
 
 from __future__ import annotations
 
 import contextlib
-import shutil
 import threading
 import time
 
 import httpx
 import pytest
-import zmq
 
 from conftest import wait_until
-from infersnap import paths, wire
-from infersnap.broker.broker import Broker
-from infersnap.plan import ServePlan
 
 TEXT = "Hello world, 媽 and emoji 🤗 <|im_start|>"  # split characters, and a special token written out
 VOCAB = 49152  # SmolLM2's
@@ -133,68 +128,3 @@ def test_lookups_answer_while_every_slot_generates(server):
         assert server.status()["workers"][0]["running"] == slots  # the generations go on
     queued.join(30)  # closing the streams stopped them: the waiting request gets a slot
     assert not queued.is_alive()
-
-
-# --- the broker's routing, without processes ----------------------------------
-
-
-@pytest.fixture()
-def broker(tmp_path, monkeypatch):
-    """A Broker on its own sockets, whose messages are recorded instead of sent."""
-    monkeypatch.setenv("INFERSNAP_DATA", str(tmp_path))
-    runtime = paths.runtime_dir(create=True)
-    plan = ServePlan(
-        host="127.0.0.1", port=0, max_body_bytes=1 << 20, model_path="m.gguf", model_name="m",
-        slots=1, context=512, max_waiting=4, request_timeout=0, verbose=False, workers=[],
-    )
-    instance = Broker(plan, zctx=zmq.Context())
-    instance.sent = []
-    monkeypatch.setattr(instance, "_send", lambda socket, identity, message: instance.sent.append((identity, message)))
-    info = wire.WorkerInfo(worker_id="cpu", device="cpu", engine="cpu", model="m", slots=1, context=512,
-                           state="ready", pid=1)
-    instance._on_worker(b"cpu", wire.WorkerStatus(info=info))
-    yield instance
-    instance.clients.close()
-    instance.workers_socket.close()
-    instance.zctx.term()
-    shutil.rmtree(runtime, ignore_errors=True)
-
-
-def generate(request_id: str) -> wire.Generate:
-    return wire.Generate(id=request_id, model="m", params=wire.SamplingParams(), prompt="x")
-
-
-def test_a_lookup_takes_no_slot_and_skips_the_queue(broker):
-    broker._on_client(b"app", generate("g1"))  # takes the one slot
-    broker._on_client(b"app", generate("g2"))  # waits
-    broker._on_client(b"app", wire.Tokenize(id="t1", model="M", content="x"))
-    assert [(who, m.id) for who, m in broker.sent] == [(b"cpu", "g1"), (b"cpu", "t1")]
-    status = broker.status("q")
-    assert status.waiting == 1 and status.workers[0].running == 1 and "t1" in status.in_flight
-
-    broker.sent.clear()
-    answer = wire.TokenizeResult(id="t1", tokens=[7])
-    broker._on_worker(b"cpu", answer)
-    assert broker.sent == [(b"app", answer)] and "t1" not in broker.status("q").in_flight
-
-
-def test_a_lookup_on_a_lost_worker_ends_with_503(broker):
-    broker._on_client(b"app", wire.Detokenize(id="d1", model="m", tokens=[1]))
-    broker.sent.clear()
-    broker._on_client(b"supervisor", wire.WorkerExited(worker_id="cpu", code=-9))
-    [(who, results)] = broker.sent
-    assert who == b"app" and [(o.id, o.failure.status) for o in results.outputs] == [("d1", 503)]
-    assert broker.status("q").in_flight == []
-
-
-def test_a_lookup_for_an_unknown_model_or_an_aborted_one_gets_nothing_from_the_worker(broker):
-    broker._on_client(b"app", wire.Tokenize(id="t1", model="other", content="x"))
-    [(who, results)] = broker.sent
-    assert who == b"app" and results.outputs[0].failure.code == "model_not_found"
-
-    broker.sent.clear()
-    broker._on_client(b"app", wire.Tokenize(id="t2", model="m", content="x"))
-    broker._on_client(b"app", wire.Abort(ids=["t2"]))
-    broker.sent.clear()
-    broker._on_worker(b"cpu", wire.TokenizeResult(id="t2", tokens=[7]))  # late: dropped
-    assert broker.sent == [] and broker.workers[b"cpu"].lookups == set()

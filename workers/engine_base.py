@@ -1,35 +1,151 @@
-"""What every engine shares: the request queue, aborts, and the check before a request is queued."""
+"""What every engine shares: the interface the worker loop runs, the request queue, aborts, the checks
+before a request is queued, the prompt, the seed, and the Output of a step.
+
+An engine takes requests with `add` (answering at once when it can: a refusal, a tokenizer lookup),
+works on them one `step` at a time (each step returns the Outputs it produced, the last of a request
+with `finish_reason` set), and drops them with `abort`. Requests wait in `waiting` until the engine
+admits them into `running`, one per slot; the worker reports both in its heartbeats.
+"""
 
 from __future__ import annotations
 
-import json
+import random
+import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
-from infersnap import json_schema, wire
+from infersnap import wire
+from infersnap.workers.text import TextStream
 
 
-class BatchingEngine:
-    """Requests wait in `waiting` until the engine admits them into `running`; the worker loop
-    reports both counts in its heartbeats. Subclasses set `context` and `n_vocab`, tokenize in
-    `_prompt_tokens`, build their sequence in `_queue` and free its resources in `_release`, and
-    give the tokenizer to /tokenize and /detokenize through `tokenize`, `piece` and `detokenize`.
-    A sequence's `logprobs` collects its tokens' wire.TokenLogprob (when asked) until its next Output."""
+class EngineError(Exception):
+    """The engine could not start (bad model file, unknown device, out of memory)."""
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What every engine is built from (one signature for all, so the worker builds any of them alike)."""
+
+    model_path: str
+    device: str  # "cpu", "GPU.0", "NPU", "cuda:0", ...
+    slots: int
+    context: int
+    threads: int
+    gpu_layers: int = 0  # llama.cpp layers offloaded to the device
+    verbose: bool = False
+
+
+class Engine:
+    """The interface the worker loop runs, with the queue and aborts every engine has. Subclasses set
+    `context` and `capabilities`, take a checked request in `_add`, and free a request's resources
+    in `_release` (called once for each request that leaves, admitted or not)."""
 
     context: int
-    n_vocab: int  # token ids run from 0 to n_vocab - 1
-    fim_tokens: tuple[int, int, int] | None = None  # fill in the middle: prefix, suffix, middle; None: none
-    bos_token: int | None = None  # the BOS the model starts a prompt with; None: it adds none
+    capabilities: wire.Capabilities
 
     def __init__(self) -> None:
-        self.waiting: deque[Any] = deque()
+        self.waiting: deque[Any] = deque()  # each with `.request`
         self.running: list[Any] = []
 
-    def add(self, request: wire.Generate) -> wire.Output | None:
-        """Queue a request; return a failure Output at once if it cannot be served."""
+    def add(self, request: wire.Request) -> wire.Output | None:
+        """Take a request; return its Output at once if it is answered (a refusal, a lookup's answer)."""
+        needs = wire.needs_of(request)
+        feature = wire.unmet(needs, self.capabilities)
+        if feature is not None:  # the broker sends none such: the same rule, in case
+            return wire.refusal(request.id, needs, feature, [self.runtime], request.model)
+        return self._add(request)
+
+    def step(self) -> list[wire.Output]:
+        raise NotImplementedError
+
+    def abort(self, ids: list[str]) -> None:
+        """Drop these requests wherever they are; unknown ids are ignored."""
+        wanted = set(ids)
+        for item in [s for s in [*self.waiting, *self.running] if s.request.id in wanted]:
+            self._end(item)
+
+    def fail_running(self, message: str) -> list[wire.Output]:
+        """End every running request with a 500 (the engine's step failed); the engine serves on."""
+        outputs = [wire.failed(s.request.id, 500, message) for s in self.running]
+        for item in list(self.running):
+            self._end(item)
+        return outputs
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    @property
+    def running_requests(self) -> list[wire.Request]:
+        return [s.request for s in self.running]
+
+    runtime: str = ""  # "llamacpp" | "openvino": named in refusals
+
+    def _add(self, request: wire.Request) -> wire.Output | None:
+        raise NotImplementedError
+
+    def _end(self, item: Any) -> None:
+        """Take a request out of the engine, wherever it is, and free what it holds."""
+        if item in self.running:
+            self.running.remove(item)
+        else:
+            self.waiting.remove(item)
+        self._release(item)
+
+    def _release(self, item: Any) -> None:
+        """Free what a request that left holds (its slot, its samplers)."""
+
+
+class Unloaded(Engine):
+    """The engine of a worker whose engine could not load: it refuses every request with why."""
+
+    def __init__(self, capabilities: wire.Capabilities, message: str) -> None:
+        super().__init__()
+        self.capabilities, self.message, self.context = capabilities, message, 0
+
+    def add(self, request: wire.Request) -> wire.Output | None:
+        return wire.failed(request.id, 503, self.message)
+
+    def step(self) -> list[wire.Output]:
+        return []
+
+
+@dataclass(eq=False)  # compared by identity: two requests are never the same sequence
+class Sequence:
+    """A generation inside an engine; each engine adds what is its own."""
+
+    request: wire.Generate
+    prompt: list[int]
+    max_tokens: int
+    text: TextStream | None = None  # once admitted
+    started: float = 0.0
+    first_token_at: float = 0.0
+    logprobs: list[wire.TokenLogprob] = field(default_factory=list)  # not yet sent
+
+
+class BatchingEngine(Engine):
+    """A generating engine: Generate (continuous batching) and tokenizer lookups. Subclasses set
+    `n_vocab`, `FEATURES`, and `fim_tokens`/`bos_token` where the model has them, give their chat
+    template in `_chat_text`, build their sequence in `_queue`, and give the tokenizer through
+    `tokenize`, `piece` and `detokenize`."""
+
+    n_vocab: int  # token ids run from 0 to n_vocab - 1
+    FEATURES: tuple[str, ...] = ()  # what the engine can do for any model (wire.FEATURES)
+    ban_with: list[int] | None = None  # see wire.Capabilities
+    fim_tokens: tuple[int, int, int] | None = None  # fill in the middle: prefix, suffix, middle; None: none
+    bos_token: int | None = None  # the BOS the model starts a prompt with; None: it adds none
+    prompt_add_special: bool = True  # whether a prompt is tokenized with the tokenizer's BOS/EOS
+
+    def _announce(self) -> None:
+        """Set `capabilities` once the model is loaded (FIM depends on its tokens)."""
+        features = [*self.FEATURES, *(["fim"] if self.fim_tokens is not None else [])]
+        self.capabilities = wire.Capabilities(tasks=["generate", "tokenize"], features=features, ban_with=self.ban_with)
+
+    def _add(self, request: wire.Request) -> wire.Output | None:
+        if isinstance(request, wire.Tokenize | wire.Detokenize):
+            return self._lookup(request)
         if request.suffix:
-            if self.fim_tokens is None:
-                return wire.failed(request.id, 400, "this model has no fill-in-the-middle tokens for `suffix`", param="suffix")
             prompt = self._fill_in_middle(request.prompt or "", request.suffix)
         else:
             try:
@@ -39,37 +155,19 @@ class BatchingEngine:
         max_tokens = completion_budget(request, prompt, self.context)
         if isinstance(max_tokens, wire.Output):
             return max_tokens
-        if request.params.json_schema is not None:
-            try:
-                schema = json.loads(request.params.json_schema)
-                if json_schema.normalize(schema) != schema:
-                    raise ValueError("it is not in the normalized form infersnap.json_schema makes")
-            except (ValueError, RecursionError) as exc:
-                return schema_refused(request, str(exc) or "nested too deeply")
         return self._queue(request, prompt, max_tokens)
 
-    def abort(self, ids: list[str]) -> None:
-        """Drop these requests wherever they are; unknown ids are ignored."""
-        wanted = set(ids)
-        self.waiting = deque(s for s in self.waiting if s.request.id not in wanted)
-        for seq in [s for s in self.running if s.request.id in wanted]:
-            self._release(seq)
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.running or self.waiting)
-
-    def answer(self, request: wire.Tokenize | wire.Detokenize) -> wire.TokenizeResult:
+    def _lookup(self, request: wire.Tokenize | wire.Detokenize) -> wire.Output:
         """A tokenizer lookup's answer; an id outside the vocabulary is a 400 (the tokenizers would crash or guess)."""
         if isinstance(request, wire.Tokenize):
             tokens = self.tokenize(request.content, request.add_special)
             pieces = [self.piece(t) for t in tokens] if request.with_pieces else []
-            return wire.TokenizeResult(id=request.id, tokens=tokens, pieces=pieces)
+            return wire.Output(request.id, finish_reason="stop", tokens=tokens, pieces=pieces)
         bad = next((t for t in request.tokens if not 0 <= t < self.n_vocab), None)
         if bad is not None:
             message = f"token id {bad} is not in the model's vocabulary (ids 0 to {self.n_vocab - 1})"
-            return wire.TokenizeResult(id=request.id, failure=wire.Failure(400, message, param="tokens"))
-        return wire.TokenizeResult(id=request.id, content=self.detokenize(request.tokens))
+            return wire.failed(request.id, 400, message, param="tokens")
+        return wire.Output(request.id, text=self.detokenize(request.tokens), finish_reason="stop")
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         """`text` as token ids, special tokens written in it included; `add_special`: with the BOS (or EOS)
@@ -91,7 +189,36 @@ class BatchingEngine:
         bos = [] if self.bos_token is None else [self.bos_token]
         return bos + [pre, *self.tokenize(prefix, False), suf, *self.tokenize(suffix, False), mid]
 
-    def _output(self, seq: Any, text: str, finish: str | None, completion_tokens: int, prompt_evaluated: int,
+    def _prompt_tokens(self, request: wire.Generate) -> list[int]:
+        """The prompt as token ids (chat messages through the model's template); ValueError if it can't be made."""
+        if request.messages is not None:
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            try:
+                text = self._chat_text(messages)
+            except ValueError:
+                raise
+            except Exception as exc:  # the template rejects these messages (jinja's raise_exception)
+                raise ValueError(first_line(exc)) from None
+        else:
+            text = request.prompt or ""
+        return self.tokenize(text, add_special=self.prompt_add_special) if text else []
+
+    def _chat_text(self, messages: list[dict[str, str]]) -> str:
+        """The messages through the model's chat template, ready for the assistant's turn; ValueError
+        when the model has none."""
+        raise NotImplementedError
+
+    def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int) -> wire.Output | None:
+        """Put a checked request in `waiting`, or refuse it with a failure Output."""
+        raise NotImplementedError
+
+    def _start(self, seq: Sequence) -> None:
+        """What every engine does as it admits a sequence into a slot."""
+        seq.text = TextStream(seq.request.params.stop)
+        seq.started = time.perf_counter()
+        self.running.append(seq)
+
+    def _output(self, seq: Sequence, text: str, finish: str | None, completion_tokens: int, prompt_evaluated: int,
                 now: float) -> wire.Output:
         """One step's Output of a sequence; the last one (finish set) carries the timings and frees the sequence."""
         output = wire.Output(
@@ -111,19 +238,23 @@ class BatchingEngine:
                 predicted_n=completion_tokens,
                 predicted_ms=(now - seq.first_token_at) * 1000,
             )
-            self._release(seq)
+            self._end(seq)
         return output
 
-    def _prompt_tokens(self, request: wire.Generate) -> list[int]:
-        """The prompt as token ids (chat messages through the model's template); ValueError if it can't be made."""
-        raise NotImplementedError
 
-    def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int) -> wire.Output | None:
-        """Put a checked request in `waiting`, or refuse it with a failure Output."""
-        raise NotImplementedError
+NO_CHAT_TEMPLATE = "the model has no chat template; use /v1/completions"
 
-    def _release(self, seq: Any) -> None:
-        raise NotImplementedError
+
+def seed_of(params: wire.SamplingParams) -> int:
+    """The sampler's seed: the request's own, or a random one; 32 bits, as both engines take."""
+    return (params.seed if params.seed is not None else random.getrandbits(32)) & 0xFFFFFFFF
+
+
+def first_line(exc: BaseException) -> str:
+    """An engine's error in one line: without OpenVINO's "Exception from <file>:<line>:" and "Check ..." lines."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Exception from ", "Check '"))]
+    return (useful or lines or [type(exc).__name__])[0]
 
 
 def schema_refused(request: wire.Generate, reason: str) -> wire.Output:

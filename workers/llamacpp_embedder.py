@@ -9,27 +9,44 @@ length, as OpenAI's are, so a dot product is their cosine similarity.
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
 
 import llama_cpp
 import numpy as np
 from llama_cpp import _internals, _logger
 
 from infersnap import wire
+from infersnap.workers.engine_base import Engine, EngineSettings
 from infersnap.workers.llamacpp_engine import load_model, new_context
 
 MAX_SEQUENCES = 32  # inputs per llama_decode
 
 
-class LlamaCppEmbedder:
-    def __init__(self, model_path: str, context: int, threads: int, verbose: bool = False) -> None:
-        _logger.set_verbose(verbose)
+@dataclass(eq=False)
+class EmbedJob:
+    request: wire.Embed
+    inputs: list[list[int]]
+    vectors: list[bytes] = field(default_factory=list)  # one per input done so far
+
+
+class LlamaCppEmbedder(Engine):
+    """Each step is one llama_decode over the next inputs of the requests in its slots, oldest first,
+    so an abort (a timeout, a client gone) stops a long request between two batches."""
+
+    runtime = "llamacpp"
+    capabilities = wire.Capabilities(tasks=["embed"])
+
+    def __init__(self, settings: EngineSettings) -> None:
+        super().__init__()
+        _logger.set_verbose(settings.verbose)
         llama_cpp.llama_backend_init()
-        self.model = load_model(model_path, 0)  # on the CPU, even with a GPU build: the GPU is the generating worker's
+        self.slots = settings.slots
+        # on the CPU, even with a GPU build: the GPU is the generating worker's
+        self.model = load_model(settings.model_path, 0)
         self.vocab = self.model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = self.model.n_embd()
-        self.context = min(context, self.model.n_ctx_train())
+        self.context = min(settings.context, self.model.n_ctx_train())
 
         metadata = self.model.metadata()
         own_pooling = metadata.get(f"{metadata.get('general.architecture')}.pooling_type")
@@ -41,37 +58,46 @@ class LlamaCppEmbedder:
         params.n_ctx = self.context
         params.n_batch = params.n_ubatch = self.context  # a pooled sequence must fit one micro-batch
         params.n_seq_max = MAX_SEQUENCES
-        params.n_threads = params.n_threads_batch = threads
+        params.n_threads = params.n_threads_batch = settings.threads
         params.kv_unified = True
         self.ctx = new_context(self.model, params, on_gpu=False)
         self.batch = _internals.LlamaBatch(n_tokens=self.context, embd=0, n_seq_max=1, verbose=False)
 
-    def embed(self, request: wire.Embed, aborted: Callable[[], bool] = lambda: False) -> wire.Output | None:
-        """The request's answer: its vectors in `embeddings`, or a 400 naming what the model cannot take;
-        None if `aborted()` says so between two batches."""
+    def _add(self, request: wire.Embed) -> wire.Output | None:
+        """Queue the request, or refuse at once with a 400 naming what the model cannot take."""
         if request.dimensions is not None and request.dimensions != self.n_embd:
             message = f"this model's embeddings have {self.n_embd} dimensions; it cannot give {request.dimensions}"
-            return _refused(request, message, "dimensions")
-        if request.texts:
-            inputs = [self._tokens(text) for text in request.texts]
-        else:
-            inputs = request.token_lists
+            return wire.failed(request.id, 400, message, param="dimensions")
+        inputs = [self._tokens(text) for text in request.texts] if request.texts else request.token_lists
         for i, tokens in enumerate(inputs):
             problem = self._problem(tokens)
             if problem is not None:
-                return _refused(request, f"input[{i}] {problem}", "input")
-        vectors: list[bytes] = []
-        start = 0
-        while start < len(inputs):
-            if start and aborted():
-                return None
-            end, used = start, 0
-            while end < len(inputs) and end - start < MAX_SEQUENCES and used + len(inputs[end]) <= self.context:
-                used += len(inputs[end])
-                end += 1
-            vectors += self._embed(inputs[start:end])
-            start = end
-        return wire.Output(request.id, finish_reason="stop", prompt_tokens=sum(map(len, inputs)), embeddings=vectors)
+                return wire.failed(request.id, 400, f"input[{i}] {problem}", param="input")
+        self.waiting.append(EmbedJob(request, inputs))
+        return None
+
+    def step(self) -> list[wire.Output]:
+        while self.waiting and len(self.running) < self.slots:
+            self.running.append(self.waiting.popleft())
+        batch: list[tuple[EmbedJob, list[int]]] = []
+        used = 0
+        for job in self.running:
+            for tokens in job.inputs[len(job.vectors) :]:  # each job's inputs in order, from the first not done
+                if len(batch) == MAX_SEQUENCES or used + len(tokens) > self.context:
+                    break
+                batch.append((job, tokens))
+                used += len(tokens)
+        if not batch:
+            return []
+        for (job, _), vector in zip(batch, self._embed([tokens for _, tokens in batch])):
+            job.vectors.append(vector)
+        outputs = []
+        for job in [j for j in self.running if len(j.vectors) == len(j.inputs)]:
+            self._end(job)
+            prompt_tokens = sum(map(len, job.inputs))
+            outputs.append(wire.Output(job.request.id, finish_reason="stop", prompt_tokens=prompt_tokens,
+                                       embeddings=job.vectors))
+        return outputs
 
     def _tokens(self, text: str) -> list[int]:
         """A text as the model reads an input: with the BOS and EOS it adds (llama.cpp's add_special),
@@ -103,6 +129,3 @@ class LlamaCppEmbedder:
             vectors.append((vector / norm if norm > 0 else vector).astype("<f4").tobytes())
         return vectors
 
-
-def _refused(request: wire.Embed, message: str, param: str) -> wire.Output:
-    return wire.failed(request.id, 400, message, param=param)

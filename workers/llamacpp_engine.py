@@ -12,7 +12,6 @@ it, so a repeated system prompt or chat history is read only once.
 from __future__ import annotations
 
 import ctypes
-import random
 import time
 from dataclasses import dataclass, field
 
@@ -22,9 +21,16 @@ from llama_cpp import _internals, _logger
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from infersnap import wire
-from infersnap.workers.engine_base import BatchingEngine, schema_refused
+from infersnap.workers.engine_base import (
+    NO_CHAT_TEMPLATE,
+    BatchingEngine,
+    EngineError,
+    EngineSettings,
+    Sequence,
+    schema_refused,
+    seed_of,
+)
 from infersnap.workers.llamacpp_grammar import schema_to_gbnf
-from infersnap.workers.text import TextStream
 
 BATCH_TOKENS = 512  # tokens per llama_decode: decode tokens first, prompt chunks fill the rest
 
@@ -35,28 +41,17 @@ class Slot:
     cached: list[int] = field(default_factory=list)  # tokens whose K/V this sequence holds
 
 
-@dataclass
-class Sequence:
-    request: wire.Generate
-    prompt: list[int]
-    max_tokens: int
-    slot: Slot | None = None
+@dataclass(eq=False)
+class LlamaSequence(Sequence):
+    slot: Slot | None = None  # once admitted
     fed: int = 0  # prompt tokens already in the KV cache
     sampler: _internals.LlamaSampler | None = None
-    grammar: str | None = None  # GBNF the output must follow (from params.json_schema)
-    grammar_sampler: llama_cpp.llama_sampler_p | None = None  # that grammar's state, outside the chain
+    # the output must follow this grammar (from params.json_schema): its state, outside the chain
+    grammar_sampler: llama_cpp.llama_sampler_p | None = None
     next_token: int = -1  # sampled, not yet fed back
     completion_tokens: int = 0
-    text: TextStream | None = None
     prompt_evaluated: int = 0
-    started: float = 0.0
-    first_token_at: float = 0.0
-    logprobs: list[wire.TokenLogprob] = field(default_factory=list)  # not yet sent
     prompt_logprobs: list[wire.TokenLogprob] = field(default_factory=list)  # not yet sent (echo with logprobs)
-
-
-class EngineError(Exception):
-    """The engine could not start (bad model file, out of memory)."""
 
 
 def load_model(model_path: str, gpu_layers: int) -> _internals.LlamaModel:
@@ -85,18 +80,20 @@ def new_context(
 
 
 class LlamaCppEngine(BatchingEngine):
-    def __init__(
-        self, model_path: str, slots: int, context: int, threads: int, gpu_layers: int = 0, verbose: bool = False
-    ) -> None:
+    runtime = "llamacpp"
+    FEATURES = ("top_logprobs", "prompt_logprobs", "logit_bias")
+
+    def __init__(self, settings: EngineSettings) -> None:
         super().__init__()
-        _logger.set_verbose(verbose)  # llama.cpp's own log: errors only unless asked
+        _logger.set_verbose(settings.verbose)  # llama.cpp's own log: errors only unless asked
         llama_cpp.llama_backend_init()
-        self.model = load_model(model_path, gpu_layers)  # 0 on the CPU; a GPU engine offloads them all
+        slots, threads, gpu_layers = settings.slots, settings.threads, settings.gpu_layers
+        self.model = load_model(settings.model_path, gpu_layers)  # 0 on the CPU; a GPU engine offloads them all
         self.vocab = self.model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._candidates = _internals.LlamaTokenDataArray(n_vocab=self.n_vocab)  # for constrained sampling
         self._scratch = np.empty(self.n_vocab, dtype=np.float32)  # for logprobs
-        self.context = min(context, self.model.n_ctx_train())
+        self.context = min(settings.context, self.model.n_ctx_train())
 
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = self.context * slots
@@ -111,24 +108,24 @@ class LlamaCppEngine(BatchingEngine):
 
         self.free_slots = [Slot(seq_id) for seq_id in range(slots)]
         self._pieces: dict[tuple[int, bool], bytes] = {}
-        self._add_bos = llama_cpp.llama_vocab_get_add_bos(self.vocab)
-        self.bos_token = llama_cpp.llama_vocab_bos(self.vocab) if self._add_bos else None
+        self.prompt_add_special = llama_cpp.llama_vocab_get_add_bos(self.vocab)
+        self.bos_token = llama_cpp.llama_vocab_bos(self.vocab) if self.prompt_add_special else None
         fim = (llama_cpp.llama_vocab_fim_pre(self.vocab), llama_cpp.llama_vocab_fim_suf(self.vocab),
                llama_cpp.llama_vocab_fim_mid(self.vocab))
         self.fim_tokens = fim if min(fim) >= 0 else None
         self._chat_template = self._load_chat_template()
+        self._announce()
 
     # --- requests in -------------------------------------------------------
 
     def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int) -> wire.Output | None:
-        grammar = None
+        seq = LlamaSequence(request=request, prompt=prompt, max_tokens=max_tokens)
         if request.params.json_schema is not None:
-            try:
-                grammar = schema_to_gbnf(request.params.json_schema)
-                llama_cpp.llama_sampler_free(self._grammar_sampler(grammar))  # refused now rather than when admitted
+            try:  # refused now rather than when admitted
+                seq.grammar_sampler = self._grammar_sampler(schema_to_gbnf(request.params.json_schema))
             except ValueError as exc:  # beyond what the converter or llama.cpp's grammar parser handle
                 return schema_refused(request, str(exc))
-        self.waiting.append(Sequence(request=request, prompt=prompt, max_tokens=max_tokens, grammar=grammar))
+        self.waiting.append(seq)
         return None
 
     # --- one step ----------------------------------------------------------
@@ -140,12 +137,7 @@ class LlamaCppEngine(BatchingEngine):
         sampling_rows, prompt_rows = self._fill_batch()
         rc = llama_cpp.llama_decode(self.ctx.ctx, self.batch.batch)
         if rc != 0:
-            outputs = [
-                wire.failed(s.request.id, 500, f"llama_decode failed with code {rc}") for s in self.running
-            ]
-            for seq in list(self.running):
-                self._release(seq)
-            return outputs
+            return self.fail_running(f"llama_decode failed with code {rc}")
         for seq, i, row in prompt_rows:  # the logits at prompt token i predict token i + 1
             seq.prompt_logprobs.append(self._logprob(row, seq.prompt[i + 1], seq.request.params.prompt_logprobs))
         now = time.perf_counter()
@@ -174,21 +166,17 @@ class LlamaCppEngine(BatchingEngine):
             seq.slot, seq.fed = slot, keep
             seq.prompt_evaluated = len(seq.prompt) - keep
             seq.sampler = self._sampler(seq.request.params)
-            if seq.grammar is not None:
-                seq.grammar_sampler = self._grammar_sampler(seq.grammar)
-            seq.text = TextStream(seq.request.params.stop)
-            seq.started = time.perf_counter()
-            self.running.append(seq)
+            self._start(seq)
 
-    def _fill_batch(self) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int, int]]]:
+    def _fill_batch(self) -> tuple[list[tuple[LlamaSequence, int]], list[tuple[LlamaSequence, int, int]]]:
         """Put every generating sequence's next token, then prompt chunks, into the batch. Returns the
         rows to sample from, and the rows whose logits give prompt logprobs (sequence, prompt index, row)."""
         batch = self.batch.batch
         n = 0
-        rows: list[tuple[Sequence, int]] = []
-        prompt_rows: list[tuple[Sequence, int, int]] = []
+        rows: list[tuple[LlamaSequence, int]] = []
+        prompt_rows: list[tuple[LlamaSequence, int, int]] = []
 
-        def put(seq: Sequence, token: int, wants_logits: bool) -> int:
+        def put(seq: LlamaSequence, token: int, wants_logits: bool) -> int:
             """Add the token at the sequence's next position; its batch row."""
             nonlocal n
             slot = seq.slot
@@ -219,7 +207,7 @@ class LlamaCppEngine(BatchingEngine):
         batch.n_tokens = n
         return rows, prompt_rows
 
-    def _sample(self, seq: Sequence, row: int, now: float) -> wire.Output | None:
+    def _sample(self, seq: LlamaSequence, row: int, now: float) -> wire.Output | None:
         if seq.grammar_sampler is None:
             token = llama_cpp.llama_sampler_sample(seq.sampler.sampler, self.ctx.ctx, row)
         else:
@@ -246,16 +234,16 @@ class LlamaCppEngine(BatchingEngine):
         output.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, []
         return output
 
-    def _release(self, seq: Sequence) -> None:
-        """Free the sequence's slot, keeping its KV cache for prefix reuse."""
-        self.running.remove(seq)
-        if seq.fed < len(seq.prompt):  # aborted while its prompt was half read
-            del seq.slot.cached[seq.fed :]
-        seq.sampler.close()
+    def _release(self, seq: LlamaSequence) -> None:
+        """Free the sequence's slot (keeping its KV cache for prefix reuse) and its samplers."""
+        if seq.slot is not None:
+            if seq.fed < len(seq.prompt):  # aborted while its prompt was half read
+                del seq.slot.cached[seq.fed :]
+            seq.sampler.close()
+            self.free_slots.append(seq.slot)
         if seq.grammar_sampler is not None:
             llama_cpp.llama_sampler_free(seq.grammar_sampler)
             seq.grammar_sampler = None
-        self.free_slots.append(seq.slot)
 
     # --- helpers -----------------------------------------------------------
 
@@ -273,11 +261,10 @@ class LlamaCppEngine(BatchingEngine):
         sampler.add_top_p(params.top_p, 1)
         sampler.add_min_p(params.min_p, 1)
         sampler.add_temp(params.temperature)
-        seed = params.seed if params.seed is not None else random.getrandbits(32)
-        sampler.add_dist(seed & 0xFFFFFFFF)
+        sampler.add_dist(seed_of(params))
         return sampler
 
-    def _sample_constrained(self, seq: Sequence, row: int) -> int:
+    def _sample_constrained(self, seq: LlamaSequence, row: int) -> int:
         """The chain's pick among the tokens the grammar allows, then both told about it.
 
         As llama.cpp's own sampling does: the chain picks from all tokens first and the grammar checks
@@ -352,18 +339,10 @@ class LlamaCppEngine(BatchingEngine):
             bos_token=self.model.token_get_text(bos) if bos != -1 else "",
         )
 
-    def _prompt_tokens(self, request: wire.Generate) -> list[int]:
-        if request.messages is not None:
-            if self._chat_template is None:
-                raise ValueError("the model has no chat template; use /v1/completions")
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            try:
-                text = self._chat_template(messages=messages).prompt
-            except Exception as exc:  # the template rejects these messages (jinja's raise_exception)
-                raise ValueError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-        else:
-            text = request.prompt or ""
-        return self.tokenize(text, add_special=self._add_bos) if text else []
+    def _chat_text(self, messages: list[dict[str, str]]) -> str:
+        if self._chat_template is None:
+            raise ValueError(NO_CHAT_TEMPLATE)
+        return self._chat_template(messages=messages).prompt
 
     # --- the tokenizer (/tokenize, /detokenize) ----------------------------
 

@@ -4,8 +4,7 @@ The pipeline holds a paged KV cache shared by up to `slots` sequences and
 does the batching itself: every step() is one inference over the next token
 of each generating sequence plus chunks of prompts still being read
 (dynamic split-fuse), with prefix caching so a repeated system prompt or chat
-history is read once. It reads GGUF files directly, as well as OpenVINO IR
-folders.
+history is read once. It reads GGUF files directly.
 
 This class gives it the llama.cpp engine's interface: requests wait here
 until a slot is free, token ids come back from each request's handle and
@@ -17,58 +16,52 @@ pipeline.
 
 from __future__ import annotations
 
-import json
 import os
-import random
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from infersnap import wire
-from infersnap.workers.engine_base import BatchingEngine
-from infersnap.workers.text import TextStream
+from infersnap.models import trained_context
+from infersnap.workers.engine_base import (
+    NO_CHAT_TEMPLATE,
+    BatchingEngine,
+    EngineError,
+    EngineSettings,
+    Sequence,
+    first_line,
+    seed_of,
+)
 
 BATCH_TOKENS = 512  # tokens per pipeline step: decode tokens first, prompt chunks fill the rest
-BAN = -100.0  # a logit_bias at or below this bans the token (OpenAI's convention)
 
 
-class EngineError(Exception):
-    """The engine could not start (bad model file, unknown device, out of memory)."""
-
-
-@dataclass
-class Sequence:
-    request: wire.Generate
-    prompt: list[int]
-    max_tokens: int
-    config: object  # openvino_genai.GenerationConfig
+@dataclass(eq=False)
+class OpenVinoSequence(Sequence):
+    config: object = None  # openvino_genai.GenerationConfig
     handle: object = None  # openvino_genai.GenerationHandle once admitted
-    ids: list[int] | None = None  # generated tokens, stop tokens left out
+    ids: list[int] = field(default_factory=list)  # generated tokens, stop tokens left out
     prefix_offset: int = 0  # ids[prefix_offset:read_offset] were decoded into text already sent
     read_offset: int = 0
-    text: TextStream | None = None
-    started: float = 0.0
-    first_token_at: float = 0.0
-    logprobs: list[wire.TokenLogprob] = field(default_factory=list)  # not yet sent
 
 
 class OpenVinoEngine(BatchingEngine):
-    def __init__(
-        self, model_path: str, device: str, slots: int, context: int, threads: int, verbose: bool = False
-    ) -> None:
+    runtime = "openvino"
+
+    def __init__(self, settings: EngineSettings) -> None:
         super().__init__()
-        if not verbose:
+        model_path, slots, context, threads = settings.model_path, settings.slots, settings.context, settings.threads
+        if not settings.verbose:
             os.environ.setdefault("OPENVINO_LOG_LEVEL", "1")  # errors only; read when the core starts
         import numpy as np
         import openvino
         import openvino_genai
 
         self._np, self._ov, self._genai = np, openvino, openvino_genai
-        self.device = device.upper()  # "cpu" -> "CPU"; "GPU.0" and "NPU" unchanged
+        self.device = settings.device.upper()  # "cpu" -> "CPU"; "GPU.0" and "NPU" unchanged
         if not Path(model_path).exists():
             raise EngineError(f"model not found: {model_path}")
-        model_context = _model_context(model_path)
+        model_context = trained_context(Path(model_path))
         self.context = min(context, model_context) if model_context else context
         self.slots = slots
 
@@ -94,7 +87,7 @@ class OpenVinoEngine(BatchingEngine):
                 model_path, scheduler, self.device, properties, properties if self.device == "CPU" else {}
             )
         except Exception as exc:  # RuntimeError with OpenVINO's own message (bad file, unknown device, no memory)
-            raise EngineError(f"OpenVINO could not load {model_path} on {self.device}: {_first_line(exc)}") from None
+            raise EngineError(f"OpenVINO could not load {model_path} on {self.device}: {first_line(exc)}") from None
         self.tokenizer = self.pipe.get_tokenizer()
         defaults = self.pipe.get_config()
         self.stop_ids: set[int] = set(defaults.stop_token_ids) | {defaults.eos_token_id}
@@ -105,28 +98,16 @@ class OpenVinoEngine(BatchingEngine):
         self.fim_tokens = _fim_tokens(self._vocab)
         bos = self.tokenizer.get_bos_token_id()
         self.bos_token = bos if bos >= 0 and bos in self.tokenize("", add_special=True) else None
-
+        # logit_bias only as bans of every end-of-text token (done with stop tokens, see _config)
+        self.ban_with = sorted(self.stop_ids)
+        self._announce()
         self._next_id = 0
-        self.verbose = verbose
 
     # --- requests in -------------------------------------------------------
 
     def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int) -> wire.Output | None:
-        if request.params.prompt_logprobs >= 0:
-            message = "echo with logprobs is not supported by the OpenVINO engine: it gives no logprobs for the prompt"
-            return wire.failed(request.id, 400, message, param="echo")
-        if request.params.logprobs > 0:
-            # openvino-genai computes only the chosen token's logprob, not the most likely ones
-            param = "top_logprobs" if request.messages is not None else "logprobs"
-            message = (
-                f"{param} above 0 is not supported by the OpenVINO engine: it gives only the chosen token's logprob"
-            )
-            return wire.failed(request.id, 400, message, param=param)
-        try:
-            config = self._config(request.params, max(max_tokens, 1))
-        except ValueError as exc:
-            return wire.failed(request.id, 400, str(exc), param="logit_bias")
-        self.waiting.append(Sequence(request=request, prompt=prompt, max_tokens=max_tokens, config=config))
+        config = self._config(request.params, max(max_tokens, 1))
+        self.waiting.append(OpenVinoSequence(request=request, prompt=prompt, max_tokens=max_tokens, config=config))
         return None
 
     # --- one step ----------------------------------------------------------
@@ -138,12 +119,9 @@ class OpenVinoEngine(BatchingEngine):
         try:
             self.pipe.step()
         except Exception as exc:
-            outputs += [wire.failed(s.request.id, 500, f"OpenVINO step failed: {_first_line(exc)}") for s in self.running]
-            for seq in list(self.running):
-                self._release(seq)
-            return outputs
+            return outputs + self.fail_running(f"OpenVINO step failed: {first_line(exc)}")
         now = time.perf_counter()
-        news: list[tuple[Sequence, str | None]] = []
+        news: list[tuple[OpenVinoSequence, str | None]] = []
         for seq in list(self.running):
             finish = self._read(seq)
             if finish == "error":
@@ -166,15 +144,12 @@ class OpenVinoEngine(BatchingEngine):
             try:
                 seq.handle = self.pipe.add_request(self._next_id, ids, seq.config)
             except Exception as exc:  # the config failed OpenVINO's own validation
-                refused.append(wire.failed(seq.request.id, 400, f"OpenVINO refused the request: {_first_line(exc)}"))
+                refused.append(wire.failed(seq.request.id, 400, f"OpenVINO refused the request: {first_line(exc)}"))
                 continue
-            seq.ids = []
-            seq.text = TextStream(seq.request.params.stop)
-            seq.started = time.perf_counter()
-            self.running.append(seq)
+            self._start(seq)
         return refused
 
-    def _read(self, seq: Sequence) -> str | None:
+    def _read(self, seq: OpenVinoSequence) -> str | None:
         """Take the tokens this step produced; return "stop"/"length" when the pipeline finished it, "error" if dropped."""
         handle, gen = seq.handle, self._genai
         finish = None
@@ -201,7 +176,7 @@ class OpenVinoEngine(BatchingEngine):
             seq.first_token_at = time.perf_counter()
         return finish
 
-    def _decode_new(self, seqs: list[Sequence], finishes: list[str | None]) -> list[str]:
+    def _decode_new(self, seqs: list[OpenVinoSequence], finishes: list[str | None]) -> list[str]:
         """The new text of each sequence, from one batched decode (two windows per sequence).
 
         Each window starts at a token already decoded before (prefix_offset), so a tokenizer that
@@ -222,7 +197,7 @@ class OpenVinoEngine(BatchingEngine):
             seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.ids)
         return pieces
 
-    def _emit(self, seq: Sequence, piece: str, finish: str | None, now: float) -> wire.Output | None:
+    def _emit(self, seq: OpenVinoSequence, piece: str, finish: str | None, now: float) -> wire.Output | None:
         text = ""
         if piece:
             text, hit_stop = seq.text.push(piece.encode("utf-8"))
@@ -234,16 +209,15 @@ class OpenVinoEngine(BatchingEngine):
             return None
         return self._output(seq, text, finish, len(seq.ids), len(seq.prompt), now)
 
-    def _dropped(self, seq: Sequence) -> wire.Output:
-        self._release(seq)
+    def _dropped(self, seq: OpenVinoSequence) -> wire.Output:
+        self._end(seq)
         return wire.failed(
             seq.request.id, 503, "the OpenVINO pipeline dropped the request (its KV cache could not hold it)"
         )
 
-    def _release(self, seq: Sequence) -> None:
-        """Take the sequence out; the pipeline frees its KV blocks (prefix cache keeps what it can)."""
-        self.running.remove(seq)
-        if seq.handle.get_status() == self._genai.GenerationStatus.RUNNING:
+    def _release(self, seq: OpenVinoSequence) -> None:
+        """The pipeline frees its KV blocks (prefix cache keeps what it can)."""
+        if seq.handle is not None and seq.handle.get_status() == self._genai.GenerationStatus.RUNNING:
             seq.handle.cancel()
 
     # --- helpers -----------------------------------------------------------
@@ -257,19 +231,10 @@ class OpenVinoEngine(BatchingEngine):
             # schemas normalized (infersnap/json_schema.py) to the keywords it is known to accept
             config.structured_output_config = self._genai.StructuredOutputConfig(json_schema=params.json_schema)
         if params.logit_bias:
-            if params.json_schema is not None:
-                # the ban below masks end-of-text, which is all a complete JSON allows: it would go on with junk
-                raise ValueError("logit_bias cannot be used with response_format or tools on the OpenVINO engine")
-            banned = {token for token, bias in params.logit_bias.items() if bias <= BAN}
-            if len(banned) != len(params.logit_bias) or not self.stop_ids <= banned:
-                raise ValueError(
-                    "logit_bias is not supported by the OpenVINO engine, except banning (-100) the "
-                    f"end-of-text token{'s' if len(self.stop_ids) > 1 else ''} {sorted(self.stop_ids)}, "
-                    "alone or with other tokens"
-                )
-            # every token in stop_token_ids is masked for the first min_new_tokens tokens: banning them
-            # all for the whole generation is banning these tokens (EOS among them, so it runs to max_tokens)
-            config.stop_token_ids = banned
+            # Only bans of every end-of-text token get here (capabilities.ban_with), without a schema: a
+            # complete JSON allows only end-of-text. Every token in stop_token_ids is masked for the first
+            # min_new_tokens tokens: banning them all for the whole generation bans these tokens.
+            config.stop_token_ids = set(params.logit_bias)
             config.min_new_tokens = max_tokens
         if params.logprobs >= 0:
             config.logprobs = 1  # the chosen token's logprob; without it the pipeline reports 0.0
@@ -284,22 +249,13 @@ class OpenVinoEngine(BatchingEngine):
         config.top_k = params.top_k if params.top_k > 0 else 0
         config.top_p = params.top_p if 0 < params.top_p < 1 else 1.0
         config.min_p = max(params.min_p, 0.0)
-        seed = params.seed if params.seed is not None else random.getrandbits(32)
-        config.rng_seed = seed & 0xFFFFFFFF
+        config.rng_seed = seed_of(params)
         return config
 
-    def _prompt_tokens(self, request: wire.Generate) -> list[int]:
-        if request.messages is not None:
-            if not self._chat_template:
-                raise ValueError("the model has no chat template; use /v1/completions")
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            try:
-                text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            except Exception as exc:
-                raise ValueError(_first_line(exc)) from None
-        else:
-            text = request.prompt or ""
-        return self.tokenize(text, add_special=True) if text else []
+    def _chat_text(self, messages: list[dict[str, str]]) -> str:
+        if not self._chat_template:
+            raise ValueError(NO_CHAT_TEMPLATE)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
     # --- the tokenizer (/tokenize, /detokenize) ----------------------------
 
@@ -321,66 +277,6 @@ def _token_bytes(tokenizer) -> list[bytes]:
     for piece, token in vocab.items():
         pieces[token] = piece if isinstance(piece, bytes) else piece.encode("utf-8")
     return pieces
-
-
-def _first_line(exc: BaseException) -> str:
-    """OpenVINO's message without its "Exception from <source file>:<line>:" and "Check ..." lines."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("Exception from ", "Check '"))]
-    return (useful or lines or [type(exc).__name__])[0]
-
-
-def _model_context(model_path: str) -> int | None:
-    """The context length the model was trained with, from GGUF metadata or an IR folder's config.json."""
-    path = Path(model_path)
-    try:
-        if path.is_dir():
-            config = json.loads((path / "config.json").read_text())
-            return int(config.get("max_position_embeddings") or 0) or None
-        return _gguf_context(path)
-    except (OSError, ValueError, struct.error):
-        return None
-
-
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def _gguf_context(path: Path) -> int | None:
-    """`<architecture>.context_length` from a GGUF header (reads only the metadata)."""
-    with path.open("rb") as f:
-
-        def read(fmt: str):
-            fmt = "<" + fmt
-            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
-
-        def string() -> str:
-            return f.read(read("Q")).decode("utf-8", "replace")
-
-        def value(kind: int):
-            if kind == 8:
-                return string()
-            if kind == 9:
-                item, count = read("I"), read("Q")
-                if item in _GGUF_SCALARS:
-                    f.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
-                else:
-                    for _ in range(count):
-                        value(item)
-                return None
-            return read(_GGUF_SCALARS[kind])
-
-        if f.read(4) != b"GGUF":
-            return None
-        read("I")  # version
-        read("Q")  # tensors
-        metadata = {}
-        for _ in range(read("Q")):
-            key = string()
-            metadata[key] = value(read("I"))
-            arch = metadata.get("general.architecture")
-            if arch and f"{arch}.context_length" in metadata:
-                return int(metadata[f"{arch}.context_length"])
-    return None
 
 
 # How code models spell their fill-in-the-middle tokens (prefix, suffix, middle): openvino-genai does not

@@ -2,32 +2,46 @@
 
 Socket I/O runs on its own thread, so heartbeats keep flowing while the
 engine thread is inside a long llama_decode and the engine never waits on
-ZeroMQ. The engine thread takes requests from a queue and hands each step's
-outputs, already encoded, to the I/O thread over an inproc socket.
+ZeroMQ. The engine thread runs one loop for every kind of request
+(generate, embed, tokenizer lookups): it adds what came, runs one engine
+step, and hands that step's outputs, already encoded, one message per
+client, to the I/O thread over an inproc socket.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import queue
 import threading
 import time
-from collections import deque
 
+import msgspec
 import zmq
 
 from infersnap import paths, wire
 from infersnap.plan import RESTARTS_VARIABLE, ServePlan, WorkerSpec
+from infersnap.workers.engine_base import Engine, EngineSettings, Unloaded
 
 HEARTBEAT_SECONDS = 0.25
 OUTBOX = "inproc://outbox"
+
+# The engine class of each (runtime, task): adding an engine is one line here, one file and a manifest.
+ENGINES = {
+    ("llamacpp", "generate"): "infersnap.workers.llamacpp_engine:LlamaCppEngine",
+    ("openvino", "generate"): "infersnap.workers.openvino_engine:OpenVinoEngine",
+    ("llamacpp", "embed"): "infersnap.workers.llamacpp_embedder:LlamaCppEmbedder",
+}
+# What a worker of each task takes before its engine says more (its features come once it is loaded).
+TASKS = {"generate": ["generate", "tokenize"], "embed": ["embed"]}
 
 log = logging.getLogger("infersnap.worker")
 
 
 class WorkerIO(threading.Thread):
-    """Owns the DEALER socket: requests in, results and heartbeats out."""
+    """Owns the DEALER socket: requests in, results and heartbeats out. `info` is replaced whole by the
+    engine thread (WorkerInfo is frozen), so a heartbeat never sends one half updated."""
 
     def __init__(self, zctx: zmq.Context, info: wire.WorkerInfo, inbox: queue.Queue) -> None:
         super().__init__(name="worker-io", daemon=True)
@@ -55,15 +69,28 @@ class WorkerIO(threading.Thread):
             if self.outbox in events:
                 while True:
                     try:
-                        self.dealer.send(self.outbox.recv(zmq.NOBLOCK))
+                        self.dealer.send_multipart(self.outbox.recv_multipart(zmq.NOBLOCK))
                     except zmq.Again:
                         break
             if self.dealer in events:
                 while True:
                     try:
-                        self.inbox.put(wire.decode(self.dealer.recv(zmq.NOBLOCK)))
+                        frames = self.dealer.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
+                    try:
+                        self.inbox.put(received(frames))
+                    except (msgspec.DecodeError, msgspec.ValidationError):
+                        log.warning("dropped an undecodable message")
+
+
+def received(frames: list[bytes]) -> tuple[wire.Message, bytes]:
+    """A message from the broker as (message, client): a Dispatch's request with the client to answer,
+    or a control message (Abort) with no client."""
+    header = wire.decode(frames[0])
+    if isinstance(header, wire.Dispatch):
+        return wire.decode(frames[1]), header.client
+    return header, b""
 
 
 def pin_to(cpus: list[int]) -> None:
@@ -80,13 +107,14 @@ def run(plan: ServePlan, spec: WorkerSpec) -> None:
         worker_id=spec.worker_id,
         device=spec.device,
         engine=spec.engine,
+        runtime=spec.runtime,
         model=plan.model_name,
-        slots=plan.slots if spec.task == "generate" else 1,  # an embedding worker runs one Embed at a time
+        slots=spec.slots,
         context=plan.context,
         state="loading",
         pid=os.getpid(),
         restarts=int(os.environ.get(RESTARTS_VARIABLE, "0")),
-        task=spec.task,
+        capabilities=wire.Capabilities(tasks=TASKS[spec.task]),
     )
     zctx = zmq.Context()
     inbox: queue.Queue = queue.Queue()
@@ -96,75 +124,58 @@ def run(plan: ServePlan, spec: WorkerSpec) -> None:
     outbox.setsockopt(zmq.LINGER, 0)
     outbox.connect(OUTBOX)
 
-    engine = None
     try:
         engine = load_engine(plan, spec)
-        info.context = engine.context
-        info.state = "ready"
+        io.info = msgspec.structs.replace(info, state="ready", context=engine.context, capabilities=engine.capabilities)
     except Exception as exc:  # the worker stays up to report why
         log.error("worker %s failed to load: %s", spec.worker_id, exc)
-        info.state, info.error = "failed", str(exc)
-
-    if spec.task == "embed":
-        _serve_embeddings(engine, inbox, outbox, info)
-    else:
-        _serve_generation(engine, inbox, outbox, info)
+        io.info = msgspec.structs.replace(info, state="failed", error=str(exc))
+        engine = Unloaded(info.capabilities, f"worker {spec.worker_id} failed to load: {exc}")
+    serve(engine, inbox, outbox, io)
 
 
-def _serve_generation(engine, inbox: queue.Queue, outbox: zmq.Socket, info: wire.WorkerInfo) -> None:
-    """Take requests between engine steps; send each step's outputs."""
+def serve(engine: Engine, inbox: queue.Queue, outbox: zmq.Socket, io: WorkerIO) -> None:
+    """The engine loop: take what came between two steps, step, send each client its outputs."""
+    clients: dict[str, bytes] = {}  # request id -> the client its outputs go to
     while True:
-        message = inbox.get() if engine is None or not engine.busy else _next_or_none(inbox)
+        item = inbox.get() if not engine.busy else _next_or_none(inbox)
         outputs: list[wire.Output] = []
-        while message is not None:
-            if isinstance(message, wire.Generate):
-                if engine is None:
-                    refused = wire.failed(message.id, 503, not_loaded(info))
-                else:
-                    refused = _add(engine, message)
+        while item is not None:
+            message, client = item
+            if isinstance(message, wire.Abort):
+                engine.abort(message.ids)
+                for request_id in message.ids:
+                    clients.pop(request_id, None)
+            else:
+                clients[message.id] = client
+                refused = _add(engine, message)
                 if refused is not None:
                     outputs.append(refused)
-            elif isinstance(message, wire.Abort) and engine is not None:
-                engine.abort(message.ids)
-            elif isinstance(message, (wire.Tokenize, wire.Detokenize)):  # now: a lookup waits for no step
-                outbox.send(wire.encode(_answer(engine, message, info)))
-            message = _next_or_none(inbox)
-        if engine is not None:
-            outputs.extend(engine.step())
-            info.running, info.waiting = len(engine.running), len(engine.waiting)
+            item = _next_or_none(inbox)
+        outputs += _step(engine)
         if outputs:
-            outbox.send(wire.encode(wire.Results(outputs=outputs)))
+            _deliver(outputs, clients, outbox, io.info.worker_id)
+        running = [r.id for r in engine.running_requests]
+        if running != io.info.running or len(engine.waiting) != io.info.waiting:
+            io.info = msgspec.structs.replace(io.info, running=running, waiting=len(engine.waiting))
 
 
-def _serve_embeddings(engine, inbox: queue.Queue, outbox: zmq.Socket, info: wire.WorkerInfo) -> None:
-    """Answer each Embed with one Output. The broker sends one at a time; between two batches of its
-    inputs the engine looks for an Abort of it (timed out, client gone) and stops there."""
-    later: deque[wire.Message] = deque()  # what came while looking for an Abort
-
-    def aborted(request_id: str) -> bool:
-        while True:
-            try:
-                message = inbox.get_nowait()
-            except queue.Empty:
-                return False
-            if isinstance(message, wire.Abort) and request_id in message.ids:
-                return True
-            later.append(message)
-
-    while True:
-        message = later.popleft() if later else inbox.get()
-        if not isinstance(message, wire.Embed):
+def _deliver(outputs: list[wire.Output], clients: dict[str, bytes], outbox: zmq.Socket, worker_id: str) -> None:
+    """One Deliver + Results per client; the last output of each request carries this worker's id."""
+    by_client: dict[bytes, list[wire.Output]] = {}
+    ended: dict[bytes, list[str]] = {}
+    for output in outputs:
+        client = clients.get(output.id)
+        if client is None:  # aborted meanwhile
             continue
-        if engine is None:
-            output = wire.failed(message.id, 503, not_loaded(info))
-        else:
-            try:
-                output = engine.embed(message, lambda: aborted(message.id))
-            except Exception:
-                log.exception("embeddings %s failed", message.id)
-                output = wire.failed(message.id, 500, "the engine could not embed this input")
-        if output is not None:
-            outbox.send(wire.encode(wire.Results(outputs=[output])))
+        by_client.setdefault(client, []).append(output)
+        if output.finish_reason is not None:
+            output.worker = worker_id
+            ended.setdefault(client, []).append(output.id)
+            del clients[output.id]
+    for client, batch in by_client.items():
+        header = wire.Deliver(client=client, ended=ended.get(client, []))
+        outbox.send_multipart([wire.encode(header), wire.encode(wire.Results(outputs=batch))])
 
 
 # Which environment variable makes a GPU runtime see only the n-th device (numbered in PCI order).
@@ -172,8 +183,8 @@ VISIBLE_DEVICES = {"cuda": ["CUDA_VISIBLE_DEVICES"], "amd": ["HIP_VISIBLE_DEVICE
 
 
 def only_device(device: str) -> None:
-    """Pin a llama.cpp worker to its device, before the GPU runtime starts and reads these: a GPU
-    worker sees its own GPU, a CPU worker no CUDA or ROCm GPU at all (its context is kept off a GPU too)."""
+    """Pin a worker to its device, before a GPU runtime starts and reads these: a GPU worker sees its
+    own GPU, a CPU worker no CUDA or ROCm GPU at all (its context is kept off a GPU too)."""
     kind, _, index = device.partition(":")
     if kind == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["HIP_VISIBLE_DEVICES"] = ""
@@ -183,26 +194,23 @@ def only_device(device: str) -> None:
             os.environ[name] = index
 
 
-def load_engine(plan: ServePlan, spec: WorkerSpec):
-    """The engine for this worker's task and runtime; imported here so a worker loads only its own."""
-    if spec.task == "embed":
-        from infersnap.workers.llamacpp_embedder import LlamaCppEmbedder
-
-        only_device(spec.device)
-        return LlamaCppEmbedder(plan.model_path, plan.context, spec.threads, plan.verbose)
-    if spec.runtime == "llamacpp":
-        from infersnap.workers.llamacpp_engine import LlamaCppEngine
-
-        only_device(spec.device)
-        return LlamaCppEngine(plan.model_path, plan.slots, plan.context, spec.threads, spec.gpu_layers, plan.verbose)
-    if spec.runtime == "openvino":
-        from infersnap.workers.openvino_engine import OpenVinoEngine
-
-        return OpenVinoEngine(plan.model_path, spec.device, plan.slots, plan.context, spec.threads, plan.verbose)
-    raise ValueError(f"unknown runtime {spec.runtime!r}")
+def engine_class(runtime: str, task: str) -> type[Engine]:
+    """The engine class of a runtime and task, imported now, so that a worker loads only its own."""
+    where = ENGINES.get((runtime, task))
+    if where is None:
+        raise ValueError(f"no {task} engine for the runtime {runtime!r}")
+    module, _, name = where.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def _add(engine, request: wire.Generate) -> wire.Output | None:
+def load_engine(plan: ServePlan, spec: WorkerSpec) -> Engine:
+    only_device(spec.device)  # before the engine's runtime starts
+    settings = EngineSettings(plan.model_path, spec.device, spec.slots, plan.context, spec.threads,
+                              spec.gpu_layers, plan.verbose)
+    return engine_class(spec.runtime, spec.task)(settings)
+
+
+def _add(engine: Engine, request: wire.Request) -> wire.Output | None:
     """engine.add, where an unexpected error fails this one request, not the worker and all it runs."""
     try:
         return engine.add(request)
@@ -211,22 +219,13 @@ def _add(engine, request: wire.Generate) -> wire.Output | None:
         return wire.failed(request.id, 500, "the engine could not take this request")
 
 
-def _answer(engine, request: wire.Tokenize | wire.Detokenize, info: wire.WorkerInfo) -> wire.TokenizeResult:
-    """engine.answer, where an unexpected error fails this lookup, not the worker."""
-    if engine is None:
-        failure = wire.Failure(503, not_loaded(info))
-        return wire.TokenizeResult(id=request.id, failure=failure)
+def _step(engine: Engine) -> list[wire.Output]:
+    """engine.step, where an unexpected error fails what the engine runs, not the worker."""
     try:
-        return engine.answer(request)
-    except Exception:
-        log.exception("tokenizer request %s failed", request.id)
-        failure = wire.Failure(500, "the engine's tokenizer failed on this request")
-        return wire.TokenizeResult(id=request.id, failure=failure)
-
-
-def not_loaded(info: wire.WorkerInfo) -> str:
-    """What a request to a worker whose engine failed to load is told."""
-    return f"worker {info.worker_id} failed to load: {info.error}"
+        return engine.step()
+    except Exception as exc:
+        log.exception("an engine step failed")
+        return engine.fail_running(f"the engine failed: {exc}")
 
 
 def _next_or_none(inbox: queue.Queue):

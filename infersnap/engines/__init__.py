@@ -61,13 +61,20 @@ def select(machine: Machine, names: list[str] | None = None) -> list[Assignment]
             if not verdict.compatible:
                 raise EngineChoiceError(f"engine {name} cannot run on this machine: {'; '.join(verdict.reasons)}")
             chosen.append(verdict)
-    owner: dict[str, str] = {}
+    # A device runs one engine of each runtime: two named engines of one runtime on it would do the same work.
+    owners: dict[str, dict[str, str]] = {}  # device -> runtime -> engine
     for verdict in chosen:
+        runtime = manifests()[verdict.engine].runtime
         for device in verdict.devices:
-            if device in owner and names is not None:
-                raise EngineChoiceError(f"engines {owner[device]} and {verdict.engine} both run on {device}; pick one")
-            owner.setdefault(device, verdict.engine)
-    return [Assignment(engine, device) for device, engine in owner.items()]
+            engines = owners.setdefault(device, {})
+            if names is None and engines:
+                continue  # auto: the best-scoring engine only
+            if runtime in engines:
+                raise EngineChoiceError(
+                    f"engines {engines[runtime]} and {verdict.engine} both run on {device}; pick one"
+                )
+            engines[runtime] = verdict.engine
+    return [Assignment(engine, device) for device, engines in owners.items() for engine in engines.values()]
 
 
 def embedding_engine(machine: Machine) -> str | None:

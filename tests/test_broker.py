@@ -1,0 +1,279 @@
+"""The broker's routing, without processes: the real Broker over inproc sockets, with a frontend and
+workers played by DEALER sockets in the test."""
+
+from __future__ import annotations
+
+import itertools
+
+import msgspec
+import pytest
+import zmq
+
+from infersnap import wire
+from infersnap.broker import broker as broker_module
+from infersnap.broker.broker import Broker
+from infersnap.plan import ServePlan
+
+LLAMA = wire.Capabilities(tasks=["generate", "tokenize"], features=["top_logprobs", "prompt_logprobs", "logit_bias"])
+OPENVINO = wire.Capabilities(tasks=["generate", "tokenize"], ban_with=[2])
+EMBED = wire.Capabilities(tasks=["embed"])
+_addresses = itertools.count()
+
+
+class Peer:
+    """A DEALER socket with an identity: a frontend or a worker."""
+
+    def __init__(self, net: Net, identity: bytes, address: str) -> None:
+        self.net, self.identity = net, identity
+        self.socket = net.zctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.IDENTITY, identity)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(address)
+
+    def send(self, *messages: wire.Message) -> None:
+        self.socket.send_multipart([wire.encode(m) for m in messages])
+        self.net.pump()
+
+    def received(self) -> list[list[wire.Message]]:
+        """Every message waiting for this peer, each decoded frame by frame."""
+        self.net.pump()
+        got = []
+        while self.socket.poll(20):
+            got.append([wire.decode(frame) for frame in self.socket.recv_multipart()])
+        return got
+
+
+class Net:
+    def __init__(self, broker: Broker, zctx: zmq.Context, prefix: str) -> None:
+        self.broker, self.zctx, self.prefix = broker, zctx, prefix
+
+    def pump(self) -> None:
+        for _ in range(3):
+            self.broker.poll_once(20)
+
+    def client(self, identity: bytes = b"app") -> Peer:
+        return Peer(self, identity, f"{self.prefix}-clients")
+
+    def worker(self, worker_id: str, capabilities: wire.Capabilities = LLAMA, slots: int = 1, model: str = "m",
+               state: str = "ready", runtime: str = "llamacpp", pid: int = 1) -> Peer:
+        peer = Peer(self, worker_id.encode(), f"{self.prefix}-workers")
+        peer.info = wire.WorkerInfo(worker_id=worker_id, device="cpu", engine=worker_id, runtime=runtime, model=model,
+                                    slots=slots, context=512, state=state, pid=pid, capabilities=capabilities)
+        peer.send(wire.WorkerStatus(info=peer.info))
+        return peer
+
+
+@pytest.fixture()
+def net():
+    zctx = zmq.Context()
+    prefix = f"inproc://broker-test-{next(_addresses)}"
+    plan = ServePlan(host="127.0.0.1", port=0, max_body_bytes=1 << 20, model_path="m.gguf", model_name="m",
+                     context=512, max_waiting=2, request_timeout=0, verbose=False, workers=[])
+    broker = Broker(plan, zctx=zctx, address=lambda name: f"{prefix}-{name}")
+    yield Net(broker, zctx, prefix)
+    zctx.destroy(linger=0)
+
+
+def generate(request_id: str, model: str = "m", **params) -> wire.Generate:
+    return wire.Generate(id=request_id, model=model, params=wire.SamplingParams(**params), prompt="x")
+
+
+def submit(client: Peer, request: wire.Request) -> None:
+    client.send(wire.Submit(request.id, request.model, wire.needs_of(request)), request)
+
+
+def dispatched(worker: Peer) -> list[str]:
+    """The ids of the requests the broker dispatched to this worker, and that the body came along whole."""
+    ids = []
+    for frames in worker.received():
+        if isinstance(frames[0], wire.Dispatch):
+            assert frames[1].id == frames[0].id
+            ids.append(frames[0].id)
+    return ids
+
+
+def aborted(worker: Peer) -> list[str]:
+    return [i for frames in worker.received() if isinstance(frames[0], wire.Abort) for i in frames[0].ids]
+
+
+def outputs(client: Peer) -> list[wire.Output]:
+    return [o for frames in client.received() for m in frames if isinstance(m, wire.Results) for o in m.outputs]
+
+
+def finish(worker: Peer, client: bytes, *ids: str) -> None:
+    results = wire.Results(outputs=[wire.Output(i, text="done", finish_reason="stop", worker=worker.info.worker_id)
+                                    for i in ids])
+    worker.send(wire.Deliver(client=client, ended=list(ids)), results)
+
+
+def test_requests_wait_for_a_free_slot_in_arrival_order_and_answers_pass_through(net):
+    worker, app = net.worker("cpu", slots=1), net.client()
+    for i in range(3):
+        submit(app, generate(f"g{i}"))
+    assert dispatched(worker) == ["g0"]
+    assert net.broker.status("q").queued == 2
+    finish(worker, b"app", "g0")
+    [answer] = outputs(app)
+    assert (answer.id, answer.text, answer.worker) == ("g0", "done", "cpu")  # the worker's own stamp
+    assert dispatched(worker) == ["g1"]
+
+
+def test_the_least_loaded_worker_gets_the_next_request(net):
+    a, b, app = net.worker("a", slots=2), net.worker("b", slots=2), net.client()
+    for i in range(3):
+        submit(app, generate(f"g{i}"))
+    assert len(dispatched(a)) + len(dispatched(b)) == 3
+    assert {len(w.running) for w in net.broker.workers.values()} == {1, 2}
+
+
+def test_a_request_needing_what_only_a_busy_worker_can_do_waits_for_it(net):
+    llama, openvino, app = net.worker("cpu/llama", slots=1), net.worker("cpu/ov", OPENVINO, slots=4), net.client()
+    submit(app, generate("busy", logprobs=2))  # the most likely tokens: llama.cpp only, so it fills that slot
+    assert dispatched(llama) == ["busy"]
+    submit(app, generate("top", logprobs=2))
+    submit(app, generate("plain"))
+    assert dispatched(openvino) == ["plain"]  # goes past the waiting one, to the free worker
+    assert dispatched(llama) == [] and net.broker.status("q").queued == 1
+    finish(llama, b"app", "busy")
+    assert dispatched(llama) == ["top"]
+
+
+def test_what_no_worker_of_the_model_can_do_is_a_400_naming_the_parameter_whatever_the_load(net):
+    net.worker("cpu/ov", OPENVINO, runtime="openvino", slots=4)
+    app = net.client()
+    submit(app, generate("top", logprobs=2))
+    [refused] = outputs(app)
+    assert refused.failure.status == 400 and refused.failure.param == "logprobs"  # a completion's name for it
+    assert "not supported by the OpenVINO engine" in refused.failure.message
+    # banning every end-of-text token is the part of logit_bias OpenVINO has, but not with a schema
+    submit(app, generate("ban", logit_bias={2: -100.0, 5: -100.0}))
+    submit(app, generate("bias", logit_bias={2: 5.0}))
+    submit(app, generate("schema-ban", logit_bias={2: -100.0}, json_schema="{}"))
+    assert [(o.id, o.failure and o.failure.param) for o in outputs(app)] == [
+        ("bias", "logit_bias"), ("schema-ban", "logit_bias")]
+    assert "ban" in net.broker.routes
+
+
+def test_a_loading_worker_may_still_gain_a_feature_so_its_request_waits(net):
+    net.worker("cpu/ov", OPENVINO, slots=4)
+    loading = net.worker("cpu/llama", wire.Capabilities(tasks=["generate", "tokenize"]), state="loading")
+    app = net.client()
+    submit(app, generate("top", logprobs=2))
+    assert outputs(app) == [] and net.broker.status("q").queued == 1
+    loading.send(wire.WorkerStatus(info=msgspec.structs.replace(loading.info, state="ready", capabilities=LLAMA)))
+    assert dispatched(loading) == ["top"]
+
+
+def test_unknown_model_404_loading_503_and_embeddings_go_to_the_embedding_worker(net):
+    worker, embedder, app = net.worker("cpu"), net.worker("embed", EMBED), net.client()
+    submit(app, generate("x", model="other"))
+    [missing] = outputs(app)
+    assert (missing.failure.status, missing.failure.code) == (404, "model_not_found")
+    embed = wire.Embed(id="e1", model="M", texts=["hi"])  # model ids match without case
+    submit(app, embed)
+    assert dispatched(embedder) == ["e1"] and dispatched(worker) == []
+
+
+def test_a_full_queue_is_refused_with_503(net):
+    net.worker("cpu", slots=1)  # room: 1 slot + max_waiting 2
+    app = net.client()
+    for i in range(4):
+        submit(app, generate(f"g{i}"))
+    [refused] = outputs(app)
+    assert (refused.id, refused.failure.status, refused.failure.code) == ("g3", 503, "server_overloaded")
+
+
+def test_a_lookup_takes_no_slot_and_skips_the_queue(net):
+    worker, app = net.worker("cpu", slots=1), net.client()
+    submit(app, generate("g1"))  # takes the one slot
+    submit(app, generate("g2"))  # waits
+    submit(app, wire.Tokenize(id="t1", model="M", content="x"))
+    assert dispatched(worker) == ["g1", "t1"]
+    status = net.broker.status("q")
+    assert status.queued == 1 and status.workers[0].running == ["g1"] and "t1" in status.routed
+    worker.send(wire.Deliver(client=b"app", ended=["t1"]), wire.Results([wire.Output("t1", "", "stop", tokens=[7])]))
+    assert [o.tokens for o in outputs(app)] == [[7]] and "t1" not in net.broker.status("q").routed
+
+
+def test_a_lost_worker_ends_what_it_ran_with_503_and_its_queue_goes_to_the_next(net):
+    a, b, app = net.worker("a", slots=1), net.worker("b", slots=1), net.client()
+    submit(app, generate("g1"))
+    submit(app, generate("g2"))
+    submit(app, generate("g3"))  # waits
+    on_a = dispatched(a)
+    dispatched(b)
+    net.client(b"supervisor").send(wire.WorkerExited(worker_id="a", code=-9))
+    [lost] = outputs(app)
+    assert lost.id == on_a[0] and lost.failure.status == 503
+    assert [w.state for w in net.broker.status("q").workers if w.worker_id == "a"] == ["restarting"]
+    assert dispatched(a) == [] and net.broker.status("q").queued == 1
+    finish(b, b"app", next(iter(net.broker.workers[b"b"].running)))
+    assert dispatched(b) == ["g3"]
+
+
+def test_a_lookup_on_a_lost_worker_ends_with_503(net):
+    net.worker("cpu")
+    app = net.client()
+    submit(app, wire.Detokenize(id="d1", model="m", tokens=[1]))
+    net.client(b"supervisor").send(wire.WorkerExited(worker_id="cpu", code=-9))
+    assert [(o.id, o.failure.status) for o in outputs(app)] == [("d1", 503)]
+    assert net.broker.status("q").routed == []
+
+
+def test_a_silent_worker_is_lost(net, monkeypatch):
+    worker, app = net.worker("cpu"), net.client()
+    submit(app, generate("g1"))
+    monkeypatch.setattr(broker_module, "WORKER_TIMEOUT", 0.0)
+    net.pump()
+    assert [o.failure.status for o in outputs(app)] == [503]
+    assert aborted(worker)[-1:] == ["g1"]  # in case it is alive after all
+
+
+def test_a_worker_restarted_with_a_new_pid_loses_its_requests(net):
+    worker, app = net.worker("cpu"), net.client()
+    submit(app, generate("g1"))
+    worker.send(wire.WorkerStatus(info=msgspec.structs.replace(worker.info, pid=2, state="loading")))
+    assert [o.failure.status for o in outputs(app)] == [503]
+
+
+def test_reconciliation_aborts_what_a_worker_runs_that_nobody_waits_for(net):
+    """After a broker restart: the worker still runs requests the new broker has no route for."""
+    worker, app = net.worker("cpu", slots=4), net.client()
+    submit(app, generate("mine"))
+    assert dispatched(worker) == ["mine"]
+    worker.send(wire.WorkerStatus(info=msgspec.structs.replace(worker.info, running=["mine", "old1", "old2"])))
+    assert aborted(worker) == ["old1", "old2"]
+
+
+def test_an_abort_reaches_the_worker_and_a_late_answer_is_harmless(net):
+    worker, app = net.worker("cpu"), net.client()
+    submit(app, generate("g1"))
+    submit(app, generate("g2"))
+    app.send(wire.Abort(ids=["g1", "g2"]))
+    got = worker.received()
+    assert [f[0].id for f in got if isinstance(f[0], wire.Dispatch)] == ["g1"]
+    assert [f[0].ids for f in got if isinstance(f[0], wire.Abort)] == [["g1"]]  # g2 never left the queue
+    finish(worker, b"app", "g1")  # it was already on its way
+    assert net.broker.status("q").routed == [] and net.broker.workers[b"cpu"].free_slots == 1
+
+
+def test_drain_refuses_new_requests_and_ends_the_rest_at_the_deadline(net):
+    worker, app = net.worker("cpu", slots=1), net.client()
+    submit(app, generate("running"))
+    submit(app, generate("queued"))
+    net.client(b"supervisor").send(wire.Drain(grace=0.0))
+    submit(app, generate("late"))
+    ended = {o.id: o.failure.code for o in outputs(app)}
+    assert ended == {"late": "shutting_down", "running": "shutting_down", "queued": "shutting_down"}
+    assert "running" in aborted(worker)
+
+
+def test_a_client_that_is_gone_loses_its_requests(net):
+    worker = net.worker("cpu", slots=1)
+    app = net.client(b"gone")
+    submit(app, generate("g1"))
+    dispatched(worker)
+    app.socket.close()
+    net.pump()
+    finish(worker, b"gone", "g1")  # the broker cannot deliver it: the client's routes are dropped
+    assert net.broker.routes == {} and net.broker.queue == {}
