@@ -145,10 +145,10 @@ def needs_of(request: Request) -> Needs:
     if not isinstance(request, Generate):
         return Needs("tokenize")
     params, features = request.params, {}
+    if params.prompt_logprobs >= 0:  # first: a refusal names `echo`, the parameter that asks for more
+        features["prompt_logprobs"] = "echo"
     if params.logprobs > 0:
         features["top_logprobs"] = "top_logprobs" if request.messages is not None else "logprobs"
-    if params.prompt_logprobs >= 0:
-        features["prompt_logprobs"] = "echo"
     if request.suffix:
         features["fim"] = "suffix"
     bans = None
