@@ -19,6 +19,9 @@ from infersnap import wire
 from infersnap.workers.text import TextStream
 
 
+BATCH_TOKENS = 512  # tokens per engine step: every running sequence's next token first, prompt chunks fill the rest
+
+
 class EngineError(Exception):
     """The engine could not start (bad model file, unknown device, out of memory)."""
 
@@ -43,6 +46,7 @@ class Engine:
 
     context: int
     capabilities: wire.Capabilities
+    runtime: str = ""  # "llamacpp" | "openvino": named in refusals
 
     def __init__(self) -> None:
         self.waiting: deque[Any] = deque()  # each with `.request`
@@ -79,8 +83,6 @@ class Engine:
     @property
     def running_requests(self) -> list[wire.Request]:
         return [s.request for s in self.running]
-
-    runtime: str = ""  # "llamacpp" | "openvino": named in refusals
 
     def _add(self, request: wire.Request) -> wire.Output | None:
         raise NotImplementedError
@@ -195,9 +197,7 @@ class BatchingEngine(Engine):
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
             try:
                 text = self._chat_text(messages)
-            except ValueError:
-                raise
-            except Exception as exc:  # the template rejects these messages (jinja's raise_exception)
+            except Exception as exc:  # no template, or it rejects these messages (jinja's raise_exception)
                 raise ValueError(first_line(exc)) from None
         else:
             text = request.prompt or ""

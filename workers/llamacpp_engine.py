@@ -22,6 +22,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from infersnap import wire
 from infersnap.workers.engine_base import (
+    BATCH_TOKENS,
     NO_CHAT_TEMPLATE,
     BatchingEngine,
     EngineError,
@@ -31,8 +32,6 @@ from infersnap.workers.engine_base import (
     seed_of,
 )
 from infersnap.workers.llamacpp_grammar import schema_to_gbnf
-
-BATCH_TOKENS = 512  # tokens per llama_decode: decode tokens first, prompt chunks fill the rest
 
 
 @dataclass

@@ -24,6 +24,7 @@ from pathlib import Path
 from infersnap import wire
 from infersnap.models import trained_context
 from infersnap.workers.engine_base import (
+    BATCH_TOKENS,
     NO_CHAT_TEMPLATE,
     BatchingEngine,
     EngineError,
@@ -32,8 +33,6 @@ from infersnap.workers.engine_base import (
     first_line,
     seed_of,
 )
-
-BATCH_TOKENS = 512  # tokens per pipeline step: decode tokens first, prompt chunks fill the rest
 
 
 @dataclass(eq=False)
