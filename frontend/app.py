@@ -138,16 +138,14 @@ def create_app(plan: ServePlan) -> Sanic:
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> HTTPResponse:
-        record = RequestRecord(request.app.ctx.metrics, "embeddings")
-        generation: Generation | None = None
-        try:
+        with RequestRecord(request.app.ctx.metrics, "embeddings") as record:
             if not plan.embeddings:
                 raise APIError(501, "this server runs no embedding worker (worker.embeddings is false, or no "
                                "llama.cpp engine runs on this CPU)", type="not_supported_error", code="not_supported")
             body = decode_body(request, schema.EmbeddingRequest)
             embed = convert.embedding_request(body, plan.model_name)
             record.request_id, record.model = embed.id, embed.model
-            generation = Generation(request.app.ctx.broker, [embed], deadline(plan))
+            generation = record.generation = Generation(request.app.ctx.broker, [embed], deadline(plan))
             try:
                 await generation.start()
                 _, output = await generation.next()
@@ -157,11 +155,6 @@ def create_app(plan: ServePlan) -> Sanic:
                 raise failure_error(output.failure)
             record.status = 200
             return json_response(render.embeddings(output, embed.model, body.encoding_format))
-        except APIError as exc:
-            record.status = exc.status
-            raise
-        finally:
-            record.finish(generation)
 
     app.ctx.started = schema.now()
     app.ctx.plan = plan
@@ -221,9 +214,7 @@ async def complete(
 ) -> HTTPResponse | None:
     """Run a request's generations (one per choice) and answer with JSON, or with SSE when the body
     asks to stream; count it in the metrics and log its line however it ends."""
-    record = RequestRecord(request.app.ctx.metrics, request.path.removeprefix("/v1/"))
-    generation: Generation | None = None
-    try:
+    with RequestRecord(request.app.ctx.metrics, request.path.removeprefix("/v1/")) as record:
         body = decode_body(request, kind)
         plan: ServePlan = request.app.ctx.plan
         convert.check_limits(body, plan)
@@ -232,57 +223,53 @@ async def complete(
         record.request_id, record.model = generate.id, generate.model
         requests = choice_requests(prompts, body.n or 1)
         renders = render_class.for_choices(generate.id, generate.model, body, len(requests))
-        generation = Generation(request.app.ctx.broker, requests, deadline(plan), body.n or 1)
+        generation = record.generation = Generation(request.app.ctx.broker, requests, deadline(plan), body.n or 1)
         try:
-            await generation.start()
-            index, output = await generation.next()
-            record.output_arrived()
-            if not body.stream:
-                texts: list[list[str]] = [[] for _ in requests]
-                tokens: list[list[wire.TokenLogprob]] = [[] for _ in requests]
+            try:
+                await generation.start()
+                index, output = await generation.next()
+                record.output_arrived()
+                if not body.stream:
+                    texts: list[list[str]] = [[] for _ in requests]
+                    tokens: list[list[wire.TokenLogprob]] = [[] for _ in requests]
+                    while True:
+                        if output.failure is not None:
+                            raise failure_error(output.failure)
+                        texts[index].append(output.text)
+                        tokens[index] += output.prompt_logprobs + output.logprobs
+                        if generation.done:
+                            record.status = 200
+                            choices = [
+                                choice_render.choice("".join(text), choice_tokens, last)
+                                for choice_render, text, choice_tokens, last in zip(renders, texts, tokens, generation.last)
+                            ]
+                            return json_response(renders[0].response(choices, generation.summary()))
+                        index, output = await generation.next()
+
+                if output.failure is not None:  # before any byte is sent: a real HTTP error status
+                    raise failure_error(output.failure)
+                include_usage = body.stream_options is not None and body.stream_options.include_usage
+                bound_send_buffer(request)
+                response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
                 while True:
                     if output.failure is not None:
-                        raise failure_error(output.failure)
-                    texts[index].append(output.text)
-                    tokens[index] += output.prompt_logprobs + output.logprobs
+                        await send_event(response, failure_error(output.failure).body(), plan.send_timeout)
+                        break
+                    for event in renders[index].chunks(output):
+                        await send_event(response, event, plan.send_timeout)
                     if generation.done:
-                        record.status = 200
-                        choices = [
-                            choice_render.choice("".join(text), choice_tokens, last)
-                            for choice_render, text, choice_tokens, last in zip(renders, texts, tokens, generation.last)
-                        ]
-                        return json_response(renders[0].response(choices, generation.summary()))
+                        if include_usage:
+                            await send_event(response, renders[0].usage_chunk(generation.summary()), plan.send_timeout)
+                        break
                     index, output = await generation.next()
-
-            if output.failure is not None:  # before any byte is sent: a real HTTP error status
-                raise failure_error(output.failure)
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            bound_send_buffer(request)
-            response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
-            while True:
-                if output.failure is not None:
-                    await send_event(response, failure_error(output.failure).body(), plan.send_timeout)
-                    break
-                for event in renders[index].chunks(output):
-                    await send_event(response, event, plan.send_timeout)
-                if generation.done:
-                    if include_usage:
-                        await send_event(response, renders[0].usage_chunk(generation.summary()), plan.send_timeout)
-                    break
-                index, output = await generation.next()
-            # Ended: a client that closes as soon as it reads [DONE] still got its whole answer.
-            record.status = output.failure.status if output.failure is not None else 200
-            await send_event(response, b"[DONE]", plan.send_timeout)
-            await response.eof()
+                # Ended: a client that closes as soon as it reads [DONE] still got its whole answer.
+                record.status = output.failure.status if output.failure is not None else 200
+                await send_event(response, b"[DONE]", plan.send_timeout)
+                await response.eof()
+                return None
+            finally:
+                # Choices still generating when the handler ends (client gone, send failed, one failed) are stopped.
+                generation.close()
+        except ClientStalled:
+            request.transport.close()  # its generations were stopped on the way out (unfinished)
             return None
-        finally:
-            # Choices still generating when the handler ends (client gone, send failed, one failed) are stopped.
-            generation.close()
-    except APIError as exc:
-        record.status = exc.status
-        raise
-    except ClientStalled:
-        request.transport.close()  # its generations were stopped on the way out (unfinished)
-        return None
-    finally:
-        record.finish(generation)

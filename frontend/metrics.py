@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 import prometheus_client
@@ -20,6 +21,7 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse, raw
 
 from infersnap import wire
+from infersnap.frontend.errors import APIError
 
 if TYPE_CHECKING:  # only for the type: the request flow imports this module, not the reverse
     from infersnap.frontend.generation import Generation
@@ -77,23 +79,41 @@ class Metrics:
 
 @dataclass
 class RequestRecord:
-    """One API request as it goes: when it came, when its first output came, how it ended."""
+    """One API request as it goes: when it came, when its first output came, how it ended.
+
+    Used as `with RequestRecord(metrics, endpoint) as record:` around a handler's work. The handler
+    fills in what it learns (id, model, its Generation) and the status it answered with; an APIError
+    leaving the block sets that error's status; anything else leaving it (the client went away) leaves
+    499. On the way out the request is counted and its line logged.
+    """
 
     metrics: Metrics
     endpoint: str
     request_id: str = ""
     model: str = ""
+    generation: Generation | None = None  # the choices whose tokens count, once the request reached the broker
     started: float = field(default_factory=time.monotonic)
     first_output: float | None = None
     status: int = CLIENT_GONE  # until the handler says how it ended
+
+    def __enter__(self) -> RequestRecord:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if isinstance(error, APIError):
+            self.status = error.status
+        self.finish()
 
     def output_arrived(self) -> None:
         if self.first_output is None:
             self.first_output = time.monotonic()
 
-    def finish(self, generation: Generation | None) -> None:
+    def finish(self) -> None:
         """Count the request and log its line. The tokens of each choice that finished count for the
         worker that ran it; the log line shows the prompt tokens as usage does (once per prompt)."""
+        generation = self.generation
         ended = generation.ended() if generation is not None else []
         choices = generation.finished() if generation is not None else []
         prompt_tokens = generation.prompt_tokens if generation is not None else 0
