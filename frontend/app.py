@@ -1,4 +1,5 @@
-"""The Sanic app: OpenAI routes, SSE streaming, and OpenAI-shaped errors for everything."""
+"""The Sanic app: the OpenAI routes (a /v1 blueprint) and llama-server's, SSE streaming, and OpenAI-shaped
+errors for everything."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Callable, TypeVar
 
 import msgspec
-from sanic import Request, Sanic
+from sanic import Blueprint, Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, raw
 
@@ -93,27 +94,10 @@ def create_app(plan: ServePlan) -> Sanic:
             return json_response(b'{"status":"ok"}')
         raise APIError(503, "Loading model", type="unavailable_error", headers={"Retry-After": "1"})
 
-    @app.get("/v1/models")
-    async def list_models(request: Request) -> HTTPResponse:
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> HTTPResponse:
         status = await request.app.ctx.broker.status()
-        cards = [schema.ModelCard(id=m, created=app.ctx.started) for m in wire.models_of(status)]
-        return json_response(msgspec.json.encode(schema.ModelList(data=cards)))
-
-    @app.get("/v1/models/<model_id:path>")
-    async def get_model(request: Request, model_id: str) -> HTTPResponse:
-        status = await request.app.ctx.broker.status()
-        for model in wire.models_of(status):
-            if model.lower() == model_id.lower():
-                return json_response(msgspec.json.encode(schema.ModelCard(id=model, created=app.ctx.started)))
-        raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> HTTPResponse | None:
-        return await complete(request, schema.ChatCompletionRequest, prepare_chat)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> HTTPResponse | None:
-        return await complete(request, schema.CompletionRequest, prepare_text)
+        return raw(request.app.ctx.metrics.exposition(status), content_type=metrics.CONTENT_TYPE)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> HTTPResponse:
@@ -138,8 +122,44 @@ def create_app(plan: ServePlan) -> Sanic:
         result = await lookup(request, wire.Detokenize(id=f"detok-{uuid.uuid4().hex}", model=model, tokens=body.tokens))
         return json_response(msgspec.json.encode(schema.DetokenizeResponse(content=result.content)))
 
-    @app.post("/v1/embeddings")
+    app.blueprint(openai_routes())
+    app.ctx.started = schema.now()
+    app.ctx.plan = plan
+    app.ctx.metrics = metrics.Metrics()
+    access.install(app, plan)
+    openapi.install(app, plan)
+    return app
+
+
+def openai_routes() -> Blueprint:
+    """The OpenAI API, under /v1. Its handlers find the plan, broker and metrics on request.app.ctx."""
+    v1 = Blueprint("openai", url_prefix="/v1")
+
+    @v1.get("/models")
+    async def list_models(request: Request) -> HTTPResponse:
+        status = await request.app.ctx.broker.status()
+        cards = [schema.ModelCard(id=m, created=request.app.ctx.started) for m in wire.models_of(status)]
+        return json_response(msgspec.json.encode(schema.ModelList(data=cards)))
+
+    @v1.get("/models/<model_id:path>")
+    async def get_model(request: Request, model_id: str) -> HTTPResponse:
+        status = await request.app.ctx.broker.status()
+        for model in wire.models_of(status):
+            if model.lower() == model_id.lower():
+                return json_response(msgspec.json.encode(schema.ModelCard(id=model, created=request.app.ctx.started)))
+        raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> HTTPResponse | None:
+        return await complete(request, schema.ChatCompletionRequest, prepare_chat)
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> HTTPResponse | None:
+        return await complete(request, schema.CompletionRequest, prepare_text)
+
+    @v1.post("/embeddings")
     async def embeddings(request: Request) -> HTTPResponse:
+        plan: ServePlan = request.app.ctx.plan
         with RequestRecord(request.app.ctx.metrics, "embeddings") as record:
             if not plan.embeddings:
                 raise APIError(501, "this server runs no embedding worker (worker.embeddings is false, or no "
@@ -155,12 +175,7 @@ def create_app(plan: ServePlan) -> Sanic:
             record.status = 200
             return json_response(render.embeddings(output, embed.model, body.encoding_format))
 
-    app.ctx.started = schema.now()
-    app.ctx.plan = plan
-    app.ctx.metrics = metrics.install(app)
-    access.install(app, plan)
-    openapi.install(app, plan)
-    return app
+    return v1
 
 
 async def lookup(request: Request, message: wire.Tokenize | wire.Detokenize) -> wire.TokenizeResult:

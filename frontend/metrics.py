@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from sanic import Request, Sanic
-from sanic.response import HTTPResponse, raw
 
 from infersnap import wire
 from infersnap.frontend.errors import APIError
@@ -133,15 +131,3 @@ class RequestRecord:
         log.info("%s %s model=%s worker=%s status=%d prompt=%d completion=%d ttft=%s total=%.0fms",
                  self.request_id or "-", self.endpoint, model or "-", ",".join(workers) or "-", self.status,
                  prompt_tokens, completion, ttft, elapsed * 1000)
-
-
-def install(app: Sanic) -> Metrics:
-    """Serve GET /metrics; the returned Metrics is what request handlers record into."""
-    metrics = Metrics()
-
-    @app.get("/metrics")
-    async def prometheus(request: Request) -> HTTPResponse:
-        status = await request.app.ctx.broker.status()
-        return raw(metrics.exposition(status), content_type=CONTENT_TYPE)
-
-    return metrics
