@@ -1,30 +1,33 @@
-"""The Sanic app: OpenAI routes, SSE streaming, and OpenAI-shaped errors for everything."""
+"""The Sanic app: the OpenAI routes (a /v1 blueprint) and llama-server's, SSE streaming, and OpenAI-shaped
+errors for everything."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import socket
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, Callable, TypeVar
 
 import msgspec
-from sanic import Request, Sanic
+from sanic import Blueprint, Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, raw
 
 from infersnap import wire
-from infersnap.frontend import access, convert, metrics, openapi, render, schema
+from infersnap.frontend import access, convert, metrics, openapi, render, schema, tools
 from infersnap.frontend.broker_client import BrokerClient, BrokerUnavailable
 from infersnap.frontend.errors import STATUS_CODES, APIError
 from infersnap.frontend.generation import Generation, choice_requests
 from infersnap.frontend.metrics import RequestRecord
-from infersnap.frontend.render import ChatRender, TextRender
 from infersnap.plan import ServePlan
 
 log = logging.getLogger("infersnap.frontend")
 Body = TypeVar("Body")
+CompletionBody = TypeVar("CompletionBody", bound=schema.SamplingFields)
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 STREAM_SEND_BUFFER = 16 * 1024  # bytes; the kernel doubles it, asyncio adds 64 KiB before a send waits
@@ -91,27 +94,10 @@ def create_app(plan: ServePlan) -> Sanic:
             return json_response(b'{"status":"ok"}')
         raise APIError(503, "Loading model", type="unavailable_error", headers={"Retry-After": "1"})
 
-    @app.get("/v1/models")
-    async def list_models(request: Request) -> HTTPResponse:
+    @app.get("/metrics")
+    async def prometheus(request: Request) -> HTTPResponse:
         status = await request.app.ctx.broker.status()
-        cards = [schema.ModelCard(id=m, created=app.ctx.started) for m in wire.models_of(status)]
-        return json_response(msgspec.json.encode(schema.ModelList(data=cards)))
-
-    @app.get("/v1/models/<model_id:path>")
-    async def get_model(request: Request, model_id: str) -> HTTPResponse:
-        status = await request.app.ctx.broker.status()
-        for model in wire.models_of(status):
-            if model.lower() == model_id.lower():
-                return json_response(msgspec.json.encode(schema.ModelCard(id=model, created=app.ctx.started)))
-        raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> HTTPResponse | None:
-        return await complete(request, schema.ChatCompletionRequest, convert.chat_request, ChatRender)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> HTTPResponse | None:
-        return await complete(request, schema.CompletionRequest, convert.completion_request, TextRender)
+        return raw(request.app.ctx.metrics.exposition(status), content_type=metrics.CONTENT_TYPE)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> HTTPResponse:
@@ -136,39 +122,60 @@ def create_app(plan: ServePlan) -> Sanic:
         result = await lookup(request, wire.Detokenize(id=f"detok-{uuid.uuid4().hex}", model=model, tokens=body.tokens))
         return json_response(msgspec.json.encode(schema.DetokenizeResponse(content=result.text)))
 
-    @app.post("/v1/embeddings")
+    app.blueprint(openai_routes())
+    app.ctx.started = schema.now()
+    app.ctx.plan = plan
+    app.ctx.metrics = metrics.Metrics()
+    access.install(app, plan)
+    openapi.install(app, plan)
+    return app
+
+
+def openai_routes() -> Blueprint:
+    """The OpenAI API, under /v1. Its handlers find the plan, broker and metrics on request.app.ctx."""
+    v1 = Blueprint("openai", url_prefix="/v1")
+
+    @v1.get("/models")
+    async def list_models(request: Request) -> HTTPResponse:
+        status = await request.app.ctx.broker.status()
+        cards = [schema.ModelCard(id=m, created=request.app.ctx.started) for m in wire.models_of(status)]
+        return json_response(msgspec.json.encode(schema.ModelList(data=cards)))
+
+    @v1.get("/models/<model_id:path>")
+    async def get_model(request: Request, model_id: str) -> HTTPResponse:
+        status = await request.app.ctx.broker.status()
+        for model in wire.models_of(status):
+            if model.lower() == model_id.lower():
+                return json_response(msgspec.json.encode(schema.ModelCard(id=model, created=request.app.ctx.started)))
+        raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> HTTPResponse | None:
+        return await complete(request, schema.ChatCompletionRequest, prepare_chat)
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> HTTPResponse | None:
+        return await complete(request, schema.CompletionRequest, prepare_text)
+
+    @v1.post("/embeddings")
     async def embeddings(request: Request) -> HTTPResponse:
-        record = RequestRecord(request.app.ctx.metrics, "embeddings")
-        generation: Generation | None = None
-        try:
+        plan: ServePlan = request.app.ctx.plan
+        with RequestRecord(request.app.ctx.metrics, "embeddings") as record:
             if not plan.embeddings:
                 raise APIError(501, "this server runs no embedding worker (worker.embeddings is false, or no "
                                "llama.cpp engine runs on this CPU)", type="not_supported_error", code="not_supported")
             body = decode_body(request, schema.EmbeddingRequest)
             embed = convert.embedding_request(body, plan.model_name)
             record.request_id, record.model = embed.id, embed.model
-            generation = Generation(request.app.ctx.broker, [embed], deadline(plan))
-            try:
-                await generation.start()
+            generation = record.generation = Generation(request.app.ctx.broker, [embed], deadline(plan))
+            async with running(generation):
                 _, output = await generation.next()
-            finally:
-                generation.close()
             if output.failure is not None:
                 raise failure_error(output.failure)
             record.status = 200
             return json_response(render.embeddings(output, embed.model, body.encoding_format))
-        except APIError as exc:
-            record.status = exc.status
-            raise
-        finally:
-            record.finish(generation)
 
-    app.ctx.started = schema.now()
-    app.ctx.plan = plan
-    app.ctx.metrics = metrics.install(app)
-    access.install(app, plan)
-    openapi.install(app, plan)
-    return app
+    return v1
 
 
 async def lookup(request: Request, message: wire.Tokenize | wire.Detokenize) -> wire.Output:
@@ -196,93 +203,100 @@ class ClientStalled(Exception):
     """A streaming client left the answer unread for longer than http.send-timeout."""
 
 
-def bound_send_buffer(request: Request) -> None:
-    """Cap what the kernel buffers for a stream (Linux would grow it to megabytes), so that
-    a client that stops reading shows as a send that waits, within a few hundred tokens."""
-    connection = request.transport.get_extra_info("socket")
-    if connection is not None:
-        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
+class EventStream:
+    """An answer sent as server-sent events, ended by [DONE]."""
+
+    def __init__(self, response: Any, send_timeout: float) -> None:
+        self.response, self.send_timeout = response, send_timeout
+
+    @classmethod
+    async def open(cls, request: Request, send_timeout: float) -> EventStream:
+        """Send the headers. The kernel's send buffer is capped first (Linux would grow it to megabytes),
+        so that a client that stops reading shows as a send that waits, within a few hundred tokens."""
+        connection = request.transport.get_extra_info("socket")
+        if connection is not None:
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
+        return cls(await request.respond(content_type="text/event-stream", headers=SSE_HEADERS), send_timeout)
+
+    async def send(self, *events: bytes) -> None:
+        """Send events. Sending waits while the connection's buffers are full, that is while the
+        client reads nothing; past send_timeout seconds of that the client counts as stalled."""
+        for data in events:
+            try:
+                await asyncio.wait_for(self.response.send(b"data: " + data + b"\n\n"), self.send_timeout)
+            except asyncio.TimeoutError:
+                raise ClientStalled from None
+
+    async def end(self) -> None:
+        await self.send(b"[DONE]")
+        await self.response.eof()
 
 
-async def send_event(response: Any, data: bytes, timeout: float) -> None:
-    """Send one SSE event. Sending waits while the connection's buffers are full, that is while
-    the client reads nothing; past `timeout` seconds of that the client counts as stalled."""
+@contextlib.asynccontextmanager
+async def running(generation: Generation) -> AsyncIterator[Generation]:
+    """Submit a request's choices; on the way out, stop those still generating (the client left, a send
+    failed, one choice failed) and forget the others."""
     try:
-        await asyncio.wait_for(response.send(b"data: " + data + b"\n\n"), timeout)
-    except asyncio.TimeoutError:
-        raise ClientStalled from None
+        await generation.start()
+        yield generation
+    finally:
+        generation.close()
+
+
+def prepare_chat(body: schema.ChatCompletionRequest, model: str) -> tuple[list[wire.Generate], render.ChatRender]:
+    toolset = tools.from_request(body)  # read once: convert describes the tools to the model, the render parses calls
+    prompts = convert.chat_request(body, model, toolset)
+    return prompts, render.ChatRender(prompts[0].id, prompts[0].model, body, toolset)
+
+
+def prepare_text(body: schema.CompletionRequest, model: str) -> tuple[list[wire.Generate], render.TextRender]:
+    prompts = convert.completion_request(body, model)
+    return prompts, render.TextRender(prompts[0].id, prompts[0].model, body)
 
 
 async def complete(
     request: Request,
-    kind: type[schema.SamplingFields],
-    to_generate: Callable[[Any, str], list[wire.Generate]],
-    render_class: type[ChatRender] | type[TextRender],
+    kind: type[CompletionBody],
+    prepare: Callable[[CompletionBody, str], tuple[list[wire.Generate], render.Render]],
 ) -> HTTPResponse | None:
     """Run a request's generations (one per choice) and answer with JSON, or with SSE when the body
     asks to stream; count it in the metrics and log its line however it ends."""
-    record = RequestRecord(request.app.ctx.metrics, request.path.removeprefix("/v1/"))
-    generation: Generation | None = None
-    try:
+    plan: ServePlan = request.app.ctx.plan
+    with RequestRecord(request.app.ctx.metrics, request.path.removeprefix("/v1/")) as record:
         body = decode_body(request, kind)
-        plan: ServePlan = request.app.ctx.plan
         convert.check_limits(body, plan)
-        prompts = to_generate(body, plan.model_name)
-        generate = prompts[0]
-        record.request_id, record.model = generate.id, generate.model
-        requests = choice_requests(prompts, body.n or 1)
-        renders = render_class.for_choices(generate.id, generate.model, body, len(requests))
-        generation = Generation(request.app.ctx.broker, requests, deadline(plan), body.n or 1)
+        prompts, renderer = prepare(body, plan.model_name)
+        record.request_id, record.model = prompts[0].id, prompts[0].model
+        n = body.n or 1
+        requests = choice_requests(prompts, n)
+        generation = record.generation = Generation(request.app.ctx.broker, requests, deadline(plan), n)
+        stream: EventStream | None = None  # opened at the first output: a failure before it gets a real HTTP status
+        failure: wire.Failure | None = None
         try:
-            await generation.start()
-            index, output = await generation.next()
-            record.output_arrived()
-            if not body.stream:
-                texts: list[list[str]] = [[] for _ in requests]
-                tokens: list[list[wire.TokenLogprob]] = [[] for _ in requests]
-                while True:
-                    if output.failure is not None:
-                        raise failure_error(output.failure)
-                    texts[index].append(output.text)
-                    tokens[index] += output.prompt_logprobs + output.logprobs
-                    if generation.done:
-                        record.status = 200
-                        choices = [
-                            choice_render.choice("".join(text), choice_tokens, last)
-                            for choice_render, text, choice_tokens, last in zip(renders, texts, tokens, generation.last)
-                        ]
-                        return json_response(renders[0].response(choices, generation.summary()))
+            async with running(generation):
+                while not generation.done:
                     index, output = await generation.next()
-
-            if output.failure is not None:  # before any byte is sent: a real HTTP error status
-                raise failure_error(output.failure)
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            bound_send_buffer(request)
-            response = await request.respond(content_type="text/event-stream", headers=SSE_HEADERS)
-            while True:
-                if output.failure is not None:
-                    await send_event(response, failure_error(output.failure).body(), plan.send_timeout)
-                    break
-                for event in renders[index].chunks(output):
-                    await send_event(response, event, plan.send_timeout)
-                if generation.done:
-                    if include_usage:
-                        await send_event(response, renders[0].usage_chunk(generation.summary()), plan.send_timeout)
-                    break
-                index, output = await generation.next()
-            # Ended: a client that closes as soon as it reads [DONE] still got its whole answer.
-            record.status = output.failure.status if output.failure is not None else 200
-            await send_event(response, b"[DONE]", plan.send_timeout)
-            await response.eof()
+                    record.output_arrived()
+                    if output.failure is not None:
+                        failure = output.failure
+                        break
+                    chunks = renderer.feed(index, output)
+                    if body.stream:
+                        stream = stream or await EventStream.open(request, plan.send_timeout)
+                        await stream.send(*chunks)
+            if stream is None:
+                if failure is not None:
+                    raise failure_error(failure)
+                record.status = 200
+                return json_response(renderer.final(generation.summary()))
+            if failure is not None:
+                await stream.send(failure_error(failure).body())
+            elif body.stream_options is not None and body.stream_options.include_usage:
+                await stream.send(renderer.final(generation.summary()))
+            # Set before [DONE]: a client that closes as soon as it reads it still got its whole answer.
+            record.status = failure.status if failure is not None else 200
+            await stream.end()
             return None
-        finally:
-            # Choices still generating when the handler ends (client gone, send failed, one failed) are stopped.
-            generation.close()
-    except APIError as exc:
-        record.status = exc.status
-        raise
-    except ClientStalled:
-        request.transport.close()  # its generations were stopped on the way out (unfinished)
-        return None
-    finally:
-        record.finish(generation)
+        except ClientStalled:
+            request.transport.close()  # its generations were stopped on the way out (unfinished)
+            return None

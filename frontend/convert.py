@@ -120,9 +120,10 @@ def _history(messages: list[schema.ChatMessageIn]) -> list[wire.ChatMessage]:
     return history
 
 
-def chat_request(body: schema.ChatCompletionRequest, model: str) -> list[wire.Generate]:
+def chat_request(body: schema.ChatCompletionRequest, model: str, toolset: tools.ToolSet | None) -> list[wire.Generate]:
+    """The Generate for a chat body; `toolset` is its tools (tools.from_request), read once per request
+    because the render parses tool calls with the same ToolSet."""
     messages = _history(body.messages)
-    toolset = tools.from_request(body)
     constraint = None
     if toolset is not None:
         # the tools' description joins the system message (templates take one, first)

@@ -18,19 +18,23 @@ from infersnap.frontend.broker_client import BrokerClient
 INT64 = 2**64
 
 
+def choice_layout(prompts: int, n: int) -> list[tuple[int, int]]:
+    """(prompt, j) of each choice index, as OpenAI numbers them: prompt by prompt, `n` choices of each."""
+    return [(p, j) for p in range(prompts) for j in range(n)]
+
+
 def choice_requests(prompts: list[wire.Generate], n: int) -> list[wire.Generate]:
     """The engine requests for `n` choices of each prompt's Generate (which share the request's id):
-    choice i (prompt i // n) keeps the id for i = 0 and adds `-i` for the others. A seeded request gives
-    a prompt's j-th choice the seed seed + j, so that its choices differ but repeat."""
+    choice i keeps the id for i = 0 and adds `-i` for the others. A seeded request gives a prompt's
+    j-th choice the seed seed + j, so that its choices differ but repeat."""
     requests = []
-    for p, generate in enumerate(prompts):
-        for j in range(n):
-            index = p * n + j
-            params = generate.params
-            if params.seed is not None and j:  # wrapped into int64, the wire's range
-                params = msgspec.structs.replace(params, seed=(params.seed + j + INT64 // 2) % INT64 - INT64 // 2)
-            request_id = generate.id if index == 0 else f"{generate.id}-{index}"
-            requests.append(msgspec.structs.replace(generate, id=request_id, params=params))
+    for index, (p, j) in enumerate(choice_layout(len(prompts), n)):
+        generate = prompts[p]
+        params = generate.params
+        if params.seed is not None and j:  # wrapped into int64, the wire's range
+            params = msgspec.structs.replace(params, seed=(params.seed + j + INT64 // 2) % INT64 - INT64 // 2)
+        request_id = generate.id if index == 0 else f"{generate.id}-{index}"
+        requests.append(msgspec.structs.replace(generate, id=request_id, params=params))
     return requests
 
 
@@ -85,18 +89,16 @@ class Generation:
         for request_id in self.unfinished:
             self.broker.abort(request_id)
 
+    @property
     def ended(self) -> list[wire.Output]:
         """The last Output of each choice that ended, with an answer or an error."""
         return [o for o in self.last if o is not None and o.finish_reason is not None]
 
-    def finished(self) -> list[wire.Output]:
-        """The last Output of each choice that ended with an answer."""
-        return [o for o in self.ended() if o.failure is None]
-
     @property
     def prompt_tokens(self) -> int:
         """The prompt tokens as usage counts them: once per prompt, not once per choice."""
-        return sum(o.prompt_tokens for o in self.last[:: self.choices_per_prompt] if o is not None)
+        layout = choice_layout(len(self.requests) // self.choices_per_prompt, self.choices_per_prompt)
+        return sum(o.prompt_tokens for o, (_, j) in zip(self.last, layout) if o is not None and j == 0)
 
     def summary(self) -> wire.Output | None:
         """All choices as one last Output for usage: each prompt counted once, the completions summed;

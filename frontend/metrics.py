@@ -1,4 +1,4 @@
-"""`GET /metrics` in Prometheus' text format, and one log line per request (completions, embeddings).
+"""`GET /metrics` through prometheus-client, and one log line per request (completions, embeddings).
 
 The frontend sees every request from arrival to its last byte, so it counts
 them here: by endpoint, worker and status, their tokens, and histograms of
@@ -9,17 +9,17 @@ the frontend process starts, as Prometheus expects of a restarted target.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import time
-from collections import Counter
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING
 
-from sanic import Request, Sanic
-from sanic.response import HTTPResponse, text
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from infersnap import wire
+from infersnap.frontend.errors import APIError
 
 if TYPE_CHECKING:  # only for the type: the request flow imports this module, not the reverse
     from infersnap.frontend.generation import Generation
@@ -30,94 +30,99 @@ log = logging.getLogger("infersnap.requests")
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 CLIENT_GONE = 499  # the status nginx logs for a client that left before the answer ended
+# The text format that generate_latest writes (newer prometheus-client versions name a later one "latest").
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# No `_created` series beside each counter and histogram: the process start time they would all
+# show says nothing a scraper needs. This is process-wide, and the frontend process is ours.
+prometheus_client.disable_created_metrics()
 
 
-@dataclass
-class Histogram:
-    buckets: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)  # per bucket, not cumulative; the last is +Inf
-    total: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.counts = [0] * (len(self.buckets) + 1)
-
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-
-    def lines(self, name: str) -> list[str]:
-        out, cumulative = [], 0
-        for bound, count in zip([*map(str, self.buckets), "+Inf"], self.counts):
-            cumulative += count
-            out.append(f'{name}_bucket{{le="{bound}"}} {cumulative}')
-        return [*out, f"{name}_sum {self.total:.6f}", f"{name}_count {cumulative}"]
-
-
-@dataclass
 class Metrics:
-    requests: Counter = field(default_factory=Counter)  # (endpoint, worker, status) -> count
-    prompt_tokens: Counter = field(default_factory=Counter)  # worker -> tokens
-    completion_tokens: Counter = field(default_factory=Counter)
-    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
-    latency: Histogram = field(default_factory=lambda: Histogram(LATENCY_BUCKETS))
+    """What the frontend counts, in a registry of its own (so that several apps in a process don't mix)."""
 
-    def render(self, status: wire.Status) -> str:
-        lines: list[str] = []
+    def __init__(self) -> None:
+        registry = self.registry = CollectorRegistry()
+        self.requests = Counter("infersnap_requests_total", "Requests that ended, by endpoint, worker and HTTP status",
+                                ["endpoint", "worker", "status"], registry=registry)
+        self.prompt_tokens = Counter("infersnap_prompt_tokens_total", "Prompt tokens, by worker",
+                                     ["worker"], registry=registry)
+        self.generation_tokens = Counter("infersnap_generation_tokens_total", "Generation tokens, by worker",
+                                         ["worker"], registry=registry)
+        self.ttft = Histogram("infersnap_time_to_first_token_seconds", "Time from arrival to the first output",
+                              buckets=TTFT_BUCKETS, registry=registry)
+        self.latency = Histogram("infersnap_request_duration_seconds", "Time from arrival to the end of the answer",
+                                 buckets=LATENCY_BUCKETS, registry=registry)
+        self.running = Gauge("infersnap_requests_running", "Requests a worker is running now",
+                             ["worker"], registry=registry)
+        self.waiting = Gauge("infersnap_requests_waiting",
+                             "Requests waiting for a free slot, by worker and in the broker's queue",
+                             ["worker"], registry=registry)
+        self.ready = Gauge("infersnap_worker_ready",
+                           "1 if the worker is ready to serve, by worker, device, engine and state",
+                           ["worker", "device", "engine", "state"], registry=registry)
 
-        def family(name: str, kind: str, help_text: str, samples: list[str]) -> None:
-            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
-
-        family("infersnap_requests_total", "counter", "Requests that ended, by endpoint, worker and HTTP status",
-               [f'infersnap_requests_total{{endpoint="{e}",worker="{w}",status="{s}"}} {n}'
-                for (e, w, s), n in sorted(self.requests.items())])
-        for name, counter in (("prompt", self.prompt_tokens), ("generation", self.completion_tokens)):
-            family(f"infersnap_{name}_tokens_total", "counter", f"{name.capitalize()} tokens, by worker",
-                   [f'infersnap_{name}_tokens_total{{worker="{w}"}} {n}' for w, n in sorted(counter.items())])
-        family("infersnap_time_to_first_token_seconds", "histogram", "Time from arrival to the first output",
-               self.ttft.lines("infersnap_time_to_first_token_seconds"))
-        family("infersnap_request_duration_seconds", "histogram", "Time from arrival to the end of the answer",
-               self.latency.lines("infersnap_request_duration_seconds"))
-        family("infersnap_requests_running", "gauge", "Requests a worker is running now",
-               [f'infersnap_requests_running{{worker="{w.worker_id}"}} {len(w.running)}' for w in status.workers])
-        family("infersnap_requests_waiting", "gauge", "Requests waiting for a free slot, by worker and in the broker's queue",
-               [f'infersnap_requests_waiting{{worker="{w.worker_id}"}} {w.waiting}' for w in status.workers]
-               + [f'infersnap_requests_waiting{{worker=""}} {status.queued}'])
-        family("infersnap_worker_ready", "gauge", "1 if the worker is ready to serve, by worker, device, engine and state",
-               [f'infersnap_worker_ready{{worker="{w.worker_id}",device="{w.device}",engine="{w.engine}",'
-                f'state="{w.state}"}} {int(w.state == "ready")}' for w in status.workers])
-        return "\n".join(lines) + "\n"
+    def exposition(self, status: wire.Status) -> bytes:
+        """Every metric in the text format, the gauges as the broker's `status` has them now."""
+        # Cleared first, so that a worker gone from the status (or in another state) leaves no stale series.
+        for gauge in (self.running, self.waiting, self.ready):
+            gauge.clear()
+        for w in status.workers:
+            self.running.labels(w.worker_id).set(len(w.running))
+            self.waiting.labels(w.worker_id).set(w.waiting)
+            self.ready.labels(w.worker_id, w.device, w.engine, w.state).set(int(w.state == "ready"))
+        self.waiting.labels("").set(status.queued)
+        return prometheus_client.generate_latest(self.registry)
 
 
 @dataclass
 class RequestRecord:
-    """One API request as it goes: when it came, when its first output came, how it ended."""
+    """One API request as it goes: when it came, when its first output came, how it ended.
+
+    Used as `with RequestRecord(metrics, endpoint) as record:` around a handler's work. The handler
+    fills in what it learns (id, model, its Generation) and the status it answered with; an APIError
+    leaving the block sets that error's status; anything else leaving it (the client went away) leaves
+    499. On the way out the request is counted and its line logged.
+    """
 
     metrics: Metrics
     endpoint: str
     request_id: str = ""
     model: str = ""
+    generation: Generation | None = None  # the choices whose tokens count, once the request reached the broker
     started: float = field(default_factory=time.monotonic)
     first_output: float | None = None
     status: int = CLIENT_GONE  # until the handler says how it ended
+
+    def __enter__(self) -> RequestRecord:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        if isinstance(error, APIError):
+            self.status = error.status
+        self.finish()
 
     def output_arrived(self) -> None:
         if self.first_output is None:
             self.first_output = time.monotonic()
 
-    def finish(self, generation: Generation | None) -> None:
+    def finish(self) -> None:
         """Count the request and log its line. The tokens of each choice that finished count for the
         worker that ran it; the log line shows the prompt tokens as usage does (once per prompt)."""
-        ended = generation.ended() if generation is not None else []
-        choices = generation.finished() if generation is not None else []
+        generation = self.generation
+        ended = generation.ended if generation is not None else []
+        choices = [c for c in ended if c.failure is None]  # those that ended with an answer
         prompt_tokens = generation.prompt_tokens if generation is not None else 0
         elapsed = time.monotonic() - self.started
         workers = sorted({c.worker for c in ended if c.worker})  # a worker's error counts for it too
         completion = sum(c.completion_tokens for c in choices)
-        self.metrics.requests[(self.endpoint, workers[0] if workers else "", str(self.status))] += 1
+        self.metrics.requests.labels(self.endpoint, workers[0] if workers else "", str(self.status)).inc()
         for choice in choices:
             if choice.worker:
-                self.metrics.prompt_tokens[choice.worker] += choice.prompt_tokens
-                self.metrics.completion_tokens[choice.worker] += choice.completion_tokens
+                self.metrics.prompt_tokens.labels(choice.worker).inc(choice.prompt_tokens)
+                self.metrics.generation_tokens.labels(choice.worker).inc(choice.completion_tokens)
         if self.status == 200 and self.first_output is not None:
             self.metrics.ttft.observe(self.first_output - self.started)
         self.metrics.latency.observe(elapsed)
@@ -126,15 +131,3 @@ class RequestRecord:
         log.info("%s %s model=%s worker=%s status=%d prompt=%d completion=%d ttft=%s total=%.0fms",
                  self.request_id or "-", self.endpoint, model or "-", ",".join(workers) or "-", self.status,
                  prompt_tokens, completion, ttft, elapsed * 1000)
-
-
-def install(app: Sanic) -> Metrics:
-    """Serve GET /metrics; the returned Metrics is what request handlers record into."""
-    metrics = Metrics()
-
-    @app.get("/metrics")
-    async def prometheus(request: Request) -> HTTPResponse:
-        status = await request.app.ctx.broker.status()
-        return text(metrics.render(status), content_type="text/plain; version=0.0.4; charset=utf-8")
-
-    return metrics

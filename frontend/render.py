@@ -1,7 +1,10 @@
 """Outputs from the engine -> OpenAI response bodies, for chat and text completions.
 
-The two APIs differ only in how a piece of text is wrapped; each Render
-class knows one wrapping, and the request flow in app.py is shared.
+One Render per request is fed every output of all its choices, in the order
+they arrive, and says what to send: the SSE chunks of a streamed answer as it
+goes, then the whole JSON response (or, streaming, the usage chunk). The two
+APIs differ only in how a piece of text is wrapped; each Render subclass knows
+one wrapping, and the request flow in app.py is shared.
 """
 
 from __future__ import annotations
@@ -10,11 +13,15 @@ import base64
 import codecs
 import math
 from array import array
+from dataclasses import dataclass, field
+from abc import ABC, abstractmethod
+from typing import Generic, TypeVar
 
 import msgspec
 
 from infersnap import wire
 from infersnap.frontend import schema, tools
+from infersnap.frontend.generation import choice_layout
 
 _encode = msgspec.json.encode
 
@@ -73,70 +80,133 @@ def embeddings(output: wire.Output, model: str, encoding_format: str) -> bytes:
     return _encode(schema.EmbeddingList(data=data, model=model, usage=usage))
 
 
-class ChatRender:
+@dataclass
+class ChoiceState:
+    """What a render keeps of one choice: the text (and its tokens) not sent yet, and how it ended."""
+
+    parts: list[str] = field(default_factory=list)
+    tokens: list[wire.TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def take(self) -> tuple[str, list[wire.TokenLogprob]]:
+        """The text kept so far and its tokens, which are then no longer kept."""
+        text, tokens = "".join(self.parts), self.tokens
+        self.parts, self.tokens = [], []
+        return text, tokens
+
+
+State = TypeVar("State", bound=ChoiceState)
+
+
+class Render(ABC, Generic[State]):
+    """One request's answer, over all its choices (index -> that choice's state)."""
+
+    def __init__(self, request_id: str, model: str, body: schema.SamplingFields, choices: list[State]) -> None:
+        self.id, self.model, self.created = request_id, model, schema.now()
+        self.stream = bool(body.stream)
+        self.choices = choices
+
+    def feed(self, index: int, output: wire.Output) -> list[bytes]:
+        """Keep an output of choice `index`; the SSE chunks to send for it (none unless streaming)."""
+        choice = self.choices[index]
+        choice.parts.append(output.text)
+        choice.tokens += output.prompt_logprobs + output.logprobs
+        choice.finish_reason = output.finish_reason
+        if not self.stream or self._held(choice):
+            return []
+        return [self._chunk(index, choice, output.timings)]
+
+    def final(self, summary: wire.Output) -> bytes:
+        """Once every choice has finished: the whole response; when streaming, the usage chunk.
+        `summary` holds the usage of all choices (Generation.summary)."""
+        if self.stream:
+            return self._usage_chunk(summary)
+        return self._response([self._choice(i, choice) for i, choice in enumerate(self.choices)], summary)
+
+    def _held(self, choice: State) -> bool:
+        """Whether a streamed choice's text so far must wait for more before it is sent."""
+        return False
+
+    @abstractmethod
+    def _chunk(self, index: int, choice: State, output_timings: wire.Timings | None) -> bytes:
+        """The SSE chunk that sends what the choice kept."""
+
+    @abstractmethod
+    def _choice(self, index: int, choice: State) -> schema.ChatChoice | schema.TextChoice:
+        """The choice, whole, in the response."""
+
+    @abstractmethod
+    def _usage_chunk(self, summary: wire.Output) -> bytes:
+        """The streamed chunk with the usage of all choices (stream_options.include_usage)."""
+
+    @abstractmethod
+    def _response(self, choices: list, summary: wire.Output) -> bytes:
+        """The whole response, with every choice."""
+
+
+@dataclass
+class ChatChoiceState(ChoiceState):
+    may_be_call: bool = False  # the request has tools and nothing of this answer was sent yet
+    sent_role: bool = False
+
+
+class ChatRender(Render[ChatChoiceState]):
     def __init__(
-        self, request_id: str, model: str, body: schema.ChatCompletionRequest, index: int, toolset: tools.ToolSet | None
+        self, request_id: str, model: str, body: schema.ChatCompletionRequest, toolset: tools.ToolSet | None
     ) -> None:
-        self.id, self.model, self.created, self.index = request_id, model, schema.now(), index
-        self.tools = toolset
+        choices = [ChatChoiceState(may_be_call=toolset is not None) for _ in range(body.n or 1)]
+        super().__init__(request_id, model, body, choices)
+        self.tools = toolset  # the ToolSet that convert.chat_request described to the model
         self.logprobs = bool(body.logprobs)
-        self._sent_role = False
+
+    def _held(self, choice: ChatChoiceState) -> bool:
         # While the answer may still be a tool call it is held back, so that a call reaches the
         # client as tool_calls and never as text; an answer that can't be one streams as usual.
-        self._held: str | None = "" if self.tools is not None else None
-        self._held_logprobs: list[wire.TokenLogprob] = []  # the held text's tokens
+        return (
+            choice.may_be_call and choice.finish_reason is None and self.tools.could_be_call("".join(choice.parts))
+        )
 
-    @classmethod
-    def for_choices(cls, request_id: str, model: str, body: schema.ChatCompletionRequest, count: int) -> list[ChatRender]:
-        """One render per choice; the request's tools are read once for all of them."""
-        toolset = tools.from_request(body)
-        return [cls(request_id, model, body, i, toolset) for i in range(count)]
+    def _answer(self, choice: ChatChoiceState) -> tuple[str, schema.ToolCall | None, list[wire.TokenLogprob]]:
+        """The text the choice kept, its tool call if that text is the whole finished answer and
+        one call, and its tokens. The one place where an answer becomes a tool call."""
+        text, tokens = choice.take()
+        call = self.tools.parse(text) if choice.may_be_call and choice.finish_reason is not None else None
+        choice.may_be_call = False
+        return text, call, tokens
 
-    def _chunk(self, choices: list[schema.ChunkChoice], **extra: object) -> bytes:
+    def _logprobs(self, tokens: list[wire.TokenLogprob]) -> schema.ChoiceLogprobs | None:
+        return chat_logprobs(tokens) if self.logprobs else None
+
+    def _chunk_body(self, choices: list[schema.ChunkChoice], **extra: object) -> bytes:
         return _encode(
             schema.ChatCompletionChunk(
                 id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=choices, **extra
             )
         )
 
-    def chunks(self, output: wire.Output) -> list[bytes]:
-        """The SSE events for one output: none while it is held back."""
-        text, finish, calls, tokens = output.text, output.finish_reason, None, output.logprobs
-        if self._held is not None:
-            text, tokens = self._held + text, self._held_logprobs + tokens
-            if finish is None and self.tools.could_be_call(text):
-                self._held, self._held_logprobs = text, tokens
-                return []
-            self._held, self._held_logprobs = None, []
-            call = self.tools.parse(text) if finish is not None else None
-            if call is not None:
-                calls = [schema.ToolCallDelta(index=0, id=call.id, function=call.function)]
-                text, finish = None, "tool_calls"
-        delta = schema.Delta(role=None if self._sent_role else "assistant", content=text, tool_calls=calls)
-        self._sent_role = True
-        logprobs = chat_logprobs(tokens) if self.logprobs else None
-        choice = schema.ChunkChoice(index=self.index, delta=delta, finish_reason=finish, logprobs=logprobs)
-        return [self._chunk([choice], timings=timings(output.timings))]
+    def _chunk(self, index: int, choice: ChatChoiceState, output_timings: wire.Timings | None) -> bytes:
+        text, call, tokens = self._answer(choice)
+        calls = [schema.ToolCallDelta(index=0, id=call.id, function=call.function)] if call is not None else None
+        role = None if choice.sent_role else "assistant"
+        delta = schema.Delta(role=role, content=text if call is None else None, tool_calls=calls)
+        choice.sent_role = True
+        finish = "tool_calls" if call is not None else choice.finish_reason
+        chunk = schema.ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=self._logprobs(tokens))
+        return self._chunk_body([chunk], timings=timings(output_timings))
 
-    def usage_chunk(self, last: wire.Output) -> bytes:
-        return self._chunk([], usage=usage(last))
-
-    def choice(self, text: str, tokens: list[wire.TokenLogprob], last: wire.Output) -> schema.ChatChoice:
-        """This choice in a whole response: its text (or tool call), tokens and last output."""
-        call = self.tools.parse(text) if self.tools is not None else None
+    def _choice(self, index: int, choice: ChatChoiceState) -> schema.ChatChoice:
+        text, call, tokens = self._answer(choice)
         if call is not None:
             message = schema.AssistantMessage(role="assistant", content=None, tool_calls=[call])
         else:
             message = schema.AssistantMessage(role="assistant", content=text)
-        return schema.ChatChoice(
-            index=self.index,
-            message=message,
-            finish_reason="tool_calls" if call is not None else last.finish_reason,
-            logprobs=chat_logprobs(tokens) if self.logprobs else None,
-        )
+        finish = "tool_calls" if call is not None else choice.finish_reason
+        return schema.ChatChoice(index=index, message=message, finish_reason=finish, logprobs=self._logprobs(tokens))
 
-    def response(self, choices: list[schema.ChatChoice], last: wire.Output) -> bytes:
-        """The whole response, with every choice; `last` holds the usage of all of them."""
+    def _usage_chunk(self, summary: wire.Output) -> bytes:
+        return self._chunk_body([], usage=usage(summary))
+
+    def _response(self, choices: list[schema.ChatChoice], summary: wire.Output) -> bytes:
         return _encode(
             schema.ChatCompletion(
                 id=self.id,
@@ -144,26 +214,27 @@ class ChatRender:
                 created=self.created,
                 model=self.model,
                 choices=choices,
-                usage=usage(last),
-                timings=timings(last.timings),
+                usage=usage(summary),
+                timings=timings(summary.timings),
             )
         )
 
 
-class TextRender:
-    def __init__(self, request_id: str, model: str, body: schema.CompletionRequest, index: int) -> None:
-        self.id, self.model, self.created, self.index = request_id, model, schema.now(), index
-        self.logprobs = body.logprobs is not None
-        # echo: the prompt goes before the answer, in the first chunk when streaming
-        self._echo = body.prompts[index // (body.n or 1)] if body.echo else ""
-        # for text_offset: characters of the generated text so far, counting a split character once, where it ends
-        self._offset = 0
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+@dataclass
+class TextChoiceState(ChoiceState):
+    echo: str = ""  # echo: the prompt, sent before the answer (in the first chunk when streaming)
+    # for text_offset: characters of the generated text so far, counting a split character once, where it ends
+    offset: int = 0
+    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
-    @classmethod
-    def for_choices(cls, request_id: str, model: str, body: schema.CompletionRequest, count: int) -> list[TextRender]:
-        """One render per choice."""
-        return [cls(request_id, model, body, i) for i in range(count)]
+
+class TextRender(Render[TextChoiceState]):
+    def __init__(self, request_id: str, model: str, body: schema.CompletionRequest) -> None:
+        prompts = body.prompts
+        layout = choice_layout(len(prompts), body.n or 1)  # the order of generation.choice_requests
+        choices = [TextChoiceState(echo=prompts[p] if body.echo else "") for p, _ in layout]
+        super().__init__(request_id, model, body, choices)
+        self.logprobs = body.logprobs is not None
 
     def _completion(self, choices: list[schema.TextChoice], **extra: object) -> bytes:
         return _encode(
@@ -172,14 +243,14 @@ class TextRender:
             )
         )
 
-    def _logprobs(self, tokens: list[wire.TokenLogprob]) -> schema.TextChoiceLogprobs | None:
+    def _logprobs(self, choice: TextChoiceState, tokens: list[wire.TokenLogprob]) -> schema.TextChoiceLogprobs | None:
         """The legacy shape, for the tokens after those already rendered (earlier chunks); None if not asked."""
         if not self.logprobs:
             return None
         offsets = []
         for t in tokens:
-            offsets.append(self._offset)
-            self._offset += len(self._decoder.decode(t.piece))
+            offsets.append(choice.offset)
+            choice.offset += len(choice.decoder.decode(t.piece))
         # an echoed prompt's first token has no logprob (NaN on the wire): null, as OpenAI has it
         known = [not math.isnan(t.logprob) for t in tokens]
         return schema.TextChoiceLogprobs(
@@ -189,18 +260,16 @@ class TextRender:
             text_offset=offsets,
         )
 
-    def chunks(self, output: wire.Output) -> list[bytes]:
-        logprobs = self._logprobs(output.prompt_logprobs + output.logprobs)
-        text, self._echo = self._echo + output.text, ""
-        choice = schema.TextChoice(index=self.index, text=text, finish_reason=output.finish_reason, logprobs=logprobs)
-        return [self._completion([choice], timings=timings(output.timings))]
+    def _choice(self, index: int, choice: TextChoiceState) -> schema.TextChoice:
+        text, tokens = choice.take()
+        text, choice.echo = choice.echo + text, ""
+        return schema.TextChoice(index, text, choice.finish_reason, self._logprobs(choice, tokens))
 
-    def usage_chunk(self, last: wire.Output) -> bytes:
-        return self._completion([], usage=usage(last))
+    def _chunk(self, index: int, choice: TextChoiceState, output_timings: wire.Timings | None) -> bytes:
+        return self._completion([self._choice(index, choice)], timings=timings(output_timings))
 
-    def choice(self, text: str, tokens: list[wire.TokenLogprob], last: wire.Output) -> schema.TextChoice:
-        logprobs = self._logprobs(tokens)
-        return schema.TextChoice(index=self.index, text=self._echo + text, finish_reason=last.finish_reason, logprobs=logprobs)
+    def _usage_chunk(self, summary: wire.Output) -> bytes:
+        return self._completion([], usage=usage(summary))
 
-    def response(self, choices: list[schema.TextChoice], last: wire.Output) -> bytes:
-        return self._completion(choices, usage=usage(last), timings=timings(last.timings))
+    def _response(self, choices: list[schema.TextChoice], summary: wire.Output) -> bytes:
+        return self._completion(choices, usage=usage(summary), timings=timings(summary.timings))

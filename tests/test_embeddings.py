@@ -16,6 +16,7 @@ import pytest
 
 from conftest import start_server, wait_until
 from test_errors import assert_error
+from test_metrics import scrape
 
 
 @pytest.fixture(scope="module")
@@ -94,11 +95,9 @@ def test_unknown_model_is_404(http):
 
 def test_embeddings_are_counted_for_the_embedding_worker(http):
     def counted() -> tuple[float, float]:
-        lines = http.get("/metrics").text.splitlines()
-        def value(prefix: str) -> float:
-            return sum(float(line.split()[-1]) for line in lines if line.startswith(prefix))
-        return (value('infersnap_requests_total{endpoint="embeddings",worker="embed",status="200"}'),
-                value('infersnap_prompt_tokens_total{worker="embed"}'))
+        samples = scrape(http)
+        return (samples.get('infersnap_requests_total{endpoint="embeddings",worker="embed",status="200"}', 0.0),
+                samples.get('infersnap_prompt_tokens_total{worker="embed"}', 0.0))
     before = counted()
     usage = http.post("/v1/embeddings", json={"input": ["one", "two words"]}).json()["usage"]
     after = counted()

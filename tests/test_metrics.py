@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 
 SAY_HI = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "logit_bias": {"2": -100}}
+# The format gives labels no order (prometheus-client writes them sorted by name); sample keys here list them in this one.
+LABEL_ORDER = ("endpoint", "worker", "device", "engine", "state", "status", "le")
 
 
 def scrape(http) -> dict[str, float]:
@@ -20,8 +22,18 @@ def scrape(http) -> dict[str, float]:
             assert re.fullmatch(r'[a-z_]+(\{([a-z_]+="[^"]*",?)*\})?', name), line
             base = re.sub(r"_(bucket|sum|count)$", "", name.split("{")[0])
             assert base in typed or name.split("{")[0] in typed, f"no TYPE line for {line}"
-            samples[name] = float(value)
+            samples[in_label_order(name)] = float(value)
     return samples
+
+
+def in_label_order(name: str) -> str:
+    """A sample's name with its labels in LABEL_ORDER."""
+    base, _, labels = name.partition("{")
+    if not labels:
+        return name
+    pairs = re.findall(r'([a-z_]+)="([^"]*)"', labels)
+    ordered = sorted(pairs, key=lambda pair: LABEL_ORDER.index(pair[0]))
+    return base + "{" + ",".join(f'{k}="{v}"' for k, v in ordered) + "}"
 
 
 def delta(before: dict[str, float], after: dict[str, float], name: str) -> float:

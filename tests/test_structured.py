@@ -361,7 +361,7 @@ def test_tool_history_becomes_text_turns():
             schema.ChatMessageIn(role="tool", tool_call_id="call_2", name="clock", content="noon"),
         ]
     )  # fmt: skip
-    messages = convert.chat_request(body, "m")[0].messages
+    messages = convert.chat_request(body, "m", tools.from_request(body))[0].messages
     assert [(m.role, m.content) for m in messages] == [
         ("user", "Time?"),
         ("assistant", '{"name": "get_time", "arguments": {"timezone": "UTC"}}'),
@@ -390,11 +390,11 @@ def test_forced_tools_with_references_keep_them_resolvable():
         messages=[schema.ChatMessageIn(role="user", content="x")], tools=[schema.Tool(**{**tool, "function": schema.FunctionDefinition(**tool["function"])})],
         tool_choice="required",
     )  # fmt: skip
-    constraint = json.loads(convert.chat_request(body, "m")[0].params.json_schema)
+    constraint = json.loads(convert.chat_request(body, "m", tools.from_request(body))[0].params.json_schema)
     jsonschema.validate({"name": "f", "arguments": {"unit": "c"}}, constraint)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"name": "f", "arguments": {"unit": "k"}}, constraint)
-    assert convert.chat_request(body, "m")[0].messages[0].role == "system"
+    assert convert.chat_request(body, "m", tools.from_request(body))[0].messages[0].role == "system"
 
 
 @pytest.mark.parametrize("low, high", [(18, 99), (0, 120), (-5, 5), (-120, -3), (7, 7), (None, 10), (3, None), (None, None), (99, 1000)])
