@@ -297,7 +297,7 @@ def test_openapi_document(http):
 
 def test_openapi_names_the_key_when_the_server_needs_one():
     plan = ServePlan(
-        host="127.0.0.1", port=1, max_body_bytes=1024, model_path="m.gguf", model_name="m", slots=1, context=128,
+        host="127.0.0.1", port=1, max_body_bytes=1024, model_path="m.gguf", model_name="m", context=128,
         max_waiting=1, request_timeout=0, verbose=False, workers=[], api_keys=["k"], max_tokens=64, max_n=3,
     )  # fmt: skip
     document = openapi.build(plan)

@@ -20,6 +20,10 @@ from infersnap.workers.engine_base import Engine, EngineSettings
 from infersnap.workers.llamacpp_engine import load_model, new_context
 
 MAX_SEQUENCES = 32  # inputs per llama_decode
+# Tokens per llama_decode, past the first input: an abort (a timeout, a client gone) or the next request
+# waits for at most one such batch (a fraction of a second on 2 cores; 4x as many cost 4x the wait for
+# a fifth more throughput). A single longer input still goes whole: pooling needs it in one batch.
+STEP_TOKENS = 128
 
 
 @dataclass(eq=False)
@@ -83,7 +87,7 @@ class LlamaCppEmbedder(Engine):
         used = 0
         for job in self.running:
             for tokens in job.inputs[len(job.vectors) :]:  # each job's inputs in order, from the first not done
-                if len(batch) == MAX_SEQUENCES or used + len(tokens) > self.context:
+                if batch and (len(batch) == MAX_SEQUENCES or used + len(tokens) > STEP_TOKENS):
                     break
                 batch.append((job, tokens))
                 used += len(tokens)
