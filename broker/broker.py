@@ -66,11 +66,10 @@ class Queued:
     client: bytes
     submit: wire.Submit
     body: bytes
+    kind: bytes = b""  # requests of one kind (model and needs) can go to the same workers
 
-    @property
-    def kind(self) -> bytes:
-        """Requests of one kind (model and needs) can go to the same workers."""
-        return self.submit.model.lower().encode() + b"\0" + msgspec.msgpack.encode(self.submit.needs)
+    def __post_init__(self) -> None:  # once, not on every dispatch pass
+        self.kind = self.submit.model.lower().encode() + b"\0" + msgspec.msgpack.encode(self.submit.needs)
 
 
 @dataclass

@@ -80,10 +80,6 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.running or self.waiting)
 
-    @property
-    def running_requests(self) -> list[wire.Request]:
-        return [s.request for s in self.running]
-
     def _add(self, request: wire.Request) -> wire.Output | None:
         raise NotImplementedError
 

@@ -155,7 +155,7 @@ def serve(engine: Engine, inbox: queue.Queue, outbox: zmq.Socket, io: WorkerIO) 
         outputs += _step(engine)
         if outputs:
             _deliver(outputs, clients, outbox, io.info.worker_id)
-        running = [r.id for r in engine.running_requests]
+        running = [s.request.id for s in engine.running]
         if running != io.info.running or len(engine.waiting) != io.info.waiting:
             io.info = msgspec.structs.replace(io.info, running=running, waiting=len(engine.waiting))
 
