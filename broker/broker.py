@@ -13,17 +13,32 @@ prompt or a step's outputs.
 
 A worker gets a request only when it has a free slot and can do what the
 request needs, so every request a worker holds is one it is generating. The
-rest wait here, in arrival order, and go to whichever such worker frees a
-slot first (the least loaded when several can take one). A request that no
-worker serving its model can ever serve is refused at once with the 400
-naming its parameter, whatever the load. That keeps the queue in the one
-process that outlives a worker: when a worker dies (the supervisor reports
-its exit at once; a new pid or a heartbeat missed for WORKER_TIMEOUT tell
-too) the requests it was generating end with a 503, and the queued ones,
-which it never saw, go to the next worker that can take them. The queue is
-bounded: a request that can neither run nor wait within `max_waiting` per
-ready worker is refused with 503 at once. Tokenizer lookups are requests
-that take no slot: each goes at once to the least busy worker that can.
+rest wait here, in arrival order. A request that no worker serving its model
+can ever serve is refused at once with the 400 naming its parameter,
+whatever the load. That keeps the queue in the one process that outlives a
+worker: when a worker dies (the supervisor reports its exit at once; a new
+pid or a heartbeat missed for WORKER_TIMEOUT tell too) the requests it was
+generating end with a 503, and the queued ones, which it never saw, go to
+the next worker that can take them. The queue is bounded per device: a
+request that can neither run nor wait within `max_waiting` per slot set of
+a device is refused with 503 at once. Tokenizer lookups are requests that
+take no slot: each goes at once to the least busy worker that can.
+
+Lanes: the generating workers of one device (llama.cpp and OpenVINO on the
+CPU) compute on the same cores, so they take turns. A request goes to the
+worker whose measured profile (WorkerInfo.speed) says it would end the
+request soonest if it served its device's whole load (what runs there, what
+waits for it, and this request), prompt read included; with no profile, to
+the least loaded. The turn: a lane starts only while no other lane computes
+on its device, and a computing lane takes no new work while a request waits
+for another lane of its device, so it drains and hands over. A lane other
+than the computing one must win by SWITCH_MARGIN to be chosen, so that
+near-equal guesses do not hand over on every request. A request that waits
+for its lane (the only one with what it needs, or full) for HANDOVER_SECONDS
+starts anyway, computing alongside, so none starves. The embedding worker
+takes no turn: its batches are short, so computing alongside costs less
+than waiting would. A seeded request always goes to the first worker in
+plan order that can serve it, so the same seed gives the same text.
 
 Reconciliation: a worker's heartbeat lists the requests it runs; any the
 broker has no route for (after a broker restart, or a client that is gone)
@@ -38,6 +53,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -51,6 +67,9 @@ from infersnap.plan import ServePlan
 # process ends is reported at once by the supervisor (WorkerExited); this is for one that hangs.
 WORKER_TIMEOUT = 10.0
 TICK_MS = 100
+HANDOVER_SECONDS = 2.0  # the longest a request waits for its lane while another lane computes on its cores
+SWITCH_MARGIN = 0.8  # another lane is chosen over the computing one only if it ends the request in this share of the time
+EXPECTED_TOKENS = 256  # what a request is guessed to generate, at most (many stop well before max_tokens)
 RESTARTING = "restarting"  # the state of a worker whose process stopped, until it comes back
 
 log = logging.getLogger("infersnap.broker")
@@ -66,10 +85,13 @@ class Queued:
     client: bytes
     submit: wire.Submit
     body: bytes
-    kind: bytes = b""  # requests of one kind (model and needs) can go to the same workers
+    since: float = field(default_factory=time.monotonic)
+    kind: bytes = b""  # requests of one kind (model, needs, seeded) can go to the same workers
 
     def __post_init__(self) -> None:  # once, not on every dispatch pass
-        self.kind = self.submit.model.lower().encode() + b"\0" + msgspec.msgpack.encode(self.submit.needs)
+        submit = self.submit
+        self.kind = b"\0".join([submit.model.lower().encode(), msgspec.msgpack.encode(submit.needs),
+                                 b"s" if submit.work.seeded else b""])
 
 
 @dataclass
@@ -95,11 +117,13 @@ class Worker:
             return False
         return self.info.state == "loading" or wire.unmet(needs, self.info.capabilities) is None
 
+    def able(self, needs: wire.Needs) -> bool:
+        """Whether it is ready and can do what these needs ask, free slot or not."""
+        return self.info.state == "ready" and wire.unmet(needs, self.info.capabilities) is None
+
     def can_take(self, needs: wire.Needs) -> bool:
-        """Whether it can start a request with these needs now."""
-        if self.info.state != "ready" or wire.unmet(needs, self.info.capabilities) is not None:
-            return False
-        return not takes_slot(needs) or self.free_slots > 0
+        """Whether it can start a request with these needs now, cores aside."""
+        return self.able(needs) and (not takes_slot(needs) or self.free_slots > 0)
 
     @property
     def free_slots(self) -> int:
@@ -126,6 +150,7 @@ class Broker:
         self.routes: dict[str, Route] = {}  # dispatched requests
         self.queue: dict[str, Queued] = {}  # accepted, waiting for a worker; dicts keep arrival order
         self.drain_deadline: float | None = None
+        self.next_pass = 0.0  # when _tick runs a dispatch pass, if nothing else has
 
     def _bind(self, address: str) -> zmq.Socket:
         socket = self.zctx.socket(zmq.ROUTER)
@@ -221,7 +246,12 @@ class Broker:
             return wire.refusal(submit.id, needs, feature, runtimes, ready[0].info.model)
         if not takes_slot(needs):  # a lookup never waits for a slot, so there is always room
             return None
-        room = sum(wire.capacity(w.info.slots, self.plan.max_waiting) - len(w.running) for w in ready)
+        # per device: a second lane on the same cores does not double what may wait
+        lanes: dict[str, list[Worker]] = {}
+        for worker in ready:
+            lanes.setdefault(worker.info.device, []).append(worker)
+        room = sum(max(wire.capacity(w.info.slots, self.plan.max_waiting) for w in group)
+                   - sum(len(w.running) for w in group) for group in lanes.values())
         waiting = sum(q.submit.model.lower() == submit.model.lower() and q.submit.needs.task == needs.task
                       for q in self.queue.values())
         if waiting >= room:
@@ -230,8 +260,12 @@ class Broker:
         return None
 
     def _dispatch(self) -> None:
-        """Hand queued requests, oldest first, to workers that can take them; end those no worker can serve."""
+        """Hand queued requests, oldest first, to the lanes that end them soonest; end those no worker can serve."""
+        now = time.monotonic()
+        self.next_pass = now + TICK_MS / 1000
         blocked: set[bytes] = set()  # kinds of request no worker can take now
+        awaited: dict[str, list[bytes]] = {}  # device -> the lane each request waiting for it waits for
+        demand = Counter(q.submit.model.lower() for q in self.queue.values() if takes_slot(q.submit.needs))
         for request_id, queued in list(self.queue.items()):
             kind = queued.kind
             if kind in blocked:
@@ -241,15 +275,69 @@ class Broker:
             if not any(w.may_serve(submit.needs) for w in serving):  # none left to wait for
                 self._fail({request_id: self.queue.pop(request_id)}, "no worker can serve this model any more")
                 continue
-            free = [w for w in serving if w.can_take(submit.needs)]
-            if not free:
+            if not takes_slot(submit.needs):  # a lookup is answered between two steps, by the least busy
+                free = [w for w in serving if w.can_take(submit.needs)]
+                if free:
+                    self._send_to(min(free, key=lambda w: w.load), request_id)
+                else:
+                    blocked.add(kind)
+                continue
+            if submit.work.seeded:  # always the same lane: the first in plan order that may serve it
+                serving = [next(w for w in self._in_plan_order(serving) if w.may_serve(submit.needs))]
+            able = [w for w in serving if w.able(submit.needs)]
+            if not able:
                 blocked.add(kind)
                 continue
-            worker = min(free, key=lambda w: w.load)
-            del self.queue[request_id]
-            self.routes[request_id] = Route(client=queued.client, worker=worker.identity)
-            (worker.running if takes_slot(submit.needs) else worker.lookups).add(request_id)
-            self._send(self.workers_socket, worker.identity, wire.Dispatch(queued.client, request_id), queued.body)
+            lane = self._soonest(able, submit.work, demand)
+            if lane.free_slots > 0 and self._may_start(lane, queued, now, awaited):
+                self._send_to(lane, request_id)
+                demand[submit.model.lower()] -= 1
+                continue
+            awaited.setdefault(lane.info.device, []).append(lane.identity)
+            if all(w.free_slots <= 0 for w in able):
+                blocked.add(kind)
+
+    def _soonest(self, lanes: list[Worker], work: wire.Work, demand: Counter[str]) -> Worker:
+        """The lane that would end this request first, by the lanes' profiles at their device's load
+        (what runs there and what waits here for its models, this request among them); by load if one
+        has no profile."""
+        if len(lanes) == 1 or any(w.info.speed is None for w in lanes):
+            return min(lanes, key=lambda w: (w.free_slots <= 0, w.load))
+        tokens = min(work.max_tokens or EXPECTED_TOKENS, EXPECTED_TOKENS)
+
+        def guess(lane: Worker) -> float:
+            beside = self._lanes_of(lane.info.device)
+            others = sum(len(w.running) for w in beside) + sum(demand[m] for m in {w.info.model.lower() for w in beside})
+            seconds = lane.info.speed.finish_seconds(others - 1, work.prompt_tokens, tokens)
+            # the lane computing now keeps its turn unless another one wins by the margin
+            return seconds / SWITCH_MARGIN if self._computing_beside(lane) else seconds
+
+        return min(lanes, key=guess)
+
+    def _lanes_of(self, device: str) -> list[Worker]:
+        """The generating workers on a device: they take turns on its cores. The embedding worker takes
+        none: its batches are short (BATCH_TOKENS), so computing alongside costs less than a wait."""
+        return [w for w in self.workers.values() if w.info.device == device and "embed" not in w.info.capabilities.tasks]
+
+    def _computing_beside(self, lane: Worker) -> list[Worker]:
+        """The other lanes computing on this lane's device now."""
+        if "embed" in lane.info.capabilities.tasks:
+            return []
+        return [w for w in self._lanes_of(lane.info.device) if w is not lane and w.running]
+
+    def _may_start(self, lane: Worker, queued: Queued, now: float, awaited: dict[str, list[bytes]]) -> bool:
+        """Whether the lane may start this request now, by the turns the lanes of one device take."""
+        if self._computing_beside(lane):
+            return now - queued.since >= HANDOVER_SECONDS  # computing alongside beats starving
+        others_awaited = set(awaited.get(lane.info.device, [])) - {lane.identity}
+        return not (lane.running and others_awaited)  # it drains, so the other lane gets its turn
+
+    def _send_to(self, worker: Worker, request_id: str) -> None:
+        queued = self.queue.pop(request_id)
+        submit = queued.submit
+        self.routes[request_id] = Route(client=queued.client, worker=worker.identity)
+        (worker.running if takes_slot(submit.needs) else worker.lookups).add(request_id)
+        self._send(self.workers_socket, worker.identity, wire.Dispatch(queued.client, request_id), queued.body)
 
     def _abort(self, ids: list[str]) -> None:
         by_worker: dict[bytes, list[str]] = {}
@@ -284,16 +372,17 @@ class Broker:
             boot=self.boot,
             endpoints={"openai": self.plan.api_url},
             # the broker's list of what runs is exact; the worker's own is a heartbeat old
-            workers=[msgspec.structs.replace(w.info, running=sorted(w.running)) for w in self._in_plan_order()],
+            workers=[msgspec.structs.replace(w.info, running=sorted(w.running))
+                     for w in self._in_plan_order(self.workers.values())],
             routed=[*self.routes, *self.queue],
             queued=len(self.queue),
             draining=self.drain_deadline is not None,
         )
 
-    def _in_plan_order(self) -> list[Worker]:
-        """The workers as the plan lists them (generating ones first), whichever announced itself first."""
+    def _in_plan_order(self, workers) -> list[Worker]:
+        """These workers as the plan lists them (generating ones first), whichever announced itself first."""
         order = {spec.worker_id: i for i, spec in enumerate(self.plan.workers)}
-        return sorted(self.workers.values(), key=lambda w: order.get(w.info.worker_id, len(order)))
+        return sorted(workers, key=lambda w: order.get(w.info.worker_id, len(order)))
 
     # --- workers -----------------------------------------------------------
 
@@ -353,6 +442,8 @@ class Broker:
                 self._lost(worker, "went silent")
         if self.drain_deadline is not None and now >= self.drain_deadline and (self.routes or self.queue):
             self._end_all("the server shut down before this request finished")
+        if self.queue and now >= self.next_pass:  # a wait for a lane may have run past HANDOVER_SECONDS
+            self._dispatch()
 
     def _end_all(self, message: str) -> None:
         ending = {**self.routes, **self.queue}

@@ -77,7 +77,7 @@ class BrokerClient:
     async def submit(self, request: wire.Request, outputs: asyncio.Queue[wire.Output]) -> None:
         """Send a request; its outputs go to `outputs` (which several requests may share)."""
         # encoded first: a request that cannot be encoded leaves nothing behind
-        frames = [wire.encode(wire.Submit(request.id, request.model, wire.needs_of(request))), wire.encode(request)]
+        frames = [wire.encode(wire.Submit(request.id, request.model, wire.needs_of(request), wire.work_of(request))), wire.encode(request)]
         self.requests[request.id] = outputs
         await self.socket.send_multipart(frames)
 

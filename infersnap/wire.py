@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import msgspec
 
+from infersnap.profiles import Speed
+
 
 class SamplingParams(msgspec.Struct, array_like=True, frozen=True):
     max_tokens: int | None = None  # None: up to the end of the context
@@ -159,6 +161,20 @@ def needs_of(request: Request) -> Needs:
     return Needs("generate", features, bans, params.json_schema is not None)
 
 
+CHARS_PER_TOKEN = 4  # English text in the BPE vocabularies of small models, near enough to route by
+
+
+def work_of(request: Request) -> Work:
+    """What the broker needs to know of a request's size."""
+    if isinstance(request, Embed):
+        chars = sum(map(len, request.texts)) + CHARS_PER_TOKEN * sum(map(len, request.token_lists))
+        return Work(chars // CHARS_PER_TOKEN)
+    if not isinstance(request, Generate):
+        return Work()
+    chars = sum(len(m.content) for m in request.messages or []) + len(request.prompt or "") + len(request.suffix or "")
+    return Work(chars // CHARS_PER_TOKEN + 1, request.params.max_tokens, request.params.seed is not None)
+
+
 def unmet(needs: Needs, can: Capabilities) -> str | None:
     """The first feature these needs ask for that a worker with these capabilities lacks; None if it can serve them."""
     if needs.task not in can.tasks:
@@ -188,12 +204,21 @@ def refusal(request_id: str, needs: Needs, feature: str, runtimes: list[str], mo
     return failed(request_id, 400, message, param=param)
 
 
+class Work(msgspec.Struct, array_like=True, frozen=True):
+    """How much a request asks of an engine, for the broker to guess which lane ends it sooner."""
+
+    prompt_tokens: int = 0  # an estimate from its length: the frontend does not tokenize
+    max_tokens: int | None = None  # None: up to the end of the context
+    seeded: bool = False  # a seeded request goes to one lane always, for the same text every time
+
+
 class Submit(Message):
     """Frontend -> broker, followed by the request's body: what the broker routes it by."""
 
     id: str
     model: str
     needs: Needs
+    work: Work = Work()
 
 
 class Dispatch(Message):
@@ -305,6 +330,7 @@ class WorkerInfo(msgspec.Struct, array_like=True, frozen=True):
     restarts: int = 0  # times the supervisor restarted this worker's process
     # its tasks from the start; its features once loaded (a loading worker may still gain some)
     capabilities: Capabilities = Capabilities(tasks=[])
+    speed: Speed | None = None  # its engine's measured profile on this machine; None: not measured
 
 
 class WorkerStatus(Message):

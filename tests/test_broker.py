@@ -4,12 +4,14 @@ workers played by DEALER sockets in the test."""
 from __future__ import annotations
 
 import itertools
+import time
 
 import msgspec
 import pytest
 import zmq
 
 from infersnap import wire
+from infersnap.profiles import Level, PromptRead
 from infersnap.broker import broker as broker_module
 from infersnap.broker.broker import Broker
 from infersnap.plan import ServePlan
@@ -55,10 +57,13 @@ class Net:
         return Peer(self, identity, f"{self.prefix}-clients")
 
     def worker(self, worker_id: str, capabilities: wire.Capabilities = LLAMA, slots: int = 1, model: str = "m",
-               state: str = "ready", runtime: str = "llamacpp", pid: int = 1) -> Peer:
+               state: str = "ready", runtime: str = "llamacpp", pid: int = 1, device: str | None = None,
+               speed: wire.Speed | None = None) -> Peer:
+        """A worker on its own device (named after it), unless `device` puts it beside others as a lane."""
         peer = Peer(self, worker_id.encode(), f"{self.prefix}-workers")
-        peer.info = wire.WorkerInfo(worker_id=worker_id, device="cpu", engine=worker_id, runtime=runtime, model=model,
-                                    slots=slots, context=512, state=state, pid=pid, capabilities=capabilities)
+        peer.info = wire.WorkerInfo(worker_id=worker_id, device=device or worker_id, engine=worker_id, runtime=runtime,
+                                    model=model, slots=slots, context=512, state=state, pid=pid,
+                                    capabilities=capabilities, speed=speed)
         peer.send(wire.WorkerStatus(info=peer.info))
         return peer
 
@@ -79,7 +84,7 @@ def generate(request_id: str, model: str = "m", **params) -> wire.Generate:
 
 
 def submit(client: Peer, request: wire.Request) -> None:
-    client.send(wire.Submit(request.id, request.model, wire.needs_of(request)), request)
+    client.send(wire.Submit(request.id, request.model, wire.needs_of(request), wire.work_of(request)), request)
 
 
 def dispatched(worker: Peer) -> list[str]:
@@ -277,3 +282,82 @@ def test_a_client_that_is_gone_loses_its_requests(net):
     net.pump()
     finish(worker, b"gone", "g1")  # the broker cannot deliver it: the client's routes are dropped
     assert net.broker.routes == {} and net.broker.queue == {}
+
+
+# Two lanes of one device, as measured on a 2-core CPU: llama.cpp ends a lone request sooner, OpenVINO
+# serves many at once faster and reads prompts four times as fast.
+LLAMA_SPEED = wire.Speed(levels=[Level(1, 100.0, 0.1), Level(8, 150.0, 0.5)],
+                         prompts=[PromptRead(128, 1.0), PromptRead(1024, 8.0)])
+OPENVINO_SPEED = wire.Speed(levels=[Level(1, 80.0, 0.1), Level(8, 400.0, 0.3)],
+                            prompts=[PromptRead(128, 0.25), PromptRead(1024, 2.0)])
+
+
+def lanes(net, slots: int = 8) -> tuple[Peer, Peer]:
+    return (net.worker("cpu/cpu", LLAMA, slots=slots, device="cpu", speed=LLAMA_SPEED),
+            net.worker("cpu/intel-cpu", OPENVINO, slots=slots, runtime="openvino", device="cpu", speed=OPENVINO_SPEED))
+
+
+def test_a_lone_request_goes_to_the_lane_that_ends_it_first_and_a_long_prompt_to_the_fastest_reader(net):
+    llama, openvino = lanes(net)
+    app = net.client()
+    submit(app, generate("short", max_tokens=128))
+    assert dispatched(llama) == ["short"] and dispatched(openvino) == []
+    finish(llama, b"app", "short")
+    submit(app, wire.Generate(id="long", model="m", params=wire.SamplingParams(max_tokens=128), prompt="word " * 1000))
+    assert dispatched(openvino) == ["long"] and dispatched(llama) == []
+
+
+def test_a_burst_hands_the_cores_over_to_the_lane_that_serves_many_faster_once_the_other_drains(net):
+    llama, openvino = lanes(net)
+    app = net.client()
+    submit(app, generate("g0", max_tokens=128))
+    assert dispatched(llama) == ["g0"]
+    for i in range(1, 8):
+        submit(app, generate(f"g{i}", max_tokens=128))
+    # the llama.cpp lane keeps a request or two, then the load says OpenVINO: llama.cpp takes no more
+    # and OpenVINO waits until it has drained (two lanes never compute on the same cores at once)
+    taken = dispatched(llama)
+    assert len(taken) < 3 and dispatched(openvino) == []
+    finish(llama, b"app", "g0", *taken)
+    assert sorted(dispatched(openvino)) == sorted(f"g{i}" for i in range(1, 8) if f"g{i}" not in taken)
+    submit(app, generate("g8", max_tokens=128))  # OpenVINO computes now: it keeps its turn
+    assert dispatched(openvino) == ["g8"] and dispatched(llama) == []
+
+
+def test_a_request_only_the_idle_lane_can_serve_waits_at_most_the_handover_time(net, monkeypatch):
+    monkeypatch.setattr(broker_module, "HANDOVER_SECONDS", 0.3)
+    llama, openvino = lanes(net)
+    app = net.client()
+    for i in range(8):
+        submit(app, generate(f"g{i}", max_tokens=128))
+    finish(llama, b"app", *dispatched(llama))
+    on_openvino = dispatched(openvino)
+    assert on_openvino
+    submit(app, generate("logprobs", max_tokens=8, logprobs=2))  # only llama.cpp has top logprobs
+    submit(app, generate("later", max_tokens=128))
+    assert dispatched(llama) == []  # not while OpenVINO computes ...
+    assert dispatched(openvino) == []  # ... which takes no new work meanwhile, so that it drains
+    time.sleep(0.35)
+    net.pump()
+    assert dispatched(llama) == ["logprobs"]  # past the hand-over time it computes alongside: no starving
+    finish(llama, b"app", "logprobs")
+    finish(openvino, b"app", *on_openvino)
+    assert dispatched(openvino) + dispatched(llama) == ["later"]
+
+
+def test_a_seeded_request_always_goes_to_the_same_lane(net):
+    llama, openvino = lanes(net)
+    app = net.client()
+    for i in range(6):
+        submit(app, wire.Generate(id=f"s{i}", model="m", params=wire.SamplingParams(max_tokens=128, seed=7),
+                                  prompt="word " * (1 + 400 * (i % 2))))
+    assert len(dispatched(llama)) == 6 and dispatched(openvino) == []
+
+
+def test_queue_room_is_per_device_not_per_lane(net):
+    llama, openvino = lanes(net, slots=1)  # a device of 1 slot: 1 running + max_waiting (2) waiting
+    app = net.client()
+    for i in range(4):
+        submit(app, generate(f"g{i}", max_tokens=128))
+    refused = [o for o in outputs(app) if o.failure]
+    assert [o.id for o in refused] == ["g3"] and refused[0].failure.status == 503

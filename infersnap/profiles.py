@@ -1,0 +1,171 @@
+"""Engine profiles: what an engine measured on this machine with this model, and what it predicts.
+
+A profile is measured once per (machine, model file, engine and its build, threads, context) by
+`infersnap use-engine --auto` (or the first `serve`), stored in the data folder, and carried by the
+lane's WorkerInfo so that the broker can send each request to the lane that finishes it sooner.
+This module holds the figures and the arithmetic on them; measuring needs an engine and lives in
+workers/profile.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from infersnap import __version__, paths
+
+if TYPE_CHECKING:  # the broker imports this module for Speed: no hardware detection there
+    from infersnap.hwdetect import Machine
+
+
+class Level(msgspec.Struct, array_like=True, frozen=True):
+    """Generation with `streams` requests running at once."""
+
+    streams: int
+    tokens_per_second: float  # generated tokens/s of all streams together
+    ttft_seconds: float  # median time to first token when they all start together
+
+
+class PromptRead(msgspec.Struct, array_like=True, frozen=True):
+    """A lone request's prompt of `tokens` tokens, read in `seconds` (to its first token)."""
+
+    tokens: int
+    seconds: float
+
+
+class Speed(msgspec.Struct, array_like=True, frozen=True):
+    """The figures the broker routes by, sorted by streams and by tokens."""
+
+    levels: list[Level]
+    prompts: list[PromptRead]
+
+    def per_stream(self, streams: int) -> float:
+        """Tokens/s that each of `streams` running requests gets (flat past the last level measured)."""
+        return _interpolate([(lv.streams, lv.tokens_per_second) for lv in self.levels], streams) / max(streams, 1)
+
+    def prompt_seconds(self, tokens: int) -> float:
+        """Seconds to read a prompt of `tokens` tokens (past the longest one measured, at its rate)."""
+        points = [(0, 0.0)] + [(p.tokens, p.seconds) for p in self.prompts]
+        if tokens > points[-1][0] and points[-1][0] > 0:
+            return points[-1][1] * tokens / points[-1][0]
+        return _interpolate(points, tokens)
+
+    def finish_seconds(self, running: int, prompt_tokens: int, max_tokens: int) -> float:
+        """When a request would end on this lane, now running `running` others: its prompt read, then
+        its tokens generated at the per-stream rate of running + 1 streams."""
+        rate = self.per_stream(running + 1)
+        return self.prompt_seconds(prompt_tokens) + (max_tokens / rate if rate > 0 else float("inf"))
+
+
+class Profile(msgspec.Struct, kw_only=True):
+    """One engine on one device, as measured."""
+
+    engine: str
+    device: str
+    key: str  # what the figures depend on, hashed: see key()
+    measured_at: str  # ISO 8601, UTC
+    threads: int
+    context: int
+    load_seconds: float = 0.0
+    memory_bytes: int = 0  # the worker process's PSS once loaded with its most streams
+    speed: Speed | None = None
+    error: str | None = None  # why it could not be measured; then the static score decides
+    quick: bool = False  # a short measurement (tests): rougher figures
+
+
+def _interpolate(points: list[tuple[int, float]], x: int) -> float:
+    """Linear between measured points, flat outside them."""
+    if not points:
+        return 0.0
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 != x0 else y1
+    return points[-1][1]
+
+
+# --- what a profile is of, and its key ---------------------------------------------------------------
+
+# The Python distribution that is each runtime's build: a new build may be faster or slower.
+RUNTIME_PACKAGES = {"llamacpp": "llama_cpp_python", "openvino": "openvino-genai"}
+
+
+class Subject(msgspec.Struct, frozen=True):
+    """One engine on one device, as a worker would run it: what a profile is measured for."""
+
+    engine: str  # manifest name
+    runtime: str  # "llamacpp" | "openvino"
+    device: str
+    model_path: str
+    threads: int
+    context: int
+    cpus: list[int] = []  # the worker's CPU affinity (measured there too); not in the key
+    gpu_layers: int = 0
+
+
+def device_identity(machine: Machine, device: str) -> str:
+    """What names the hardware a device's figures come from: the CPU (model and flags) always, since
+    a GPU worker's host threads run there too, and the accelerator's ids, name and memory."""
+    cpu = machine.cpu
+    words = [cpu.architecture or "", cpu.model_name or "", " ".join(sorted(cpu.flags))]
+    for accelerator in machine.accelerators:
+        if accelerator.device == device:
+            words += [f"{accelerator.vendor_id:04x}:{accelerator.device_id:04x}", accelerator.name or "",
+                      str(accelerator.vram_bytes)]
+    return "|".join(words)
+
+
+def runtime_build(runtime: str) -> str:
+    """The installed version of the runtime's package, read without importing it ("" if missing)."""
+    try:
+        return importlib.metadata.version(RUNTIME_PACKAGES.get(runtime, runtime))
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def key(subject: Subject, machine: Machine) -> str:
+    """A hash of what changes the figures: the machine, the model file (path, size, mtime), the engine
+    and its build (and infersnap's, which drives it), threads and context. Not the slots: a profile
+    measured up to N streams serves any slot count."""
+    try:
+        stat = os.stat(subject.model_path)
+        model = [subject.model_path, stat.st_size, stat.st_mtime_ns]
+    except OSError:
+        model = [subject.model_path, None, None]
+    parts = [device_identity(machine, subject.device), subject.device, model, subject.engine,
+             subject.runtime, runtime_build(subject.runtime), __version__, subject.threads, subject.context,
+             subject.gpu_layers]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+
+
+# --- storage: <data>/profiles/<key>.json --------------------------------------------------------------
+
+
+def profiles_dir() -> Path:
+    return paths.data_dir() / "profiles"
+
+
+def load(profile_key: str) -> Profile | None:
+    """The stored profile of this key; None if there is none or it cannot be read (it is measured again)."""
+    try:
+        return msgspec.json.decode((profiles_dir() / f"{profile_key}.json").read_bytes(), type=Profile)
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+def save(profile: Profile) -> Path:
+    """Store a profile under its key, atomically (a reader never sees half a file)."""
+    folder = profiles_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{profile.key}.json"
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(profile)) + b"\n")
+    os.replace(tmp, path)
+    return path
