@@ -377,6 +377,7 @@ class Broker:
             routed=[*self.routes, *self.queue],
             queued=len(self.queue),
             draining=self.drain_deadline is not None,
+            left_out=self.plan.left_out,
         )
 
     def _in_plan_order(self, workers) -> list[Worker]:

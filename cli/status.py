@@ -55,6 +55,7 @@ def status_document(status: wire.Status) -> dict:
         "model": ", ".join(wire.models_of(status)) or None,
         "waiting": status.queued,
         **({"draining": True} if status.draining else {}),
+        **({"left-out": status.left_out} if status.left_out else {}),
         "workers": [
             {
                 "id": w.worker_id,
@@ -69,6 +70,8 @@ def status_document(status: wire.Status) -> dict:
                 "context": w.context,
                 "running": len(w.running),
                 "waiting": w.waiting,
+                # its measured generated tokens/s by streams at once: what the broker routes by
+                **({"tok/s": {lv.streams: round(lv.tokens_per_second, 1) for lv in w.speed.levels}} if w.speed else {}),
                 "pid": w.pid,
                 **({"restarts": w.restarts} if w.restarts else {}),
             }

@@ -13,6 +13,7 @@ from pathlib import Path
 import msgspec
 
 from infersnap import wire
+from infersnap.profiles import Speed
 
 RESTARTS_VARIABLE = "INFERSNAP_RESTARTS"  # in a restarted child's environment: how often it was restarted
 
@@ -27,6 +28,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     slots: int  # requests it runs at once
     gpu_layers: int = 0  # llama.cpp layers offloaded to the device
     task: str = "generate"  # "generate" | "embed" (the model in embedding mode, for /v1/embeddings)
+    speed: Speed | None = None  # its engine's measured profile, for the broker to route by
 
 
 class ServePlan(msgspec.Struct, frozen=True):
@@ -46,12 +48,17 @@ class ServePlan(msgspec.Struct, frozen=True):
     max_n: int = 8
     drain_timeout: int = 30  # seconds running requests may take after SIGTERM
     send_timeout: int = 30  # seconds a stream may stay unread before its client is dropped
+    left_out: list[str] = []  # lanes not started, and why (e.g. not enough memory for a second copy)
 
     @property
     def capacity(self) -> int:
         """Generations the workers can run and queue at once, all of them ready: more in one request
-        could never be accepted."""
-        return sum(wire.capacity(w.slots, self.max_waiting) for w in self.workers if w.task == "generate")
+        could never be accepted. Per device: lanes on the same cores do not add room."""
+        per_device: dict[str, int] = {}
+        for w in self.workers:
+            if w.task == "generate":
+                per_device[w.device] = max(per_device.get(w.device, 0), wire.capacity(w.slots, self.max_waiting))
+        return sum(per_device.values())
 
     @property
     def embeddings(self) -> bool:

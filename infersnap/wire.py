@@ -350,6 +350,7 @@ class Status(Message):
     routed: list[str] = []  # request ids the broker is routing now, queued ones included
     queued: int = 0  # requests queued in the broker for a free slot
     draining: bool = False
+    left_out: list[str] = []  # lanes `serve` did not start, and why (ServePlan.left_out)
 
 
 def models_of(status: Status) -> list[str]:

@@ -119,6 +119,7 @@ def run(plan: ServePlan, spec: WorkerSpec) -> None:
         pid=os.getpid(),
         restarts=int(os.environ.get(RESTARTS_VARIABLE, "0")),
         capabilities=wire.Capabilities(tasks=TASKS[spec.task]),
+        speed=spec.speed,
     )
     zctx = zmq.Context()
     inbox: queue.Queue = queue.Queue()

@@ -3,7 +3,10 @@
 Auto selection gives every device of the machine to the best-scoring
 compatible, non-experimental engine that can run on it: on a Lunar Lake
 laptop that is an OpenVINO worker on GPU.0, another on the NPU, and the best
-CPU engine on the CPU.
+CPU engine on the CPU. With measured profiles, a device gets a lane for each
+runtime whose best engine is the fastest there at some load (one request,
+many at once, or reading a long prompt), as long as the memory holds them
+all; the lanes take turns on the device's cores (see broker/broker.py).
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ import msgspec
 from infersnap.engines.manifest import Manifest, manifests, parse_size
 from infersnap.engines.verdict import Verdict, evaluate
 from infersnap.hwdetect import Machine
+from infersnap.profiles import Profile
 
 AUTO = "auto"
+LANE_MARGIN = 1.1  # a second lane must beat the first by this factor somewhere to be worth its memory
+MEMORY_SHARE = 0.8  # the share of the available memory that the lanes of a machine may use
 
 __all__ = ["AUTO", "Assignment", "EngineChoiceError", "Manifest", "Verdict", "evaluate", "manifests", "parse_size",
-           "parse_choice", "select", "verdicts", "embedding_engine"]
+           "parse_choice", "select", "choose_lanes", "verdicts", "embedding_engine", "candidates"]
 
 
 class EngineChoiceError(ValueError):
@@ -46,35 +52,96 @@ def parse_choice(text: str) -> list[str] | None:
     return names
 
 
-def select(machine: Machine, names: list[str] | None = None) -> list[Assignment]:
-    """The (engine, device) pairs to run: the named engines, or the best per device when None."""
-    ranked = verdicts(machine)
+def candidates(machine: Machine) -> list[Assignment]:
+    """What auto may run: on each device, the best-scoring compatible, non-experimental engine of each
+    runtime (the ones a profile measures)."""
+    found: dict[tuple[str, str], Assignment] = {}
+    for verdict in verdicts(machine):
+        if verdict.compatible and not verdict.experimental:
+            for device in verdict.devices:
+                found.setdefault((device, manifests()[verdict.engine].runtime), Assignment(verdict.engine, device))
+    return list(found.values())
+
+
+def select(machine: Machine, names: list[str] | None = None,
+           profiles: dict[Assignment, Profile] | None = None) -> list[Assignment]:
+    """The (engine, device) pairs to run: the named engines, or the automatic choice when None."""
+    return choose_lanes(machine, names, profiles)[0]
+
+
+def choose_lanes(machine: Machine, names: list[str] | None = None,
+                 profiles: dict[Assignment, Profile] | None = None) -> tuple[list[Assignment], list[str]]:
+    """The (engine, device) pairs to run, each device's fastest lane first (the one a seeded request
+    takes), and why any candidate is left out: the named engines, or for auto the lanes the profiles
+    say are worth it (the best-scoring engine per device where none is measured)."""
     if names is None:
-        chosen = [v for v in ranked if v.compatible and not v.experimental]
-    else:
-        by_name = {v.engine: v for v in ranked}
-        chosen = []
-        for name in names:
-            if name not in by_name:
-                raise EngineChoiceError(f"unknown engine {name!r}; known engines: {', '.join(manifests())}")
-            verdict = by_name[name]
-            if not verdict.compatible:
-                raise EngineChoiceError(f"engine {name} cannot run on this machine: {'; '.join(verdict.reasons)}")
-            chosen.append(verdict)
-    # A device runs one engine of each runtime: two named engines of one runtime on it would do the same work.
-    owners: dict[str, dict[str, str]] = {}  # device -> runtime -> engine
-    for verdict in chosen:
-        runtime = manifests()[verdict.engine].runtime
+        return _auto(machine, profiles or {})
+    ranked = verdicts(machine)
+    by_name = {v.engine: v for v in ranked}
+    chosen: dict[str, dict[str, str]] = {}  # device -> runtime -> engine
+    for name in names:
+        if name not in by_name:
+            raise EngineChoiceError(f"unknown engine {name!r}; known engines: {', '.join(manifests())}")
+        verdict = by_name[name]
+        if not verdict.compatible:
+            raise EngineChoiceError(f"engine {name} cannot run on this machine: {'; '.join(verdict.reasons)}")
+        runtime = manifests()[name].runtime
         for device in verdict.devices:
-            engines = owners.setdefault(device, {})
-            if names is None and engines:
-                continue  # auto: the best-scoring engine only
+            engines = chosen.setdefault(device, {})
+            # two engines of one runtime on a device would do the same work
             if runtime in engines:
-                raise EngineChoiceError(
-                    f"engines {engines[runtime]} and {verdict.engine} both run on {device}; pick one"
-                )
-            engines[runtime] = verdict.engine
-    return [Assignment(engine, device) for device, engines in owners.items() for engine in engines.values()]
+                raise EngineChoiceError(f"engines {engines[runtime]} and {name} both run on {device}; pick one")
+            engines[runtime] = name
+    lanes = [Assignment(engine, device) for device, engines in chosen.items() for engine in engines.values()]
+    return _fastest_first(lanes, profiles or {}), []
+
+
+def _auto(machine: Machine, profiles: dict[Assignment, Profile]) -> tuple[list[Assignment], list[str]]:
+    by_device: dict[str, list[Assignment]] = {}
+    for lane in candidates(machine):
+        by_device.setdefault(lane.device, []).append(lane)
+    chosen, left_out = [], []
+    budget = (machine.memory.available_bytes or 0) * MEMORY_SHARE
+    for device, lanes in by_device.items():
+        measured = [a for a in lanes if profiles.get(a) is not None and profiles[a].speed is not None]
+        if len(measured) < len(lanes):  # the static score decides: the first one is the best-scoring
+            chosen.append(lanes[0])
+            continue
+        lanes = _fastest_first(lanes, profiles)
+        kept = [lanes[0]]
+        for lane in lanes[1:]:
+            if not _wins_somewhere(profiles[lane], [profiles[k] for k in kept]):
+                continue
+            used = sum(profiles[k].memory_bytes for k in kept) + profiles[lane].memory_bytes
+            if device == "cpu" and budget and used > budget:
+                left_out.append(f"{lane.engine} on {device}: its lane would not fit in memory beside "
+                                f"{', '.join(k.engine for k in kept)} ({used >> 20} MiB, {int(budget) >> 20} MiB free)")
+                continue
+            kept.append(lane)
+        chosen += kept
+    return chosen, left_out
+
+
+def _fastest_first(lanes: list[Assignment], profiles: dict[Assignment, Profile]) -> list[Assignment]:
+    """Each device's lanes, the one that ends a lone short request soonest first (stable otherwise)."""
+    def lone(lane: Assignment) -> float:
+        profile = profiles.get(lane)
+        if profile is None or profile.speed is None:
+            return float("inf")
+        return profile.speed.finish_seconds(0, 32, 128)
+
+    order = {device: i for i, device in enumerate(dict.fromkeys(a.device for a in lanes))}
+    return sorted(lanes, key=lambda a: (order[a.device], lone(a)))
+
+
+def _wins_somewhere(profile: Profile, others: list[Profile]) -> bool:
+    """Whether this lane beats every other by LANE_MARGIN at some level, or at reading a long prompt."""
+    speed = profile.speed
+    streams = sorted({lv.streams for p in [profile, *others] for lv in p.speed.levels})
+    for n in streams:
+        if all(speed.per_stream(n) > LANE_MARGIN * o.speed.per_stream(n) for o in others):
+            return True
+    return all(o.speed.prompt_seconds(4096) > LANE_MARGIN * speed.prompt_seconds(4096) for o in others)
 
 
 def embedding_engine(machine: Machine) -> str | None:
