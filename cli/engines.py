@@ -8,6 +8,7 @@ from infersnap import hwdetect, paths
 from infersnap.config import Config
 from infersnap.engines import AUTO, Assignment, EngineChoiceError, Verdict, manifests, parse_choice, select, verdicts
 from infersnap.hwdetect import Machine
+from infersnap.profiles import Profile
 
 
 def serving_assignments(config: Config, machine: Machine) -> tuple[list[Assignment], str | None]:
@@ -30,13 +31,28 @@ def compat_word(verdict: Verdict) -> str:
     return "exptl" if verdict.experimental else "yes"
 
 
-def engines_table(machine: Machine, active: set[str]) -> list[list[str]]:
-    rows = [["engine", "vendor", "compat", "summary"]]
+Measured = dict[Assignment, Profile]  # (engine, device) -> its stored profile
+
+
+def _of(engine: str, measured: Measured) -> list[Profile]:
+    return [profile for lane, profile in measured.items() if lane.engine == engine]
+
+
+def engines_table(machine: Machine, active: set[str], measured: Measured | None = None) -> list[list[str]]:
+    rows = [["engine", "vendor", "compat", "measured", "summary"]]
     for verdict in verdicts(machine):
         manifest = manifests()[verdict.engine]
         marked = verdict.engine + ("*" if verdict.engine in active else "")
-        rows.append([marked, manifest.vendor, compat_word(verdict), manifest.summary])
+        found = _of(verdict.engine, measured or {})
+        shown = "; ".join((f"{p.device}: " if len(found) > 1 else "") + _short(p) for p in found) or "-"
+        rows.append([marked, manifest.vendor, compat_word(verdict), shown, manifest.summary])
     return rows
+
+
+def _short(profile: Profile) -> str:
+    """A profile in the table: its figures, or why there are none, cut short."""
+    text = summary(profile)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def format_table(rows: list[list[str]]) -> str:
@@ -46,7 +62,7 @@ def format_table(rows: list[list[str]]) -> str:
     )
 
 
-def engines_document(machine: Machine, active: set[str]) -> list[dict]:
+def engines_document(machine: Machine, active: set[str], measured: Measured | None = None) -> list[dict]:
     return [
         {
             "name": v.engine,
@@ -55,12 +71,13 @@ def engines_document(machine: Machine, active: set[str]) -> list[dict]:
             "compat": compat_word(v),
             "active": v.engine in active,
             "score": v.score,
+            "measured": [figures(p) for p in _of(v.engine, measured or {})],
         }
         for v in verdicts(machine)
     ]
 
 
-def engine_document(name: str, machine: Machine, active: set[str]) -> dict:
+def engine_document(name: str, machine: Machine, active: set[str], measured: Measured | None = None) -> dict:
     manifest = manifests()[name]
     verdict = next(v for v in verdicts(machine) if v.engine == name)
     return {
@@ -70,6 +87,7 @@ def engine_document(name: str, machine: Machine, active: set[str]) -> dict:
         "score": verdict.score,
         "devices-found": verdict.devices,
         "reasons": verdict.reasons,
+        "measured": [figures(p) for p in _of(name, measured or {})],
     }
 
 
@@ -79,6 +97,45 @@ def use_engines(config: Config, machine: Machine, names: list[str]) -> str:
     select(machine, parse_choice(value))  # raises EngineChoiceError, before anything is written
     config.set_many({"engines": value})
     return value
+
+
+def figures(profile: Profile) -> dict:
+    """A profile for `infersnap engines --format json` and `infersnap engine`."""
+    shown: dict = {"device": profile.device, "measured-at": profile.measured_at}
+    if profile.error:
+        shown["error"] = profile.error
+    if profile.speed is not None:
+        shown["tokens-per-second"] = {lv.streams: lv.tokens_per_second for lv in profile.speed.levels}
+        shown["first-token-seconds"] = {lv.streams: lv.ttft_seconds for lv in profile.speed.levels}
+        shown["prompt-tokens-per-second"] = {p.tokens: round(p.tokens / p.seconds, 1) if p.seconds else None
+                                             for p in profile.speed.prompts}
+    shown.update({"load-seconds": profile.load_seconds, "memory-mib": round(profile.memory_bytes / 2**20),
+                  "threads": profile.threads, "context": profile.context})
+    if profile.quick:
+        shown["quick"] = True
+    if profile.contention:
+        shown["contention"] = profile.contention  # share of the cores other processes took meanwhile
+    return shown
+
+
+def summary(profile: Profile) -> str:
+    """One line: tokens/s at 1 stream and at the best level, prompt tokens/s, memory; or why it failed."""
+    if profile.speed is None or not profile.speed.levels:
+        return f"failed: {profile.error}"
+    levels = profile.speed.levels
+    best = max(levels, key=lambda lv: lv.tokens_per_second)
+    parts = [f"{levels[0].tokens_per_second:.0f} tok/s x{levels[0].streams}"]
+    if best is not levels[0]:
+        parts.append(f"{best.tokens_per_second:.0f} x{best.streams}")
+    longest = profile.speed.prompts[-1] if profile.speed.prompts else None
+    if longest and longest.seconds > 0:
+        parts.append(f"prompt {longest.tokens / longest.seconds:.0f} tok/s")
+    parts.append(f"{profile.memory_bytes / 2**20:.0f} MiB")
+    if profile.error:
+        parts.append(f"(stopped: {profile.error})")
+    if profile.contention > 0.1:
+        parts.append(f"low: other processes took {profile.contention:.0%} of the cores")
+    return ", ".join(parts)
 
 
 def detect(root: str) -> Machine:

@@ -14,7 +14,7 @@ from infersnap.cli import engines as engine_views
 from infersnap.cli.status import NotRunning, query_status, status_document
 from infersnap.config import Config, ConfigError
 from infersnap.engines import EngineChoiceError, manifests
-from infersnap.hwdetect import to_builtins
+from infersnap.hwdetect import Machine, to_builtins
 from infersnap.models import ModelNotFound
 
 FORMATS = click.Choice(["yaml", "json"])
@@ -61,6 +61,7 @@ def main() -> None:
 @main.command()
 def serve() -> None:
     """Serve the configured model until stopped (Ctrl-C)."""
+    from infersnap.cli.profiling import before_serving
     from infersnap.cli.supervisor import ServeError, serve as run_server
 
     config = _load_config()
@@ -68,6 +69,7 @@ def serve() -> None:
         config.check()
     except ConfigError as exc:
         raise click.ClickException(f"not starting: {exc}") from None
+    before_serving(config)  # measures the engines that have no profile yet, before anything listens
     try:
         sys.exit(run_server(config))
     except (ServeError, ModelNotFound, PermissionError) as exc:
@@ -144,11 +146,20 @@ def machine(root: str, fmt: str) -> None:
 def engines(root: str, fmt: str) -> None:
     """Every engine, whether it can run on this machine, and (*) the ones that serve."""
     found = engine_views.detect(root)
-    active = engine_views.active_engines(_config_for_reading("using the defaults in its place"), found)
+    config = _config_for_reading("using the defaults in its place")
+    active = engine_views.active_engines(config, found)
+    measured = _measured(config, found, root)
     if fmt == "json":
-        _emit(engine_views.engines_document(found, active), "json")
+        _emit(engine_views.engines_document(found, active, measured), "json")
     else:
-        click.echo(engine_views.format_table(engine_views.engines_table(found, active)))
+        click.echo(engine_views.format_table(engine_views.engines_table(found, active, measured)))
+
+
+def _measured(config: Config, machine: Machine, root: str) -> dict:
+    """The stored profiles to show beside the verdicts: only this machine has any."""
+    from infersnap.cli.profiling import shown
+
+    return shown(config, machine) if root == "/" else {}
 
 
 @main.command()
@@ -158,32 +169,69 @@ def engines(root: str, fmt: str) -> None:
 def engine(name: str | None, root: str, fmt: str) -> None:
     """An engine's manifest and its verdict on this machine (the active one when NAME is left out)."""
     found = engine_views.detect(root)
-    active = engine_views.active_engines(_config_for_reading("using the defaults in its place"), found)
+    config = _config_for_reading("using the defaults in its place")
+    active = engine_views.active_engines(config, found)
+    if name is not None and name not in manifests():
+        raise click.ClickException(f"unknown engine {name!r}; known engines: {', '.join(manifests())}")
+    measured = _measured(config, found, root)
     if name is None:
         if not active:
             raise click.ClickException("no engine can serve on this machine; see `infersnap engines`")
-        documents = [engine_views.engine_document(n, found, active) for n in sorted(active)]
+        documents = [engine_views.engine_document(n, found, active, measured) for n in sorted(active)]
         _emit(documents[0] if len(documents) == 1 else documents, fmt)
         return
-    if name not in manifests():
-        raise click.ClickException(f"unknown engine {name!r}; known engines: {', '.join(manifests())}")
-    _emit(engine_views.engine_document(name, found, active), fmt)
+    _emit(engine_views.engine_document(name, found, active, measured), fmt)
 
 
 @main.command("use-engine")
 @click.argument("names", nargs=-1)
-@click.option("--auto", is_flag=True, help="let infersnap pick the best engine for each device")
+@click.option("--auto", is_flag=True, help="let infersnap pick the best engine for each device, by measuring them")
+@click.option("--no-measure", is_flag=True, help="choose by the static score, without measuring (now and at serve)")
+@click.option("--again", is_flag=True, help="with --auto: measure again the engines measured before")
+@click.option("--quick", is_flag=True, hidden=True, help="a short measurement (seconds; rough figures), for tests")
 @ROOT
-def use_engine(names: tuple[str, ...], auto: bool, root: str) -> None:
-    """Choose the engines that serve (one per device); applies when the server next starts."""
+def use_engine(names: tuple[str, ...], auto: bool, no_measure: bool, again: bool, quick: bool, root: str) -> None:
+    """Choose the engines that serve (one per device, or one per runtime on a device); applies when the
+    server next starts. With --auto the engines auto chooses among (each device's best of each runtime)
+    are measured once on this machine with the configured model (about a minute each), and their
+    profiles stored in the data folder."""
     if bool(names) == auto:
         raise click.UsageError("name one or more engines, or give --auto")
+    if (again or quick) and (no_measure or not auto):
+        raise click.UsageError("--again and --quick go with --auto, without --no-measure")
     config = _load_config()
+    machine = engine_views.detect(root)
     try:
-        value = engine_views.use_engines(config, engine_views.detect(root), list(names))
+        value = engine_views.use_engines(config, machine, list(names))
+        if auto or no_measure:
+            config.set_many({"engines-measure": "false" if no_measure else "true"})
     except (EngineChoiceError, ConfigError) as exc:
         raise click.ClickException(f"{exc} (nothing was changed)") from None
+    if auto and not no_measure:
+        _measure_for_auto(config, machine, root, again, quick)
     click.echo(f"engines: {value} (restart `infersnap serve` to apply)")
+
+
+def _measure_for_auto(config: Config, machine: Machine, root: str, again: bool, quick: bool) -> None:
+    from infersnap.cli import profiling
+    from infersnap.cli.status import NotRunning, query_status
+
+    if root != "/":
+        click.echo(f"not measuring: the machine at {root} is not this one", err=True)
+        return
+    try:
+        found = profiling.candidates(config, machine)
+    except ModelNotFound as exc:
+        raise click.ClickException(f"cannot measure the engines: {exc}") from None
+    try:
+        query_status(timeout=0.5)
+        click.echo("infersnap: warning: the server is running; what it serves meanwhile lowers the figures", err=True)
+    except NotRunning:
+        pass
+    measured = profiling.measure_missing(found, machine, again=again, quick=quick,
+                                         say=lambda text: click.echo(text, err=True))
+    for lane, profile in measured.items():
+        click.echo(f"{lane.engine} on {lane.device}: {engine_views.summary(profile)}")
 
 
 @main.command()

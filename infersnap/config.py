@@ -66,6 +66,7 @@ KEYS: dict[str, Key] = {
         Key("model.path", str, "", "GGUF file to serve; empty means the default model (SmolLM2-135M-Instruct)"),
         Key("model.name", str, "", "model id clients use; empty means the file name without .gguf"),
         Key("engines", str, "auto", "engines that serve, comma-separated (see `infersnap engines`); auto: the best per device", _engine_names),
+        Key("engines-measure", bool, True, "measure each engine's speed on this machine (once) and choose by it; false: by the static score"),
         Key("worker.slots", int, 8, "sequences a worker generates at once (continuous batching)", _between(1, 256)),
         Key("worker.context", int, 2048, "context length in tokens of each sequence", _between(128, 1 << 20)),
         Key("worker.embeddings", bool, True, "run an embedding worker (the model in embedding mode, on the CPU) for /v1/embeddings"),

@@ -9,6 +9,7 @@ workers/profile.py.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import importlib.metadata
 import json
@@ -77,6 +78,12 @@ class Profile(msgspec.Struct, kw_only=True):
     speed: Speed | None = None
     error: str | None = None  # why it could not be measured; then the static score decides
     quick: bool = False  # a short measurement (tests): rougher figures
+    contention: float = 0.0  # share of its cores' time other processes took while it was measured (0-1)
+
+
+def now() -> str:
+    """A profile's `measured_at`: now, ISO 8601 in UTC."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _interpolate(points: list[tuple[int, float]], x: int) -> float:

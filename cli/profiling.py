@@ -1,0 +1,198 @@
+"""Engine profiles from the CLI's side: which (engine, device) pairs need one, reading the stored ones,
+and measuring the missing ones in a subprocess (`python -m infersnap.workers.profile`): the CLI never
+imports an engine, and a runtime that crashes at load (a GPU driver's SIGSEGV) takes only that process.
+
+Measuring happens alone on the machine's cores, before anything serves (measuring while serving spoils
+both): in `infersnap use-engine --auto` and at the start of `infersnap serve` when a profile is missing.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Iterable
+
+import msgspec
+
+from infersnap import profiles
+from infersnap.cli.engines import detect, serving_assignments, summary
+from infersnap.cli.status import NotRunning, query_status
+from infersnap.config import Config
+from infersnap.engines import Assignment, EngineChoiceError, parse_choice, verdicts
+from infersnap.engines import candidates as auto_candidates
+from infersnap.hwdetect import Machine
+from infersnap.hwdetect.cpu import physical_core_cpus
+from infersnap.models import ModelNotFound, resolve
+from infersnap.plan import ServePlan
+from infersnap.profiles import Profile, Subject
+
+MEASURE_TIMEOUT = {False: 900, True: 180}  # seconds, full and quick: a hung runtime is given up on
+
+Say = Callable[[str], None]
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def candidates(config: Config, machine: Machine) -> list[Subject]:
+    """What `serve` may run with this config, as profiles are keyed: the named engines, or with `auto`
+    (or named engines that cannot run here) every lane auto may choose (on each device the best engine
+    of each runtime: infersnap.engines.candidates), since the choice among them needs all their profiles."""
+    try:
+        named = parse_choice(config.get("engines"))
+    except EngineChoiceError:
+        named = None
+    serving, warning = serving_assignments(config, machine)
+    wanted = auto_candidates(machine) if named is None or warning else serving
+    return subjects(wanted, serving, config)
+
+
+def subjects(wanted: Iterable[Assignment], serving: list[Assignment], config: Config) -> list[Subject]:
+    """Each wanted (engine, device) with the threads and CPUs its worker would get beside the serving
+    workers of the other devices (an accelerator's host threads come off the CPU worker's cores)."""
+    from infersnap.cli.supervisor import worker_specs  # not at the top: the supervisor imports this module
+
+    model_path = str(resolve(config.get("model.path"), config.get("model.name"))[0])
+    cores = physical_core_cpus()
+    found = []
+    for assignment in wanted:
+        lineup = [a for a in serving if a.device != assignment.device] + [assignment]
+        specs = worker_specs(lineup, cores, config.get("worker.threads"), config.get("worker.slots"))
+        spec = next(s for s in specs if (s.engine, s.device) == (assignment.engine, assignment.device))
+        found.append(Subject(engine=spec.engine, runtime=spec.runtime, device=spec.device, model_path=model_path,
+                             threads=spec.threads, context=config.get("worker.context"), cpus=spec.cpus,
+                             gpu_layers=spec.gpu_layers))
+    return found
+
+
+def stored_profiles(config: Config, machine: Machine) -> dict[Assignment, Profile]:
+    """For the supervisor (what `select` and the lanes take): the stored profiles of every candidate that
+    `serve` may run with this config, by Assignment; those never measured are left out, and none at all
+    where the model cannot be found. Reads files only: `before_serving` has measured what was missing."""
+    try:
+        return profiles_for(candidates(config, machine), machine)
+    except ModelNotFound:
+        return {}
+
+
+def shown(config: Config, machine: Machine) -> dict[Assignment, Profile]:
+    """The stored profiles of every compatible engine (experimental ones too, measured by hand), for
+    `infersnap engines` and `infersnap engine`; none where the model cannot be found."""
+    every = [Assignment(v.engine, d) for v in verdicts(machine) if v.compatible for d in v.devices]
+    try:
+        return profiles_for(subjects(every, serving_assignments(config, machine)[0], config), machine)
+    except ModelNotFound:
+        return {}
+
+
+def plan_subjects(plan: ServePlan) -> list[Subject]:
+    """The generating workers of a serve plan, as profiles are keyed."""
+    return [Subject(engine=w.engine, runtime=w.runtime, device=w.device, model_path=plan.model_path,
+                    threads=w.threads, context=plan.context, cpus=w.cpus, gpu_layers=w.gpu_layers)
+            for w in plan.workers if w.task == "generate"]
+
+
+def profiles_for(found: Iterable[Subject], machine: Machine) -> dict[Assignment, Profile]:
+    """The stored profiles of these subjects by (engine, device); one never measured is left out.
+    Reads files only: never measures."""
+    stored = {}
+    for subject in found:
+        profile = profiles.load(profiles.key(subject, machine))
+        if profile is not None:
+            stored[Assignment(subject.engine, subject.device)] = profile
+    return stored
+
+
+def measure(subject: Subject, key: str, quick: bool = False) -> Profile:
+    """Measure one subject in its own process (its progress goes to stderr); a Profile with `error`
+    when the process fails, crashes or hangs."""
+    argv = [sys.executable, "-m", "infersnap.workers.profile", "--engine", subject.engine, "--device", subject.device,
+            "--threads", str(subject.threads), "--context", str(subject.context), "--model", subject.model_path,
+            "--cpus", ",".join(map(str, subject.cpus)), "--key", key, *(["--quick"] if quick else [])]
+    failed = Profile(engine=subject.engine, device=subject.device, key=key, measured_at=profiles.now(),
+                     threads=subject.threads, context=subject.context, quick=quick)
+    # cwd "/": from a source checkout, `-m infersnap...` would otherwise import the checkout's folder
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd="/")
+    try:
+        out, _ = process.communicate(timeout=MEASURE_TIMEOUT[quick])
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        failed.error = f"measuring took longer than {MEASURE_TIMEOUT[quick]} s and was stopped"
+        return failed
+    except BaseException:  # Ctrl-C: the child goes too
+        process.kill()
+        process.wait()
+        raise
+    lines = out.decode(errors="replace").strip().splitlines()
+    if process.returncode == 0 and lines:
+        try:
+            return msgspec.json.decode(lines[-1], type=Profile)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            pass
+    code = process.returncode
+    how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
+    failed.error = f"the measuring process {how}: the engine crashed"
+    return failed
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def measure_missing(found: list[Subject], machine: Machine, again: bool = False, quick: bool = False,
+                    say: Say = _stderr) -> dict[Assignment, Profile]:
+    """Measure each subject that has no stored profile (every one with `again`), one at a time, and
+    store the profiles; returns every subject's profile by (engine, device). One line per engine, with
+    the measuring process's own progress under it."""
+    result: dict[Assignment, Profile] = {}
+    todo = []
+    for subject in found:
+        key = profiles.key(subject, machine)
+        stored = None if again else profiles.load(key)
+        if stored is not None:
+            result[Assignment(subject.engine, subject.device)] = stored
+        else:
+            todo.append((subject, key))
+    for number, (subject, key) in enumerate(todo, 1):
+        say(f"measuring {subject.engine} on {subject.device} ({number} of {len(todo)}, "
+            f"{subject.threads} threads, context {subject.context}{', quick' if quick else ''})")
+        start = time.monotonic()
+        profile = measure(subject, key, quick)
+        try:
+            profiles.save(profile)
+        except OSError as exc:  # a data folder this user may not write: measured again next time
+            say(f"  cannot store the profile: {exc}")
+        result[Assignment(subject.engine, subject.device)] = profile
+        say(f"  {subject.engine} on {subject.device}: {summary(profile)} ({time.monotonic() - start:.0f} s)")
+    return result
+
+
+def before_serving(config: Config, say: Say = _stderr) -> None:
+    """What `serve` does before it starts anything: measure the engines it may run that have no profile
+    yet (only when engines-measure is on). Anything that stops serving (no model, a server already
+    running) is left for the supervisor to report."""
+    if not config.get("engines-measure"):
+        return
+    try:
+        query_status(timeout=0.5)
+        return  # a server runs for this data folder: measuring now would spoil its figures and ours
+    except NotRunning:
+        pass
+    machine = detect("/")
+    try:
+        found = candidates(config, machine)
+    except ModelNotFound:
+        return
+    missing = [s for s in found if profiles.load(profiles.key(s, machine)) is None]
+    if not missing:
+        return
+    say(f"infersnap: measuring {len(missing)} engine{'s' if len(missing) > 1 else ''} before serving, once for "
+        "this machine and model (`infersnap use-engine --no-measure` skips it)")
+    measure_missing(missing, machine, say=say)
