@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+
+from infersnap.hwdetect.cpu import physical_core_cpus
+from infersnap.models import default_model_path
 
 INFERSNAP = str(Path(sys.executable).parent / "infersnap")
 START_TIMEOUT = 120
@@ -90,10 +97,43 @@ def data_env(data: Path) -> dict[str, str]:
     return env
 
 
+_session_profiles: Path | None = None
+
+
+def session_profiles() -> Path:
+    """A profiles folder measured once per test session, quickly: `use-engine --auto --quick` in a
+    throwaway data folder (every engine a default `serve` would measure), and the CPU engines the
+    served tests name (ENGINES) that auto does not measure. Test servers get copies, so that none
+    spends a minute measuring; only a server with other threads, context or model would."""
+    global _session_profiles
+    if _session_profiles is None:
+        data = Path(tempfile.mkdtemp(prefix="infersnap-profiles-"))
+        atexit.register(shutil.rmtree, data, True)
+        cli(data_env(data), "use-engine", "--auto", "--quick", timeout=600)
+        folder = data / "profiles"
+        measured = {json.loads(p.read_text())["engine"] for p in folder.glob("*.json")}
+        for name in [n for n in ENGINES if n not in measured]:
+            # as serve would run it on the CPU: one thread per physical core, the default context and model
+            done = subprocess.run(
+                [sys.executable, "-m", "infersnap.workers.profile", "--engine", name, "--device", "cpu",
+                 "--threads", str(len(physical_core_cpus())), "--context", "2048",
+                 "--model", str(default_model_path()), "--quick"],
+                capture_output=True, text=True, timeout=300, check=True, cwd="/",
+            )
+            profile = json.loads(done.stdout)
+            (folder / f"{profile['key']}.json").write_text(done.stdout)
+        _session_profiles = folder
+    return _session_profiles
+
+
 def start_server(data: Path, command: list[str] | None = None, **settings: str) -> Server:
-    """Configure a data folder through `infersnap set`, start `infersnap serve` (or `command`), wait until it answers."""
+    """Configure a data folder through `infersnap set`, start `infersnap serve` (or `command`), wait until it answers.
+    Under pytest the data folder gets this session's quick profiles first; bench scripts, which import
+    this outside pytest, get none (their servers measure, or they set engines-measure=false)."""
     env = data_env(data)
     port = int(settings.pop("http.port", free_port()))
+    if os.environ.get("PYTEST_CURRENT_TEST"):
+        shutil.copytree(session_profiles(), data / "profiles", dirs_exist_ok=True)
     cli(env, "set", f"http.port={port}", *(f"{k}={v}" for k, v in settings.items()))
     log = data / "serve.log"
     data.mkdir(parents=True, exist_ok=True)

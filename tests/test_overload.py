@@ -137,7 +137,7 @@ async def post(port: int, body: dict) -> Outcome:
 def test_200_concurrent_clients_are_served_or_refused_promptly_and_nothing_leaks(tmp_path):
     # One llama.cpp thread: on 2 cores, threads on every core spin against the frontend,
     # the broker and the 200 clients and make the run slow and erratic (15-40 s instead of ~3 s).
-    server = start_server(tmp_path, **{"worker.slots": "4", "queue.max-waiting": "16", "worker.threads": "1"})
+    server = start_server(tmp_path, **{"worker.slots": "4", "queue.max-waiting": "16", "worker.threads": "1", "engines-measure": "false"})
     bodies = [
         {**SHORT, "stream": True, "stream_options": {"include_usage": True}} if i % 2 else SHORT for i in range(CLIENTS)
     ]
@@ -203,7 +203,7 @@ def test_200_concurrent_clients_are_served_or_refused_promptly_and_nothing_leaks
 def test_200_connections_made_while_the_frontend_is_busy_are_not_dropped(tmp_path):
     """A frontend busy for a moment (a CPU starved by generation, a GC pause) leaves connections
     waiting in the listen backlog; none of the 200 may be dropped and left to a SYN retransmit."""
-    server = start_server(tmp_path, **{"worker.threads": "1"})
+    server = start_server(tmp_path, **{"worker.threads": "1", "engines-measure": "false"})
     frontend = [
         pid for pid in process_tree(server.process.pid)
         if b"infersnap.frontend" in Path(f"/proc/{pid}/cmdline").read_bytes()
