@@ -6,23 +6,34 @@ import msgspec
 
 from infersnap import hwdetect, paths
 from infersnap.config import Config
-from infersnap.engines import AUTO, Assignment, EngineChoiceError, Verdict, manifests, parse_choice, select, verdicts
+from infersnap.engines import (AUTO, Assignment, EngineChoiceError, Verdict, choose_lanes, manifests, parse_choice,
+                               select, verdicts)
 from infersnap.hwdetect import Machine
 from infersnap.profiles import Profile
 
 
-def serving_assignments(config: Config, machine: Machine) -> tuple[list[Assignment], str | None]:
-    """The (engine, device) pairs `serve` runs: the configured engines; the automatic choice,
-    with the reason, when they cannot run on this machine (the config itself is kept)."""
+class Lineup(msgspec.Struct):
+    """What `serve` runs: the (engine, device) pairs, each device's first lane its fastest for one request."""
+
+    assignments: list[Assignment]
+    warning: str | None = None  # the configured engines cannot run here: the automatic choice serves
+    left_out: list[str] = []  # lanes auto would run but did not, and why
+
+
+def serving_assignments(config: Config, machine: Machine, profiles: dict[Assignment, Profile] | None = None) -> Lineup:
+    """The (engine, device) pairs `serve` runs: the configured engines; the automatic choice, with the
+    reason, when they cannot run on this machine (the config itself is kept). With profiles, auto runs
+    the lanes they say are worth it."""
     try:
-        return select(machine, parse_choice(config.get("engines"))), None
+        return Lineup(*choose_lanes(machine, parse_choice(config.get("engines")), profiles))
     except EngineChoiceError as exc:
-        return select(machine), f"{exc}; serving with the automatic choice instead"
+        assignments, left_out = choose_lanes(machine, None, profiles)
+        return Lineup(assignments, f"{exc}; serving with the automatic choice instead", left_out)
 
 
 def active_engines(config: Config, machine: Machine) -> set[str]:
     """The engines `serve` would start with this config on this machine."""
-    return {a.engine for a in serving_assignments(config, machine)[0]}
+    return {a.engine for a in serving_assignments(config, machine).assignments}
 
 
 def compat_word(verdict: Verdict) -> str:

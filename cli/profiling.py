@@ -45,9 +45,9 @@ def candidates(config: Config, machine: Machine) -> list[Subject]:
         named = parse_choice(config.get("engines"))
     except EngineChoiceError:
         named = None
-    serving, warning = serving_assignments(config, machine)
-    wanted = auto_candidates(machine) if named is None or warning else serving
-    return subjects(wanted, serving, config)
+    lineup = serving_assignments(config, machine)
+    wanted = auto_candidates(machine) if named is None or lineup.warning else lineup.assignments
+    return subjects(wanted, lineup.assignments, config)
 
 
 def subjects(wanted: Iterable[Assignment], serving: list[Assignment], config: Config) -> list[Subject]:
@@ -83,7 +83,7 @@ def shown(config: Config, machine: Machine) -> dict[Assignment, Profile]:
     `infersnap engines` and `infersnap engine`; none where the model cannot be found."""
     every = [Assignment(v.engine, d) for v in verdicts(machine) if v.compatible for d in v.devices]
     try:
-        return profiles_for(subjects(every, serving_assignments(config, machine)[0], config), machine)
+        return profiles_for(subjects(every, serving_assignments(config, machine).assignments, config), machine)
     except ModelNotFound:
         return {}
 

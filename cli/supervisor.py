@@ -27,8 +27,10 @@ from infersnap.config import Config
 from infersnap.cli.engines import detect, serving_assignments
 from infersnap.engines import Assignment, embedding_engine, manifests
 from infersnap.hwdetect.cpu import physical_core_cpus
+from infersnap.cli.profiling import stored_profiles
 from infersnap.models import resolve
 from infersnap.plan import RESTARTS_VARIABLE, ServePlan, WorkerSpec
+from infersnap.profiles import Profile, Speed
 
 STOP_GRACE_SECONDS = 10
 MAX_BACKOFF_SECONDS = 30
@@ -48,11 +50,16 @@ def build_plan(config: Config) -> ServePlan:
         print(f"infersnap: {open_warning}", file=sys.stderr, flush=True)
     model_path, model_name = resolve(config.get("model.path"), config.get("model.name"))
     machine = detect("/")
-    assignments, warning = serving_assignments(config, machine)
-    if warning:
-        print(f"infersnap: {warning}", file=sys.stderr, flush=True)
+    measured = stored_profiles(config, machine)
+    lineup = serving_assignments(config, machine, measured)
+    for note in [lineup.warning, *lineup.left_out]:
+        if note:
+            print(f"infersnap: {note}", file=sys.stderr, flush=True)
     cores = physical_core_cpus()
-    workers = worker_specs(assignments, cores, config.get("worker.threads"), config.get("worker.slots"))
+    # worker.slots as set; left at its default, each lane's profile picks its own
+    slots = config.get("worker.slots") if "worker.slots" in config.user else None
+    workers = worker_specs(lineup.assignments, cores, config.get("worker.threads"), slots or config.get("worker.slots"),
+                           measured, choose_slots=slots is None)
     if config.get("worker.embeddings"):
         workers += embedding_specs(workers, cores, embedding_engine(machine), config.get("worker.embedding-slots"))
     return ServePlan(
@@ -72,15 +79,27 @@ def build_plan(config: Config) -> ServePlan:
         max_n=config.get("limits.max-n"),
         drain_timeout=config.get("queue.drain-timeout"),
         send_timeout=config.get("http.send-timeout"),
+        left_out=lineup.left_out,
     )
 
 
-def worker_specs(assignments: list[Assignment], cores: list[int], cpu_threads: int, slots: int) -> list[WorkerSpec]:
+def worker_specs(assignments: list[Assignment], cores: list[int], cpu_threads: int, slots: int,
+                 profiles: dict[Assignment, Profile] | None = None, choose_slots: bool = False) -> list[WorkerSpec]:
     """One worker per (engine, device), named after its device, or `device/engine` where two engines
     (of two runtimes) share one device: a worker id is its ZeroMQ identity, so it must be unique. A GPU
     or NPU worker takes the cores its host threads need from the end of the list, while the CPU
-    workers keep one at least; two CPU engines share the CPU's cores."""
+    workers keep one at least; two CPU engines share the CPU's cores. Each carries its engine's measured
+    speed, and with `choose_slots` the slots its profile says serve most (else `slots`)."""
     per_device = Counter(a.device for a in assignments)
+    profiles = profiles or {}
+
+    def speed(assignment: Assignment) -> Speed | None:
+        profile = profiles.get(assignment)
+        return profile.speed if profile is not None else None
+
+    def slots_of(assignment: Assignment) -> int:
+        measured = speed(assignment)
+        return best_slots(measured, slots) if choose_slots and measured is not None else slots
 
     def worker_id(assignment: Assignment) -> str:
         return assignment.device if per_device[assignment.device] == 1 else f"{assignment.device}/{assignment.engine}"
@@ -96,15 +115,29 @@ def worker_specs(assignments: list[Assignment], cores: list[int], cpu_threads: i
             own = list(cores)
         accelerators.append(
             WorkerSpec(worker_id(assignment), assignment.device, assignment.engine, manifest.runtime, own,
-                       max(wanted, 1), slots, manifest.settings.gpu_layers)
+                       max(wanted, 1), slots_of(assignment), manifest.settings.gpu_layers, speed=speed(assignment))
         )
     cpu = [
         WorkerSpec(worker_id(a), "cpu", a.engine, manifests()[a.engine].runtime, cpu_cores,
-                   cpu_threads or len(cpu_cores), slots)
+                   cpu_threads or len(cpu_cores), slots_of(a), speed=speed(a))
         for a in assignments
         if a.device == "cpu"
     ]
     return cpu + accelerators
+
+
+SLOTS_TTFT_SECONDS = 1.0  # the slowest first token (median, all starting at once) a slot count may cost
+SLOTS_ENOUGH = 0.95  # fewer slots that give this share of the most throughput are better: less memory
+
+
+def best_slots(speed: Speed, default: int) -> int:
+    """The slot count a profile says serves the most tokens/s with the median first token within
+    SLOTS_TTFT_SECONDS: the fewest streams measured within SLOTS_ENOUGH of the best such level."""
+    fast = [lv for lv in speed.levels if lv.ttft_seconds <= SLOTS_TTFT_SECONDS]
+    if not fast:
+        return default
+    most = max(lv.tokens_per_second for lv in fast)
+    return min(lv.streams for lv in fast if lv.tokens_per_second >= SLOTS_ENOUGH * most)
 
 
 def embedding_specs(

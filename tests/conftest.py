@@ -126,13 +126,14 @@ def session_profiles() -> Path:
     return _session_profiles
 
 
-def start_server(data: Path, command: list[str] | None = None, **settings: str) -> Server:
+def start_server(data: Path, command: list[str] | None = None, session_profiles_too: bool = True,
+                 **settings: str) -> Server:
     """Configure a data folder through `infersnap set`, start `infersnap serve` (or `command`), wait until it answers.
     Under pytest the data folder gets this session's quick profiles first; bench scripts, which import
     this outside pytest, get none (their servers measure, or they set engines-measure=false)."""
     env = data_env(data)
     port = int(settings.pop("http.port", free_port()))
-    if os.environ.get("PYTEST_CURRENT_TEST"):
+    if os.environ.get("PYTEST_CURRENT_TEST") and session_profiles_too:
         shutil.copytree(session_profiles(), data / "profiles", dirs_exist_ok=True)
     cli(env, "set", f"http.port={port}", *(f"{k}={v}" for k, v in settings.items()))
     log = data / "serve.log"
@@ -149,6 +150,16 @@ def start_server(data: Path, command: list[str] | None = None, **settings: str) 
         time.sleep(0.2)
     server.stop(signal.SIGKILL)
     raise AssertionError(f"infersnap serve did not get ready in {START_TIMEOUT}s:\n{log.read_text()}")
+
+
+def served_by(server: Server, endpoint: str) -> dict[str, int]:
+    """How many requests each worker answered with 200, from /metrics."""
+    counts: dict[str, int] = {}
+    for line in httpx.get(f"{server.base}/metrics").text.splitlines():
+        if line.startswith("infersnap_requests_total{") and f'endpoint="{endpoint}"' in line and 'status="200"' in line:
+            worker = line.split('worker="')[1].split('"')[0]
+            counts[worker] = counts.get(worker, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return counts
 
 
 # The served path is tested on both runtimes: llama.cpp ("cpu", any CPU) and OpenVINO ("intel-cpu").

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import start_server
+from conftest import served_by, start_server
 
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
 LONG = {"messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 400,
@@ -23,16 +23,6 @@ def mixed(tmp_path_factory):
                           **{"engines": "cpu,intel-cpu", "worker.slots": "1", "worker.embeddings": "false"})
     yield server
     assert server.stop() == 0, server.log.read_text()
-
-
-def served_by(server, endpoint: str) -> dict[str, int]:
-    """How many requests each worker answered, from /metrics."""
-    counts: dict[str, int] = {}
-    for line in httpx.get(f"{server.base}/metrics").text.splitlines():
-        if line.startswith("infersnap_requests_total{") and f'endpoint="{endpoint}"' in line and 'status="200"' in line:
-            worker = line.split('worker="')[1].split('"')[0]
-            counts[worker] = counts.get(worker, 0) + int(float(line.rsplit(" ", 1)[1]))
-    return counts
 
 
 def test_each_runtime_is_a_worker_of_its_own_with_what_it_can_do(mixed):

@@ -1,0 +1,118 @@
+"""Two lanes on one CPU (llama.cpp and OpenVINO), routed by their profiles: which lane serves is asserted
+from /metrics, never from timing. The profiles are written here, with figures that make each lane win
+somewhere whatever this machine measures, so the routing under test is the broker's, not the machine's."""
+
+from __future__ import annotations
+
+import os
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import cli, data_env, served_by, start_server, wait_until
+from infersnap import profiles
+from infersnap.profiles import Level, Profile, PromptRead, Speed
+
+LLAMA, OPENVINO = "cpu/cpu", "cpu/intel-cpu"
+# llama.cpp ends a lone request first; OpenVINO serves many at once faster and reads prompts 4x as fast
+SPEEDS = {
+    "cpu": Speed(levels=[Level(1, 100.0, 0.1), Level(8, 110.0, 0.8)], prompts=[PromptRead(128, 1.0), PromptRead(1024, 8.0)]),
+    "intel-cpu": Speed(levels=[Level(1, 50.0, 0.1), Level(8, 400.0, 0.3)],
+                       prompts=[PromptRead(128, 0.25), PromptRead(1024, 2.0)]),
+}
+SETTINGS = {"engines": "cpu,intel-cpu", "worker.slots": "8", "worker.embeddings": "false"}
+
+
+def write_profiles(data: Path) -> None:
+    """Profiles for both lanes, under the keys `serve` looks them up by in this data folder."""
+    from infersnap.cli import profiling
+    from infersnap.cli.engines import detect
+    from infersnap.config import Config
+
+    cli(data_env(data), "set", *(f"{k}={v}" for k, v in SETTINGS.items()))
+    old = os.environ.get("INFERSNAP_DATA")
+    os.environ["INFERSNAP_DATA"] = str(data)
+    try:
+        machine = detect("/")
+        for subject in profiling.candidates(Config(), machine):
+            profiles.save(Profile(engine=subject.engine, device=subject.device, key=profiles.key(subject, machine),
+                                  measured_at="2026-12-01T00:00:00Z", threads=subject.threads,
+                                  context=subject.context, speed=SPEEDS[subject.engine]))
+    finally:
+        if old is None:
+            del os.environ["INFERSNAP_DATA"]
+        else:
+            os.environ["INFERSNAP_DATA"] = old
+
+
+@pytest.fixture(scope="module")
+def lanes(tmp_path_factory):
+    data = tmp_path_factory.mktemp("lanes")
+    write_profiles(data)
+    server = start_server(data, session_profiles_too=False, **SETTINGS)
+    yield server
+    assert server.stop() == 0, server.log.read_text()
+
+
+def ask(server, content: str = "Name a colour.", max_tokens: int = 8, **extra) -> httpx.Response:
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0, **extra}
+    return httpx.post(f"{server.url}/chat/completions", json=body, timeout=120)
+
+
+def newly_served(server, action) -> dict[str, int]:
+    before = served_by(server, "chat/completions")
+    action()
+    after = served_by(server, "chat/completions")
+    return {w: n - before.get(w, 0) for w, n in after.items() if n - before.get(w, 0)}
+
+
+def test_status_shows_both_lanes_with_their_measured_figures(lanes):
+    workers = {w["id"]: w for w in lanes.status()["workers"]}
+    assert set(workers) == {LLAMA, OPENVINO}
+    assert workers[LLAMA]["tok/s"] == {1: 100.0, 8: 110.0} and workers[OPENVINO]["tok/s"] == {1: 50.0, 8: 400.0}
+
+
+def test_a_lone_request_goes_to_the_lane_fastest_for_one(lanes):
+    assert newly_served(lanes, lambda: [ask(lanes).raise_for_status() for _ in range(3)]) == {LLAMA: 3}
+
+
+def test_a_lone_long_prompt_goes_to_the_lane_that_reads_prompts_fastest(lanes):
+    long = " ".join(f"word{i}" for i in range(500))  # ~900 tokens guessed from its characters
+    assert newly_served(lanes, lambda: ask(lanes, f"Summarise: {long}", max_tokens=4).raise_for_status()) == {OPENVINO: 1}
+
+
+def test_a_burst_goes_to_the_lane_that_serves_many_fastest_and_none_is_lost(lanes):
+    def burst() -> None:
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda i: ask(lanes, f"Story {i}: a dragon cooks.", max_tokens=64), range(8)))
+        assert [r.status_code for r in replies] == [200] * 8
+
+    counts = newly_served(lanes, burst)
+    assert sum(counts.values()) == 8 and counts.get(OPENVINO, 0) >= 5, counts
+
+
+def test_a_seeded_request_always_goes_to_the_same_lane(lanes):
+    long = " ".join(f"word{i}" for i in range(500))
+
+    def seeded() -> None:
+        texts = {ask(lanes, "Name a colour.", seed=5, temperature=1.0).json()["choices"][0]["message"]["content"]
+                 for _ in range(2)}
+        assert len(texts) == 1
+        ask(lanes, f"Summarise: {long}", max_tokens=4, seed=5).raise_for_status()  # long: still the same lane
+
+    assert newly_served(lanes, seeded) == {LLAMA: 3}
+
+
+def test_killing_one_lane_leaves_the_other_serving(lanes):
+    workers = {w["id"]: w for w in lanes.status()["workers"]}
+    os.kill(workers[OPENVINO]["pid"], signal.SIGKILL)
+    state = lambda: {w["id"]: w for w in lanes.status()["workers"]}[OPENVINO]["state"]  # noqa: E731
+    wait_until(lambda: state() != "ready", 10, "the broker never heard that the lane died")
+    long = " ".join(f"word{i}" for i in range(500))
+    # the long prompt would go to OpenVINO: while it restarts, llama.cpp serves it
+    reply = ask(lanes, f"Summarise: {long}", max_tokens=4)
+    assert reply.status_code == 200, reply.text
+    wait_until(lambda: state() == "ready", 120, "the killed lane did not come back")
