@@ -158,13 +158,31 @@ def generation(driver: Driver, streams: int, tokens: int) -> Level:
 
 
 def best_generation(driver: Driver, streams: int, tokens: int, repeat: bool) -> Level:
-    """A level's run, done once more when it was short (under REPEAT_BELOW seconds): another process
-    on these cores only ever slows a run down, so the faster of two is the engine's own figure."""
+    """A level's run, done once more when it was short (under REPEAT_BELOW seconds): another process on
+    these cores only ever slows a run down, so the faster of two is nearer the engine's own figure. (A
+    long run under contention is not repeated: on 2 busy cores a llama.cpp run can take minutes.)"""
     start = time.perf_counter()
     level = generation(driver, streams, tokens)
     if repeat and time.perf_counter() - start < REPEAT_BELOW:
         level = max(level, generation(driver, streams, tokens), key=lambda lv: lv.tokens_per_second)
     return level
+
+
+class Watch:
+    """How much of this process's cores other processes took since it was made (0-1), from /proc/stat:
+    whatever they take lowers every figure measured meanwhile."""
+
+    def __init__(self) -> None:
+        self.cores = set(os.sched_getaffinity(0))
+        self.start = (time.perf_counter(), busy_seconds(self.cores), own_seconds())
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start[0]
+
+    def contention(self) -> float:
+        wall = self.seconds()
+        others = busy_seconds(self.cores) - self.start[1] - (own_seconds() - self.start[2])
+        return min(max(others / (wall * len(self.cores)), 0.0), 1.0) if wall > 0 else 0.0
 
 
 def busy_seconds(cpus: set[int]) -> float:
@@ -215,30 +233,26 @@ def measure(subject: Subject, profile_key: str, streams: list[int], tokens: int,
     profile.load_seconds = round(time.perf_counter() - start, 3)
     progress(f"loaded in {profile.load_seconds:.1f} s")
     driver = Driver(engine)
-    # what other processes take of these cores meanwhile lowers every figure: it is measured, to be told
-    cores = set(os.sched_getaffinity(0))
-    before = (time.perf_counter(), busy_seconds(cores), own_seconds())
+    watch = Watch()
     levels: list[Level] = []
     reads: list[PromptRead] = []
     try:
         driver.lone(driver.prompt(16), 4)  # warm-up: first-call costs are no part of any figure
         for length in prompts:
-            reads.append(prompt_read(driver, length, engine.context))
-            read = reads[-1]
+            read = prompt_read(driver, length, engine.context)
+            reads.append(read)
             progress(f"prompt of {read.tokens} tokens read in {read.seconds:.2f} s "
                      f"({read.tokens / max(read.seconds, 1e-9):.0f} tokens/s)")
         for count in streams:
-            levels.append(best_generation(driver, count, tokens, repeat=not quick))
-            level = levels[-1]
+            level = best_generation(driver, count, tokens, repeat=not quick)
+            levels.append(level)
             progress(f"{count} streams: {level.tokens_per_second:.0f} tokens/s, "
                      f"first token after {level.ttft_seconds:.2f} s")
     except Exception as exc:  # a refusal or a failing step: what was measured so far is kept
         profile.error = f"measuring failed: {exc}"
         progress(profile.error)
     profile.memory_bytes = pss_bytes()
-    wall, busy, own = (after - start for after, start in
-                       zip((time.perf_counter(), busy_seconds(cores), own_seconds()), before))
-    profile.contention = round(min(max((busy - own) / (wall * len(cores)), 0.0), 1.0), 3) if wall > 0 else 0.0
+    profile.contention = round(watch.contention(), 3)
     if profile.contention > CONTENDED:
         progress(f"other processes took {profile.contention:.0%} of these cores meanwhile: the figures are low")
     if levels and reads:
