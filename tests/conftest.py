@@ -133,7 +133,7 @@ def start_server(data: Path, command: list[str] | None = None, session_profiles_
     this outside pytest, get none (their servers measure, or they set engines-measure=false)."""
     env = data_env(data)
     port = int(settings.pop("http.port", free_port()))
-    if os.environ.get("PYTEST_CURRENT_TEST") and session_profiles_too:
+    if os.environ.get("PYTEST_CURRENT_TEST") and session_profiles_too and settings.get("engines-measure") != "false":
         shutil.copytree(session_profiles(), data / "profiles", dirs_exist_ok=True)
     cli(env, "set", f"http.port={port}", *(f"{k}={v}" for k, v in settings.items()))
     log = data / "serve.log"
