@@ -29,8 +29,9 @@ test: setup
 bench: setup
 	$(PY) bench/serve_vs_inprocess.py
 
+# llama-server is built once (minutes) into ~/.cache/infersnap/; ENGINES_ARGS, e.g. --rounds 5, go to the script.
 bench-engines: setup
-	$(PY) bench/engines.py
+	server=$$(PY=$(PY) bench/build_llama_server.sh) && $(PY) bench/engines.py --llama-server "$$server" $(ENGINES_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info
