@@ -61,7 +61,6 @@ def main() -> None:
 @main.command()
 def serve() -> None:
     """Serve the configured model until stopped (Ctrl-C)."""
-    from infersnap.cli.profiling import before_serving
     from infersnap.cli.supervisor import ServeError, serve as run_server
 
     config = _load_config()
@@ -69,7 +68,6 @@ def serve() -> None:
         config.check()
     except ConfigError as exc:
         raise click.ClickException(f"not starting: {exc}") from None
-    before_serving(config)  # measures the engines that have no profile yet, before anything listens
     try:
         sys.exit(run_server(config))
     except (ServeError, ModelNotFound, PermissionError) as exc:

@@ -27,7 +27,7 @@ from infersnap.config import Config
 from infersnap.cli.engines import detect, serving_assignments
 from infersnap.engines import Assignment, embedding_engine, manifests
 from infersnap.hwdetect.cpu import physical_core_cpus
-from infersnap.cli.profiling import stored_profiles
+from infersnap.cli.profiling import before_serving, stored_profiles
 from infersnap.models import resolve
 from infersnap.plan import RESTARTS_VARIABLE, ServePlan, WorkerSpec
 from infersnap.profiles import Profile, Speed
@@ -49,6 +49,7 @@ def build_plan(config: Config) -> ServePlan:
     if open_warning:
         print(f"infersnap: {open_warning}", file=sys.stderr, flush=True)
     model_path, model_name = resolve(config.get("model.path"), config.get("model.name"))
+    before_serving(config)  # measures the engines that have no profile yet, once the config is known good
     machine = detect("/")
     measured = stored_profiles(config, machine)
     lineup = serving_assignments(config, machine, measured)
@@ -328,5 +329,6 @@ class Supervisor:
 
 
 def serve(config: Config) -> int:
+    paths.runtime_dir(create=True)  # an unsafe runtime folder is refused before the plan (which may measure)
     return Supervisor(build_plan(config)).run()
 
