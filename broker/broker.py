@@ -35,7 +35,9 @@ for another lane of its device, so it drains and hands over. A lane other
 than the computing one must win by SWITCH_MARGIN to be chosen, so that
 near-equal guesses do not hand over on every request. A request that waits
 for its lane (the only one with what it needs, or full) for HANDOVER_SECONDS
-starts anyway, computing alongside, so none starves. The embedding worker
+starts anyway, computing alongside, so none starves. A request for idle lanes
+waits GATHER_SECONDS (50 ms) first: a burst's requests arrive one by one,
+and the first alone would pick the lane best for one. The embedding worker
 takes no turn: its batches are short, so computing alongside costs less
 than waiting would. A seeded request always goes to the first worker in
 plan order that can serve it, so the same seed gives the same text.
@@ -67,6 +69,7 @@ from infersnap.plan import ServePlan
 # process ends is reported at once by the supervisor (WorkerExited); this is for one that hangs.
 WORKER_TIMEOUT = 10.0
 TICK_MS = 100
+GATHER_SECONDS = 0.05  # a request for idle lanes waits this long for others, so that a burst picks the burst's lane
 HANDOVER_SECONDS = 2.0  # the longest a request waits for its lane while another lane computes on its cores
 SWITCH_MARGIN = 0.8  # another lane is chosen over the computing one only if it ends the request in this share of the time
 EXPECTED_TOKENS = 256  # what a request is guessed to generate, at most (many stop well before max_tokens)
@@ -162,7 +165,9 @@ class Broker:
 
     def serve_forever(self) -> None:
         while True:
-            self.poll_once(TICK_MS)
+            # sooner than a tick when a request's wait ends sooner (GATHER_SECONDS)
+            due = int((self.next_pass - time.monotonic()) * 1000) + 1 if self.queue else TICK_MS
+            self.poll_once(max(1, min(TICK_MS, due)))
 
     def poll_once(self, timeout_ms: int) -> None:
         """Handle what arrives within `timeout_ms`, then check the workers' heartbeats and the drain."""
@@ -289,6 +294,8 @@ class Broker:
                 blocked.add(kind)
                 continue
             lane = self._soonest(able, submit.work, demand)
+            if self._gathering(able, lane, queued, now):
+                continue
             if lane.free_slots > 0 and self._may_start(lane, queued, now, awaited):
                 self._send_to(lane, request_id)
                 demand[submit.model.lower()] -= 1
@@ -324,6 +331,17 @@ class Broker:
         if "embed" in lane.info.capabilities.tasks:
             return []
         return [w for w in self._lanes_of(lane.info.device) if w is not lane and w.running]
+
+    def _gathering(self, able: list[Worker], lane: Worker, queued: Queued, now: float) -> bool:
+        """Whether the request waits a moment before its lane is chosen: lanes to choose from by their
+        profiles, on an idle device, where a burst's requests arrive one by one and the first alone
+        would pick the lane best for one."""
+        if len(able) < 2 or any(w.info.speed is None for w in able) or now - queued.since >= GATHER_SECONDS:
+            return False
+        if any(w.running for w in self._lanes_of(lane.info.device)):
+            return False
+        self.next_pass = min(self.next_pass, queued.since + GATHER_SECONDS)
+        return True
 
     def _may_start(self, lane: Worker, queued: Queued, now: float, awaited: dict[str, list[bytes]]) -> bool:
         """Whether the lane may start this request now, by the turns the lanes of one device take."""

@@ -361,3 +361,14 @@ def test_queue_room_is_per_device_not_per_lane(net):
         submit(app, generate(f"g{i}", max_tokens=128))
     refused = [o for o in outputs(app) if o.failure]
     assert [o.id for o in refused] == ["g3"] and refused[0].failure.status == 503
+
+
+def test_a_burst_on_idle_lanes_is_gathered_and_goes_to_the_lane_for_many(net):
+    llama, openvino = lanes(net)
+    app = net.client()
+    for i in range(8):  # arriving within GATHER_SECONDS, as a burst's requests do, one by one
+        request = generate(f"g{i}", max_tokens=128)
+        app.socket.send_multipart([wire.encode(wire.Submit(request.id, "m", wire.needs_of(request), wire.work_of(request))),
+                                   wire.encode(request)])
+        net.broker.poll_once(1)
+    assert dispatched(openvino) == [f"g{i}" for i in range(8)] and dispatched(llama) == []
