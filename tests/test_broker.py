@@ -372,3 +372,15 @@ def test_a_burst_on_idle_lanes_is_gathered_and_goes_to_the_lane_for_many(net):
                                    wire.encode(request)])
         net.broker.poll_once(1)
     assert dispatched(openvino) == [f"g{i}" for i in range(8)] and dispatched(llama) == []
+
+
+def test_a_lane_that_failed_to_load_leaves_its_device_to_the_other(net):
+    llama = net.worker("cpu/cpu", LLAMA, slots=8, device="cpu", speed=LLAMA_SPEED)
+    net.worker("cpu/intel-cpu", OPENVINO, slots=8, runtime="openvino", device="cpu", speed=OPENVINO_SPEED,
+               state="failed")
+    app = net.client()
+    submit(app, wire.Generate(id="long", model="m", params=wire.SamplingParams(max_tokens=128), prompt="word " * 1000))
+    for i in range(4):
+        submit(app, generate(f"g{i}", max_tokens=128))
+    assert dispatched(llama) == ["long", "g0", "g1", "g2", "g3"]  # what OpenVINO would win, llama.cpp serves
+    assert [w.state for w in net.broker.status("q").workers] == ["ready", "failed"]
