@@ -55,7 +55,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -72,6 +72,7 @@ TICK_MS = 100
 GATHER_SECONDS = 0.05  # a request for idle lanes waits this long for others, so that a burst picks the burst's lane
 HANDOVER_SECONDS = 2.0  # the longest a request waits for its lane while another lane computes on its cores
 SWITCH_MARGIN = 0.8  # another lane is chosen over the computing one only if it ends the request in this share of the time
+REMEMBERED_PREFIXES = 4096  # prompt blocks remembered per worker (4 MiB of text): more than its cache holds
 EXPECTED_TOKENS = 256  # what a request is guessed to generate, at most (many stop well before max_tokens)
 RESTARTING = "restarting"  # the state of a worker whose process stopped, until it comes back
 
@@ -110,6 +111,20 @@ class Worker:
     last_seen: float
     running: set[str] = field(default_factory=set)  # requests dispatched to it that hold a slot
     lookups: set[str] = field(default_factory=set)  # tokenizer lookups dispatched to it
+    # the prompt beginnings (wire.Work.prefix) last sent to it, oldest first: what its prompt cache may hold
+    prefixes: OrderedDict[int, None] = field(default_factory=OrderedDict)
+
+    def remember(self, prefix: list[int]) -> None:
+        for block in prefix:
+            self.prefixes[block] = None
+            self.prefixes.move_to_end(block)
+        while len(self.prefixes) > REMEMBERED_PREFIXES:
+            self.prefixes.popitem(last=False)
+
+    def cached_tokens(self, prefix: list[int]) -> int:
+        """A guess of the tokens of this prompt its cache holds: the blocks it was sent before."""
+        held = next((i for i, block in enumerate(prefix) if block not in self.prefixes), len(prefix))
+        return held * wire.PREFIX_BLOCK // wire.CHARS_PER_TOKEN
 
     def serves(self, model: str, task: str) -> bool:
         return self.info.model.lower() == model.lower() and task in self.info.capabilities.tasks
@@ -315,7 +330,8 @@ class Broker:
         def guess(lane: Worker) -> float:
             beside = self._lanes_of(lane.info.device)
             others = sum(len(w.running) for w in beside) + sum(demand[m] for m in {w.info.model.lower() for w in beside})
-            seconds = lane.info.speed.finish_seconds(others - 1, work.prompt_tokens, tokens)
+            unread = max(work.prompt_tokens - lane.cached_tokens(work.prefix), 1)
+            seconds = lane.info.speed.finish_seconds(others - 1, unread, tokens)
             # the lane computing now keeps its turn unless another one wins by the margin
             return seconds / SWITCH_MARGIN if self._computing_beside(lane) else seconds
 
@@ -354,6 +370,7 @@ class Broker:
         queued = self.queue.pop(request_id)
         submit = queued.submit
         self.routes[request_id] = Route(client=queued.client, worker=worker.identity)
+        worker.remember(submit.work.prefix)
         (worker.running if takes_slot(submit.needs) else worker.lookups).add(request_id)
         self._send(self.workers_socket, worker.identity, wire.Dispatch(queued.client, request_id), queued.body)
 
@@ -449,6 +466,7 @@ class Broker:
             self._send(self.workers_socket, worker.identity, wire.Abort(ids=ids))
         worker.running.clear()
         worker.lookups.clear()
+        worker.prefixes.clear()  # a new process starts with an empty prompt cache
         worker.info = msgspec.structs.replace(
             worker.info, state=RESTARTING, error=f"the worker process {why}; waiting for it to come back",
             running=[], waiting=0,

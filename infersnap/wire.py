@@ -8,6 +8,8 @@ module; nothing else is shared between them.
 
 from __future__ import annotations
 
+import hashlib
+
 import msgspec
 
 from infersnap.profiles import Speed
@@ -164,6 +166,10 @@ def needs_of(request: Request) -> Needs:
 CHARS_PER_TOKEN = 4  # English text in the BPE vocabularies of small models, near enough to route by
 
 
+PREFIX_BLOCK = 1024  # characters
+PREFIX_BLOCKS = 64  # the longest beginning counted: 64 KiB
+
+
 def work_of(request: Request) -> Work:
     """What the broker needs to know of a request's size."""
     if isinstance(request, Embed):
@@ -171,8 +177,21 @@ def work_of(request: Request) -> Work:
         return Work(chars // CHARS_PER_TOKEN)
     if not isinstance(request, Generate):
         return Work()
-    chars = sum(len(m.content) for m in request.messages or []) + len(request.prompt or "") + len(request.suffix or "")
-    return Work(chars // CHARS_PER_TOKEN + 1, request.params.max_tokens, request.params.seed is not None)
+    if request.messages is not None:
+        text = "".join(f"{m.role}\0{m.content}\0" for m in request.messages)
+    else:
+        text = request.prompt or ""
+    return Work(len(text + (request.suffix or "")) // CHARS_PER_TOKEN + 1, request.params.max_tokens,
+                request.params.seed is not None, prefix_hashes(text))
+
+
+def prefix_hashes(text: str) -> list[int]:
+    """The hash of text[:PREFIX_BLOCK * (i + 1)] for each whole block i (see Work.prefix)."""
+    running, hashes = hashlib.blake2b(digest_size=8), []
+    for start in range(0, min(len(text), PREFIX_BLOCK * PREFIX_BLOCKS) - PREFIX_BLOCK + 1, PREFIX_BLOCK):
+        running.update(text[start:start + PREFIX_BLOCK].encode())
+        hashes.append(int.from_bytes(running.copy().digest(), "little"))
+    return hashes
 
 
 def unmet(needs: Needs, can: Capabilities) -> str | None:
@@ -210,6 +229,9 @@ class Work(msgspec.Struct, array_like=True, frozen=True):
     prompt_tokens: int = 0  # an estimate from its length: the frontend does not tokenize
     max_tokens: int | None = None  # None: up to the end of the context
     seeded: bool = False  # a seeded request goes to one lane always, for the same text every time
+    # hashes of the request's text up to the end of each PREFIX_BLOCK characters: a lane sent the same
+    # beginning before may hold it in its prompt cache, and read only the rest
+    prefix: list[int] = []
 
 
 class Submit(Message):

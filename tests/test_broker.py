@@ -384,3 +384,17 @@ def test_a_lane_that_failed_to_load_leaves_its_device_to_the_other(net):
         submit(app, generate(f"g{i}", max_tokens=128))
     assert dispatched(llama) == ["long", "g0", "g1", "g2", "g3"]  # what OpenVINO would win, llama.cpp serves
     assert [w.state for w in net.broker.status("q").workers] == ["ready", "failed"]
+
+
+def test_a_lane_that_read_a_prompt_beginning_before_counts_it_as_cached(net):
+    llama, openvino = lanes(net)
+    app = net.client()
+    long = "word " * 1000  # read 4x faster by OpenVINO: alone it goes there ...
+    submit(app, wire.Generate(id="seeded", model="m", params=wire.SamplingParams(max_tokens=8, seed=1), prompt=long))
+    assert dispatched(llama) == ["seeded"]  # ... but a seed keeps it on the first lane, whose cache now holds it
+    finish(llama, b"app", "seeded")
+    submit(app, wire.Generate(id="next", model="m", params=wire.SamplingParams(max_tokens=128), prompt=long + "more"))
+    assert dispatched(llama) == ["next"] and dispatched(openvino) == []
+    submit(app, wire.Generate(id="other", model="m", params=wire.SamplingParams(max_tokens=128), prompt="other " * 800))
+    finish(llama, b"app", "next")
+    assert dispatched(openvino) == ["other"]  # a beginning no lane has read goes to the faster reader
