@@ -36,7 +36,7 @@ class RequestResult:
     """One request. Times are seconds; None where not measured (an error, or no streamed content)."""
 
     ttft: float | None = None
-    itl: float | None = None  # mean gap between content chunks after the first
+    itl: float | None = None  # mean time per generated token after the first (servers may send several per chunk)
     e2e: float | None = None
     output_tokens: int = 0
     error: str | None = None
@@ -184,12 +184,14 @@ async def _stream(client: httpx.AsyncClient, url: str, body: dict[str, Any], sta
             if chunk.get("usage"):
                 usage_tokens = chunk["usage"].get("completion_tokens")
     end = time.perf_counter()
-    gaps = [b - a for a, b in zip(chunk_times, chunk_times[1:])]
+    tokens = usage_tokens if usage_tokens is not None else len(chunk_times)
+    # per token, not per chunk: a server that sends two tokens a chunk is no slower for it
+    itl = (chunk_times[-1] - chunk_times[0]) / (tokens - 1) if len(chunk_times) > 1 and tokens > 1 else None
     return RequestResult(
         ttft=chunk_times[0] - start if chunk_times else None,
-        itl=sum(gaps) / len(gaps) if gaps else None,
+        itl=itl,
         e2e=end - start,
-        output_tokens=usage_tokens if usage_tokens is not None else len(chunk_times),
+        output_tokens=tokens,
     )
 
 
