@@ -174,25 +174,26 @@ def measure_missing(found: list[Subject], machine: Machine, again: bool = False,
     return result
 
 
-def before_serving(config: Config, say: Say = _stderr) -> None:
+def before_serving(config: Config, machine: Machine | None = None, say: Say = _stderr) -> dict[Assignment, Profile]:
     """What `serve` does before it starts anything: measure the engines it may run that have no profile
-    yet (only when engines-measure is on). Anything that stops serving (no model, a server already
-    running) is left for the supervisor to report."""
+    yet (only when engines-measure is on), and return the profiles of all of them (stored_profiles).
+    Anything that stops serving (no model, a server already running) is left for the supervisor to report."""
+    machine = machine or detect("/")
     if not config.get("engines-measure"):
-        return
+        return stored_profiles(config, machine)
     try:
         query_status(timeout=0.5)
-        return  # a server runs for this data folder: measuring now would spoil its figures and ours
+        return stored_profiles(config, machine)  # a server runs here: measuring now would spoil its figures and ours
     except NotRunning:
         pass
-    machine = detect("/")
     try:
         found = candidates(config, machine)
     except ModelNotFound:
-        return
-    missing = [s for s in found if profiles.load(profiles.key(s, machine)) is None]
+        return {}
+    stored = profiles_for(found, machine)
+    missing = len(found) - len(stored)
     if not missing:
-        return
-    say(f"infersnap: measuring {len(missing)} engine{'s' if len(missing) > 1 else ''} before serving, once for "
+        return stored
+    say(f"infersnap: measuring {missing} engine{'s' if missing > 1 else ''} before serving, once for "
         "this machine and model (`infersnap use-engine --no-measure` skips it)")
-    measure_missing(missing, machine, say=say)
+    return measure_missing(found, machine, say=say)

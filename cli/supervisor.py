@@ -27,7 +27,7 @@ from infersnap.config import Config
 from infersnap.cli.engines import detect, serving_assignments
 from infersnap.engines import Assignment, embedding_engine, manifests
 from infersnap.hwdetect.cpu import physical_core_cpus
-from infersnap.cli.profiling import before_serving, stored_profiles
+from infersnap.cli.profiling import before_serving
 from infersnap.models import resolve
 from infersnap.plan import RESTARTS_VARIABLE, ServePlan, WorkerSpec
 from infersnap.profiles import Profile, Speed
@@ -49,18 +49,16 @@ def build_plan(config: Config) -> ServePlan:
     if open_warning:
         print(f"infersnap: {open_warning}", file=sys.stderr, flush=True)
     model_path, model_name = resolve(config.get("model.path"), config.get("model.name"))
-    before_serving(config)  # measures the engines that have no profile yet, once the config is known good
     machine = detect("/")
-    measured = stored_profiles(config, machine)
+    measured = before_serving(config, machine)  # measures what has no profile yet, once the config is known good
     lineup = serving_assignments(config, machine, measured)
     for note in [lineup.warning, *lineup.left_out]:
         if note:
             print(f"infersnap: {note}", file=sys.stderr, flush=True)
     cores = physical_core_cpus()
     # worker.slots as set; left at its default, each lane's profile picks its own
-    slots = config.get("worker.slots") if "worker.slots" in config.user else None
-    workers = worker_specs(lineup.assignments, cores, config.get("worker.threads"), slots or config.get("worker.slots"),
-                           measured, choose_slots=slots is None)
+    workers = worker_specs(lineup.assignments, cores, config.get("worker.threads"), config.get("worker.slots"),
+                           measured, choose_slots="worker.slots" not in config.user)
     if config.get("worker.embeddings"):
         workers += embedding_specs(workers, cores, embedding_engine(machine), config.get("worker.embedding-slots"))
     return ServePlan(
