@@ -150,6 +150,7 @@ def serve(engine: Engine, inbox: queue.Queue, outbox: zmq.Socket, io: WorkerIO) 
             message, client = item
             if isinstance(message, wire.Abort):
                 engine.abort(message.ids)
+                held.forget(message.ids)
                 for request_id in message.ids:
                     clients.pop(request_id, None)
             else:
@@ -159,7 +160,7 @@ def serve(engine: Engine, inbox: queue.Queue, outbox: zmq.Socket, io: WorkerIO) 
                     outputs.append(refused)
             item = _next_or_none(inbox)
         outputs += _step(engine)
-        if held.add(outputs, clients) or (held.outputs and not engine.busy):
+        if held.add(outputs) or (held.outputs and not engine.busy):
             _deliver(held.take(), clients, outbox, io.info.worker_id)
         running = [s.request.id for s in engine.running]
         if running != io.info.running or len(engine.waiting) != io.info.waiting:
@@ -175,27 +176,31 @@ class Held:
         self.urgent = False
         self.last_send = 0.0
 
-    def add(self, outputs: list[wire.Output], clients: dict[str, bytes]) -> bool:
+    def add(self, outputs: list[wire.Output]) -> bool:
         """Hold these; whether it is time to send what is held."""
         for output in outputs:
             earlier = self.outputs.get(output.id)
-            if earlier is None:
-                self.outputs[output.id] = output
-            else:
+            if earlier is not None:
                 output.text = earlier.text + output.text
                 output.logprobs = earlier.logprobs + output.logprobs
                 output.prompt_logprobs = earlier.prompt_logprobs or output.prompt_logprobs
-                self.outputs[output.id] = output
+            self.outputs[output.id] = output
             self.urgent |= output.finish_reason is not None or output.id not in self.sent
-        self.sent &= clients.keys()  # forget ended and aborted requests
         return bool(self.outputs) and (self.urgent or time.monotonic() - self.last_send >= STREAM_INTERVAL)
 
     def take(self) -> list[wire.Output]:
         outputs = list(self.outputs.values())
-        self.sent.update(o.id for o in outputs if o.finish_reason is None)
+        for output in outputs:
+            (self.sent.add if output.finish_reason is None else self.sent.discard)(output.id)
         self.outputs.clear()
         self.urgent, self.last_send = False, time.monotonic()
         return outputs
+
+    def forget(self, ids: list[str]) -> None:
+        """Aborted requests: nothing more of theirs is sent."""
+        for request_id in ids:
+            self.sent.discard(request_id)
+            self.outputs.pop(request_id, None)
 
 
 def _deliver(outputs: list[wire.Output], clients: dict[str, bytes], outbox: zmq.Socket, worker_id: str) -> None:
