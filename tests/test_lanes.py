@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import cli, data_env, served_by, start_server, wait_until
+from conftest import cli, data_env, second_model, served_by, start_server, wait_until
 from infersnap import profiles
+from infersnap.models import default_model_path
 from infersnap.profiles import Level, Profile, PromptRead, Speed
 
 LLAMA, OPENVINO = "cpu/cpu", "cpu/intel-cpu"
@@ -116,3 +118,38 @@ def test_killing_one_lane_leaves_the_other_serving(lanes):
     reply = ask(lanes, f"Summarise: {long}", max_tokens=4)
     assert reply.status_code == 200, reply.text
     wait_until(lambda: state() == "ready", 120, "the killed lane did not come back")
+
+
+def test_a_lane_that_cannot_load_is_reported_and_the_other_serves(tmp_path):
+    # OpenVINO 2026.4 cannot read Gemma 3's Q4_K_M tensors; llama.cpp serves the model
+    server = start_server(tmp_path, **{**SETTINGS, "engines-measure": "false", "model.path": str(second_model())})
+    try:
+        workers = {w["id"]: w for w in server.status()["workers"]}
+        assert workers[OPENVINO]["state"] == "failed" and workers[OPENVINO]["error"], workers
+        assert workers[LLAMA]["state"] == "ready", workers
+        for _ in range(3):  # long prompts, which would go to OpenVINO: they have one lane to go to
+            body = {"prompt": "Summarise: " + "word " * 300, "max_tokens": 4, "temperature": 0}
+            reply = httpx.post(f"{server.url}/completions", json=body, timeout=120)  # this GGUF has no chat template
+            assert reply.status_code == 200, reply.text
+        assert served_by(server, "completions") == {LLAMA: 3}
+    finally:
+        assert server.stop() == 0, server.log.read_text()
+
+
+def test_a_lane_whose_process_dies_while_loading_is_failed_not_restarted_and_serve_keeps_serving(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(default_model_path().read_bytes()[:200_000])  # a truncated copy of the real model
+    # llama.cpp refuses the file; OpenVINO's process dies of SIGSEGV reading it
+    server = start_server(tmp_path / "data", **{**SETTINGS, "engines-measure": "false", "model.path": str(broken)})
+    try:
+        workers = {w["id"]: w for w in server.status()["workers"]}
+        assert {w["state"] for w in workers.values()} == {"failed"}, workers
+        assert "while loading the model; it is not restarted" in workers[OPENVINO]["error"], workers
+        reply = ask(server)
+        assert reply.status_code == 503 and "no worker could load this model" in reply.json()["error"]["message"]
+        time.sleep(3)  # were it restarted, it would be back by now
+        again = {w["id"]: w for w in server.status()["workers"]}[OPENVINO]
+        assert again["state"] == "failed" and again.get("restarts", 0) == 0, again
+        assert httpx.get(f"{server.base}/health", timeout=10).status_code == 503
+    finally:
+        assert server.stop() == 0, server.log.read_text()

@@ -21,7 +21,7 @@ import msgspec
 import zmq
 
 from infersnap import paths, wire
-from infersnap.plan import RESTARTS_VARIABLE, ServePlan, WorkerSpec
+from infersnap.plan import RESTARTS_VARIABLE, ServePlan, WorkerSpec, announced
 from infersnap.workers.engine_base import Engine, EngineSettings, Unloaded
 
 HEARTBEAT_SECONDS = 0.25
@@ -37,8 +37,6 @@ ENGINES = {
     ("openvino", "generate"): "infersnap.workers.openvino_engine:OpenVinoEngine",
     ("llamacpp", "embed"): "infersnap.workers.llamacpp_embedder:LlamaCppEmbedder",
 }
-# What a worker of each task takes before its engine says more (its features come once it is loaded).
-TASKS = {"generate": ["generate", "tokenize"], "embed": ["embed"]}
 
 log = logging.getLogger("infersnap.worker")
 
@@ -107,20 +105,7 @@ def pin_to(cpus: list[int]) -> None:
 
 def run(plan: ServePlan, spec: WorkerSpec) -> None:
     pin_to(spec.cpus)
-    info = wire.WorkerInfo(
-        worker_id=spec.worker_id,
-        device=spec.device,
-        engine=spec.engine,
-        runtime=spec.runtime,
-        model=plan.model_name,
-        slots=spec.slots,
-        context=plan.context,
-        state="loading",
-        pid=os.getpid(),
-        restarts=int(os.environ.get(RESTARTS_VARIABLE, "0")),
-        capabilities=wire.Capabilities(tasks=TASKS[spec.task]),
-        speed=spec.speed,
-    )
+    info = announced(plan, spec, pid=os.getpid(), restarts=int(os.environ.get(RESTARTS_VARIABLE, "0")))
     zctx = zmq.Context()
     inbox: queue.Queue = queue.Queue()
     io = WorkerIO(zctx, info, inbox)
