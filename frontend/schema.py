@@ -136,6 +136,8 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     parallel_tool_calls: bool | None = None  # accepted; an answer holds at most one call here
     logprobs: bool | None = None
     top_logprobs: TopLogprobs | None = None  # needs logprobs: true (see convert.chat_request)
+    reasoning_effort: str | None = None  # for models that think: reaches the chat template
+    chat_template_kwargs: dict[str, Any] | None = None  # more variables for the chat template (enable_thinking)
 
 
 class CompletionRequest(SamplingFields, kw_only=True):

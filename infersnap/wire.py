@@ -9,6 +9,7 @@ module; nothing else is shared between them.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import msgspec
 
@@ -31,6 +32,9 @@ class SamplingParams(msgspec.Struct, array_like=True, frozen=True):
     json_schema: str | None = None
     logprobs: int = -1  # -1: none; 0: each generated token's own logprob; k > 0: also the k most likely tokens
     prompt_logprobs: int = -1  # the same for the prompt's tokens (completions' echo with logprobs)
+    # True (the agents' APIs): max_tokens is lowered to the room the prompt leaves in the context, ending
+    # with "length" there; False (chat and text completions): a prompt plus max_tokens past it is refused
+    fit_context: bool = False
 
 
 class ChatMessage(msgspec.Struct, array_like=True, frozen=True):
@@ -75,6 +79,8 @@ class Generate(Message):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     suffix: str | None = None  # fill in the middle: generate what goes between `prompt` and this
+    # variables for the chat template beside the messages (enable_thinking, reasoning_effort, ...)
+    template_args: dict[str, Any] = {}
 
 
 class Embed(Message):
@@ -311,6 +317,7 @@ class Output(msgspec.Struct, array_like=True):
     prompt_logprobs: list[TokenLogprob] = []
     tokens: list[int] = []  # a Tokenize's answer
     pieces: list[bytes] = []  # with Tokenize.with_pieces: each token's bytes (may hold part of a UTF-8 character)
+    reasoning: str = ""  # generated thinking (a <think> block's text), apart from `text`, the answer
 
 
 def failed(request_id: str, status: int, message: str, *, param: str | None = None, code: str | None = None) -> Output:
