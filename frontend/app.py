@@ -219,16 +219,15 @@ class EventStream:
         return cls(await request.respond(content_type="text/event-stream", headers=SSE_HEADERS), send_timeout)
 
     async def send(self, *events: bytes) -> None:
-        """Send events. Sending waits while the connection's buffers are full, that is while the
-        client reads nothing; past send_timeout seconds of that the client counts as stalled."""
-        for data in events:
+        """Send events (render.sse). Sending waits while the connection's buffers are full, that is while
+        the client reads nothing; past send_timeout seconds of that the client counts as stalled."""
+        for event in events:
             try:
-                await asyncio.wait_for(self.response.send(b"data: " + data + b"\n\n"), self.send_timeout)
+                await asyncio.wait_for(self.response.send(event), self.send_timeout)
             except asyncio.TimeoutError:
                 raise ClientStalled from None
 
     async def end(self) -> None:
-        await self.send(b"[DONE]")
         await self.response.eof()
 
 
@@ -289,12 +288,10 @@ async def complete(
                     raise failure_error(failure)
                 record.status = 200
                 return json_response(renderer.final(generation.summary()))
-            if failure is not None:
-                await stream.send(failure_error(failure).body())
-            elif body.stream_options is not None and body.stream_options.include_usage:
-                await stream.send(renderer.final(generation.summary()))
-            # Set before [DONE]: a client that closes as soon as it reads it still got its whole answer.
+            last = renderer.failed(failure_error(failure)) if failure is not None else renderer.closing(generation.summary())
+            # Set before the last events: a client that closes as soon as it reads them still got its whole answer.
             record.status = failure.status if failure is not None else 200
+            await stream.send(*last)
             await stream.end()
             return None
         except ClientStalled:

@@ -21,9 +21,15 @@ import msgspec
 
 from infersnap import wire
 from infersnap.frontend import schema, tools
+from infersnap.frontend.errors import APIError
 from infersnap.frontend.generation import choice_layout
 
 _encode = msgspec.json.encode
+
+
+def sse(data: bytes, event: str | None = None) -> bytes:
+    """One server-sent event: OpenAI's chat streams send bare `data:` lines; the agents' APIs name each event."""
+    return (b"event: " + event.encode() + b"\n" if event else b"") + b"data: " + data + b"\n\n"
 
 
 def usage(output: wire.Output) -> schema.Usage:
@@ -104,24 +110,31 @@ class Render(ABC, Generic[State]):
     def __init__(self, request_id: str, model: str, body: schema.SamplingFields, choices: list[State]) -> None:
         self.id, self.model, self.created = request_id, model, schema.now()
         self.stream = bool(body.stream)
+        self.include_usage = body.stream_options is not None and body.stream_options.include_usage
         self.choices = choices
 
     def feed(self, index: int, output: wire.Output) -> list[bytes]:
-        """Keep an output of choice `index`; the SSE chunks to send for it (none unless streaming)."""
+        """Keep an output of choice `index`; the server-sent events to send for it (none unless streaming)."""
         choice = self.choices[index]
         choice.parts.append(output.text)
         choice.tokens += output.prompt_logprobs + output.logprobs
         choice.finish_reason = output.finish_reason
         if not self.stream or self._held(choice):
             return []
-        return [self._chunk(index, choice, output.timings)]
+        return [sse(self._chunk(index, choice, output.timings))]
 
     def final(self, summary: wire.Output) -> bytes:
-        """Once every choice has finished: the whole response; when streaming, the usage chunk.
+        """Once every choice has finished, not streaming: the whole response.
         `summary` holds the usage of all choices (Generation.summary)."""
-        if self.stream:
-            return self._usage_chunk(summary)
         return self._response([self._choice(i, choice) for i, choice in enumerate(self.choices)], summary)
+
+    def closing(self, summary: wire.Output) -> list[bytes]:
+        """Once every choice has finished, streaming: the last events (the usage chunk if asked, [DONE])."""
+        return ([sse(self._usage_chunk(summary))] if self.include_usage else []) + [sse(b"[DONE]")]
+
+    def failed(self, error: APIError) -> list[bytes]:
+        """The events that end a stream with an error instead."""
+        return [sse(error.body()), sse(b"[DONE]")]
 
     def _held(self, choice: State) -> bool:
         """Whether a streamed choice's text so far must wait for more before it is sent."""
