@@ -18,7 +18,7 @@ from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, raw
 
 from infersnap import wire
-from infersnap.frontend import access, convert, metrics, openapi, render, schema, tools
+from infersnap.frontend import access, anthropic, convert, metrics, openapi, render, schema, tools
 from infersnap.frontend.broker_client import BrokerClient, BrokerUnavailable
 from infersnap.frontend.errors import STATUS_CODES, APIError
 from infersnap.frontend.generation import Generation, choice_requests
@@ -27,10 +27,10 @@ from infersnap.plan import ServePlan
 
 log = logging.getLogger("infersnap.frontend")
 Body = TypeVar("Body")
-CompletionBody = TypeVar("CompletionBody", bound=schema.SamplingFields)
 JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 STREAM_SEND_BUFFER = 16 * 1024  # bytes; the kernel doubles it, asyncio adds 64 KiB before a send waits
+ANTHROPIC_PATHS = "/v1/messages"  # its errors are in Anthropic's shape
 
 
 def json_response(body: bytes, status: int = 200) -> HTTPResponse:
@@ -83,7 +83,8 @@ def create_app(plan: ServePlan) -> Sanic:
         else:
             log.exception("unexpected error on %s %s", request.method, request.path)
             error = APIError(500, "internal server error")
-        return raw(error.body(), status=error.status, headers=error.headers, content_type=JSON)
+        body = error.anthropic_body() if request.path.startswith(ANTHROPIC_PATHS) else error.body()
+        return raw(body, status=error.status, headers=error.headers, content_type=JSON)
 
     @app.get("/health")
     async def health(request: Request) -> HTTPResponse:
@@ -156,6 +157,10 @@ def openai_routes() -> Blueprint:
     @v1.post("/completions")
     async def completions(request: Request) -> HTTPResponse | None:
         return await complete(request, schema.CompletionRequest, prepare_text)
+
+    @v1.post("/messages")
+    async def messages(request: Request) -> HTTPResponse | None:
+        return await complete(request, anthropic.MessagesRequest, prepare_messages)
 
     @v1.post("/embeddings")
     async def embeddings(request: Request) -> HTTPResponse:
@@ -242,31 +247,41 @@ async def running(generation: Generation) -> AsyncIterator[Generation]:
         generation.close()
 
 
-def prepare_chat(body: schema.ChatCompletionRequest, model: str) -> tuple[list[wire.Generate], render.ChatRender]:
+def prepare_chat(body: schema.ChatCompletionRequest, plan: ServePlan) -> tuple[list[wire.Generate], render.ChatRender]:
+    convert.check_limits(body, plan)
     toolset = tools.from_request(body)  # read once: convert describes the tools to the model, the render parses calls
-    prompts = convert.chat_request(body, model, toolset)
+    prompts = convert.chat_request(body, plan.model_name, toolset)
     return prompts, render.ChatRender(prompts[0].id, prompts[0].model, body, toolset)
 
 
-def prepare_text(body: schema.CompletionRequest, model: str) -> tuple[list[wire.Generate], render.TextRender]:
-    prompts = convert.completion_request(body, model)
+def prepare_text(body: schema.CompletionRequest, plan: ServePlan) -> tuple[list[wire.Generate], render.TextRender]:
+    convert.check_limits(body, plan)
+    prompts = convert.completion_request(body, plan.model_name)
     return prompts, render.TextRender(prompts[0].id, prompts[0].model, body)
+
+
+def prepare_messages(
+    body: anthropic.MessagesRequest, plan: ServePlan
+) -> tuple[list[wire.Generate], anthropic.MessagesRender]:
+    # Agents ask for more than a local context holds: the answer ends where the context (or limits.max-tokens) does.
+    chat = anthropic.to_chat(body, min(body.max_tokens, plan.max_tokens))
+    toolset = tools.from_request(chat)
+    prompts = convert.chat_request(chat, plan.model_name, toolset, fit_context=True)
+    return prompts, anthropic.MessagesRender(prompts[0].model, chat, toolset)
 
 
 async def complete(
     request: Request,
-    kind: type[CompletionBody],
-    prepare: Callable[[CompletionBody, str], tuple[list[wire.Generate], render.Render]],
+    kind: type[Body],
+    prepare: Callable[[Body, ServePlan], tuple[list[wire.Generate], render.Render]],
 ) -> HTTPResponse | None:
     """Run a request's generations (one per choice) and answer with JSON, or with SSE when the body
     asks to stream; count it in the metrics and log its line however it ends."""
     plan: ServePlan = request.app.ctx.plan
     with RequestRecord(request.app.ctx.metrics, request.path.removeprefix("/v1/")) as record:
-        body = decode_body(request, kind)
-        convert.check_limits(body, plan)
-        prompts, renderer = prepare(body, plan.model_name)
+        prompts, renderer = prepare(decode_body(request, kind), plan)
         record.request_id, record.model = prompts[0].id, prompts[0].model
-        n = body.n or 1
+        n = len(renderer.choices) // len(prompts)
         requests = choice_requests(prompts, n)
         generation = record.generation = Generation(request.app.ctx.broker, requests, deadline(plan), n)
         stream: EventStream | None = None  # opened at the first output: a failure before it gets a real HTTP status
@@ -279,10 +294,10 @@ async def complete(
                     if output.failure is not None:
                         failure = output.failure
                         break
-                    chunks = renderer.feed(index, output)
-                    if body.stream:
+                    events = renderer.feed(index, output)
+                    if renderer.stream:
                         stream = stream or await EventStream.open(request, plan.send_timeout)
-                        await stream.send(*chunks)
+                        await stream.send(*events)
             if stream is None:
                 if failure is not None:
                     raise failure_error(failure)

@@ -120,9 +120,11 @@ def _history(messages: list[schema.ChatMessageIn]) -> list[wire.ChatMessage]:
     return history
 
 
-def chat_request(body: schema.ChatCompletionRequest, model: str, toolset: tools.ToolSet | None) -> list[wire.Generate]:
+def chat_request(
+    body: schema.ChatCompletionRequest, model: str, toolset: tools.ToolSet | None, fit_context: bool = False
+) -> list[wire.Generate]:
     """The Generate for a chat body; `toolset` is its tools (tools.from_request), read once per request
-    because the render parses tool calls with the same ToolSet."""
+    because the render parses tool calls with the same ToolSet. `fit_context`: see wire.SamplingParams."""
     messages = _history(body.messages)
     constraint = None
     if toolset is not None:
@@ -139,7 +141,10 @@ def chat_request(body: schema.ChatCompletionRequest, model: str, toolset: tools.
         wire.Generate(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             model=body.model or model,
-            params=_sampling(body, body.max_completion_tokens or body.max_tokens, logprobs, constraint),
+            params=msgspec.structs.replace(
+                _sampling(body, body.max_completion_tokens or body.max_tokens, logprobs, constraint),
+                fit_context=fit_context,
+            ),
             messages=messages,
         )
     ]

@@ -1,4 +1,5 @@
-"""OpenAI-shaped errors: {"error": {"message", "type", "param", "code"}}."""
+"""API errors, in OpenAI's shape ({"error": {"message", "type", "param", "code"}}) or, for Anthropic's
+Messages routes, in Anthropic's ({"type": "error", "error": {"type", "message"}})."""
 
 from __future__ import annotations
 
@@ -36,6 +37,35 @@ class APIError(Exception):
 
     def body(self) -> bytes:
         return msgspec.json.encode(ErrorBody(ErrorDetail(self.message, self.type, self.param, self.code)))
+
+    def anthropic_body(self) -> bytes:
+        kind = ANTHROPIC_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "api_error")
+        return msgspec.json.encode(AnthropicErrorBody(AnthropicErrorDetail(kind, self.message)))
+
+
+class AnthropicErrorDetail(msgspec.Struct):
+    type: str
+    message: str
+
+
+class AnthropicErrorBody(msgspec.Struct):
+    error: AnthropicErrorDetail
+    type: str = "error"
+
+
+# Anthropic's error types by status (https://docs.anthropic.com/en/api/errors)
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
 
 
 # Sanic's own HTTP errors, as OpenAI clients expect to read them.
