@@ -2,7 +2,8 @@
 
 With API keys set, every request under /v1/ (and to /tokenize and
 /detokenize, which use the model too) needs `Authorization: Bearer KEY` with
-one of them, else 401 in OpenAI's shape; /health and other routes stay
+one of them (or `x-api-key: KEY`, as Anthropic's clients send it), else 401 in the
+API's shape; /health and other routes stay
 open. With CORS origins set, OPTIONS preflights are answered (without a key:
 browsers send none on a preflight) and responses to an allowed origin carry
 Access-Control-Allow-Origin. Sanic runs response middleware inside
@@ -20,13 +21,13 @@ from sanic.response import HTTPResponse, empty
 from infersnap.frontend.errors import APIError
 from infersnap.plan import ServePlan
 
-ALLOW_METHODS = "GET, POST, OPTIONS"
-ALLOW_HEADERS = "Authorization, Content-Type"
+ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
+ALLOW_HEADERS = "Authorization, Content-Type, X-Api-Key"
 MAX_AGE_SECONDS = 600
 KEYED_OUTSIDE_V1 = ("/tokenize", "/detokenize")  # llama-server's routes: they use the model, so a key too
 NO_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header "
-    "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+    "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or in an x-api-key header."
 )
 WRONG_KEY = "Incorrect API key provided. Use one of the keys this server was configured with (http.api-keys)."
 
@@ -47,8 +48,9 @@ def _install_keys(app: Sanic, api_keys: list[str]) -> None:
         if not (path == "/v1" or path.startswith("/v1/") or path.rstrip("/") in KEYED_OUTSIDE_V1):
             return
         scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        token = token or request.headers.get("x-api-key", "").strip()  # as Anthropic's clients send it
+        if not token:
             raise _unauthorized(NO_KEY)
         presented = token.encode("utf-8", "surrogateescape")
         matched = False

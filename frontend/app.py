@@ -18,7 +18,7 @@ from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, raw
 
 from infersnap import wire
-from infersnap.frontend import access, anthropic, convert, metrics, openapi, render, schema, tools
+from infersnap.frontend import access, anthropic, convert, metrics, openapi, render, responses, schema, tools
 from infersnap.frontend.broker_client import BrokerClient, BrokerUnavailable
 from infersnap.frontend.errors import STATUS_CODES, APIError
 from infersnap.frontend.generation import Generation, choice_requests
@@ -127,6 +127,7 @@ def create_app(plan: ServePlan) -> Sanic:
     app.ctx.started = schema.now()
     app.ctx.plan = plan
     app.ctx.metrics = metrics.Metrics()
+    app.ctx.responses = responses.Store()
     access.install(app, plan)
     openapi.install(app, plan)
     return app
@@ -162,6 +163,39 @@ def openai_routes() -> Blueprint:
     async def messages(request: Request) -> HTTPResponse | None:
         return await complete(request, anthropic.MessagesRequest, prepare_messages)
 
+    @v1.post("/messages/count_tokens")
+    async def count_message_tokens(request: Request) -> HTTPResponse:
+        body = decode_body(request, anthropic.CountTokensRequest)
+        count = await prompt_tokens(request, anthropic.to_chat(body))
+        return json_response(msgspec.json.encode(anthropic.TokenCount(count)))
+
+    @v1.post("/responses")
+    async def create_response(request: Request) -> HTTPResponse | None:
+        store = request.app.ctx.responses
+
+        def prepare(body: responses.ResponsesRequest, plan: ServePlan):
+            chat = responses.to_chat(body, store, min(body.max_output_tokens or plan.max_tokens, plan.max_tokens))
+            toolset = tools.from_request(chat)
+            prompts = convert.chat_request(chat, plan.model_name, toolset, fit_context=True)
+            return prompts, responses.ResponsesRender(body, chat, prompts[0].model, toolset, store)
+
+        return await complete(request, responses.ResponsesRequest, prepare)
+
+    @v1.post("/responses/input_tokens")
+    async def count_response_tokens(request: Request) -> HTTPResponse:
+        body = decode_body(request, responses.InputTokensRequest)
+        count = await prompt_tokens(request, responses.to_chat(body, request.app.ctx.responses))
+        return json_response(msgspec.json.encode(responses.InputTokens(count)))
+
+    @v1.get("/responses/<response_id>")
+    async def get_response(request: Request, response_id: str) -> HTTPResponse:
+        return json_response(request.app.ctx.responses.get(response_id).response)
+
+    @v1.delete("/responses/<response_id>")
+    async def delete_response(request: Request, response_id: str) -> HTTPResponse:
+        request.app.ctx.responses.delete(response_id)
+        return json_response(msgspec.json.encode(responses.Deleted(response_id)))
+
     @v1.post("/embeddings")
     async def embeddings(request: Request) -> HTTPResponse:
         plan: ServePlan = request.app.ctx.plan
@@ -181,6 +215,15 @@ def openai_routes() -> Blueprint:
             return json_response(render.embeddings(output, embed.model, body.encoding_format))
 
     return v1
+
+
+async def prompt_tokens(request: Request, chat: schema.ChatCompletionRequest) -> int:
+    """How many tokens the prompt of this chat body makes, counted by a worker's tokenizer and template."""
+    plan: ServePlan = request.app.ctx.plan
+    [generate] = convert.chat_request(chat, plan.model_name, tools.from_request(chat))
+    count = wire.Tokenize(id=f"tok-{uuid.uuid4().hex}", model=generate.model, content="",
+                          messages=generate.messages, template_args=generate.template_args)
+    return len((await lookup(request, count)).tokens)
 
 
 async def lookup(request: Request, message: wire.Tokenize | wire.Detokenize) -> wire.Output:

@@ -102,6 +102,9 @@ class Tokenize(Message):
     content: str
     add_special: bool = False  # BOS (and EOS) where the model's tokenizer adds them to a prompt
     with_pieces: bool = False
+    # set: the prompt these chat messages make (through the chat template, as a Generate's), not `content`
+    messages: list[ChatMessage] | None = None
+    template_args: dict[str, Any] = {}
 
 
 class Detokenize(Message):

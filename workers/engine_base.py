@@ -158,7 +158,11 @@ class BatchingEngine(Engine):
     def _lookup(self, request: wire.Tokenize | wire.Detokenize) -> wire.Output:
         """A tokenizer lookup's answer; an id outside the vocabulary is a 400 (the tokenizers would crash or guess)."""
         if isinstance(request, wire.Tokenize):
-            tokens = self.tokenize(request.content, request.add_special)
+            try:  # a chat prompt, counted as its Generate's would be (count_tokens, input_tokens)
+                tokens = self._prompt_tokens(request) if request.messages is not None else \
+                    self.tokenize(request.content, request.add_special)
+            except ValueError as exc:
+                return wire.failed(request.id, 400, f"could not format the prompt: {exc}", param="messages")
             pieces = [self.piece(t) for t in tokens] if request.with_pieces else []
             return wire.Output(request.id, finish_reason="stop", tokens=tokens, pieces=pieces)
         bad = next((t for t in request.tokens if not 0 <= t < self.n_vocab), None)
@@ -187,7 +191,7 @@ class BatchingEngine(Engine):
         bos = [] if self.bos_token is None else [self.bos_token]
         return bos + [pre, *self.tokenize(prefix, False), suf, *self.tokenize(suffix, False), mid]
 
-    def _prompt_tokens(self, request: wire.Generate) -> list[int]:
+    def _prompt_tokens(self, request: wire.Generate | wire.Tokenize) -> list[int]:
         """The prompt as token ids (chat messages through the model's template); ValueError if it can't be made."""
         if request.messages is not None:
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
