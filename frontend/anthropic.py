@@ -123,7 +123,7 @@ class CountTokensRequest(msgspec.Struct, kw_only=True):
 # --- responses ---------------------------------------------------------------
 
 
-class Usage(msgspec.Struct):
+class MessageUsage(msgspec.Struct):
     input_tokens: int
     output_tokens: int
     cache_read_input_tokens: int = 0
@@ -135,7 +135,7 @@ class Message(msgspec.Struct):
     model: str
     content: list[dict[str, Any]]
     stop_reason: str | None
-    usage: Usage
+    usage: MessageUsage
     stop_sequence: str | None = None
     type: str = "message"
     role: str = "assistant"
@@ -249,9 +249,9 @@ def to_chat(body: MessagesRequest | CountTokensRequest, max_tokens: int | None =
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
-def usage(output: wire.Output) -> Usage:
+def usage(output: wire.Output) -> MessageUsage:
     cached = output.prompt_tokens - output.timings.prompt_n if output.timings is not None else 0
-    return Usage(input_tokens=output.prompt_tokens, output_tokens=output.completion_tokens,
+    return MessageUsage(input_tokens=output.prompt_tokens, output_tokens=output.completion_tokens,
                  cache_read_input_tokens=max(cached, 0))
 
 
@@ -269,7 +269,7 @@ class MessagesRender(render.ChatRender):
         if self.first is None:
             self.first = output
             if self.stream:
-                start = Message(self.id, self.model, [], None, Usage(output.prompt_tokens, 0))
+                start = Message(self.id, self.model, [], None, MessageUsage(output.prompt_tokens, 0))
                 events += [_event("message_start", message=start), _event("ping")]
         if output.reasoning:
             events += self._add("thinking", output.reasoning)

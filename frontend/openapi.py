@@ -16,8 +16,8 @@ from sanic import Request, Sanic
 from sanic.response import HTTPResponse, raw
 
 from infersnap import __version__
-from infersnap.frontend import schema
-from infersnap.frontend.errors import ErrorBody
+from infersnap.frontend import anthropic, responses, schema
+from infersnap.frontend.errors import AnthropicErrorBody, ErrorBody
 from infersnap.plan import ServePlan
 
 REF = "#/components/schemas/{name}"
@@ -59,6 +59,16 @@ def build(plan: ServePlan) -> dict[str, Any]:
         schema.EmbeddingRequest,
         schema.EmbeddingList,
         ErrorBody,
+        anthropic.MessagesRequest,
+        anthropic.Message,
+        anthropic.CountTokensRequest,
+        anthropic.TokenCount,
+        AnthropicErrorBody,
+        responses.ResponsesRequest,
+        responses.Response,
+        responses.InputTokensRequest,
+        responses.InputTokens,
+        responses.Deleted,
     ]
     _, components = msgspec.json.schema_components(types, ref_template=REF)
     for name in ("ChatCompletionRequest", "CompletionRequest"):
@@ -76,11 +86,12 @@ def build(plan: ServePlan) -> dict[str, Any]:
 
     secured = {"security": [{"bearer": []}]} if plan.api_keys else {}
 
-    def operation(summary: str, ok: dict[str, Any], errors: list[int], body: str | None = None) -> dict[str, Any]:
-        responses: dict[str, Any] = {"200": {"description": "OK", "content": ok}}
+    def operation(summary: str, ok: dict[str, Any], errors: list[int], body: str | None = None,
+                  error_body: str = "ErrorBody") -> dict[str, Any]:
+        answers: dict[str, Any] = {"200": {"description": "OK", "content": ok}}
         for status in errors:
-            responses[str(status)] = {"description": ERRORS[status], "content": _json("ErrorBody")}
-        op: dict[str, Any] = {"summary": summary, "responses": responses}
+            answers[str(status)] = {"description": ERRORS[status], "content": _json(error_body)}
+        op: dict[str, Any] = {"summary": summary, "responses": answers}
         if body is not None:
             op["requestBody"] = {"required": True, "content": _json(body)}
         return op
@@ -109,6 +120,40 @@ def build(plan: ServePlan) -> dict[str, Any]:
                     body="CompletionRequest",
                 )
             )
+        },
+        "/v1/responses": {
+            "post": v1(
+                operation(
+                    "OpenAI Responses: the chat path, as output items; stored for previous_response_id",
+                    {**_json("Response"), **_sse("Response", named=True)},
+                    completion_errors,
+                    body="ResponsesRequest",
+                )
+            )
+        },
+        "/v1/responses/input_tokens": {
+            "post": v1(operation("The prompt tokens a Responses body makes", _json("InputTokens"),
+                                 [400, 401, 404, 503], body="InputTokensRequest"))
+        },
+        "/v1/responses/{response_id}": {
+            "get": v1(operation("A stored response", _json("Response"), [401, 404])),
+            "delete": v1(operation("Forget a stored response", _json("Deleted"), [401, 404])),
+            "parameters": [{"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+        },
+        "/v1/messages": {
+            "post": v1(
+                operation(
+                    "Anthropic Messages: the chat path, as content blocks",
+                    {**_json("Message"), **_sse("Message", named=True)},
+                    completion_errors,
+                    body="MessagesRequest",
+                    error_body="AnthropicErrorBody",
+                )
+            )
+        },
+        "/v1/messages/count_tokens": {
+            "post": v1(operation("The prompt tokens a Messages body makes", _json("TokenCount"),
+                                 [400, 401, 404, 503], body="CountTokensRequest", error_body="AnthropicErrorBody"))
         },
         "/v1/models": {"get": v1(operation("The models served here", _json("ModelList"), [401, 503]))},
         "/v1/models/{model}": {
@@ -142,7 +187,9 @@ def build(plan: ServePlan) -> dict[str, Any]:
         "info": {
             "title": "infersnap",
             "version": __version__,
-            "description": 'An OpenAI-compatible API. Every error is {"error": {"message", "type", "param", "code"}}.',
+            "description": 'An OpenAI-compatible API, with Anthropic\'s Messages too. Every error is '
+            '{"error": {"message", "type", "param", "code"}}; under /v1/messages, {"type": "error", "error": '
+            '{"type", "message"}}.',
         },
         "paths": paths,
         "components": {"schemas": components},
@@ -156,15 +203,10 @@ def _json(name: str) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": REF.format(name=name)}}}
 
 
-def _sse(name: str) -> dict[str, Any]:
-    return {
-        "text/event-stream": {
-            "schema": {
-                "type": "string",
-                "description": f"With `stream: true`: `data: {{{name}}}` events, then `data: [DONE]`",
-            }
-        }
-    }
+def _sse(name: str, named: bool = False) -> dict[str, Any]:
+    about = (f"With `stream: true`: `event: <type>` and `data: {{...}}` events, as the API defines them, ending with "
+             f"the whole {name}" if named else f"With `stream: true`: `data: {{{name}}}` events, then `data: [DONE]`")
+    return {"text/event-stream": {"schema": {"type": "string", "description": about}}}
 
 
 def _set_maximum(prop: dict[str, Any], maximum: int) -> None:

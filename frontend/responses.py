@@ -28,7 +28,7 @@ MAX_STORED_BYTES = 64 * 2**20
 # --- requests ----------------------------------------------------------------
 
 
-class ContentPart(msgspec.Struct, kw_only=True):
+class InputContentPart(msgspec.Struct, kw_only=True):
     type: str  # input_text | output_text (input_image and input_file are refused)
     text: str | None = None
 
@@ -38,13 +38,13 @@ class InputItem(msgspec.Struct, kw_only=True):
 
     type: str = "message"
     role: Literal["user", "assistant", "system", "developer"] | None = None
-    content: str | list[ContentPart] | None = None
+    content: str | list[InputContentPart] | None = None
     id: str | None = None
     status: str | None = None
     call_id: str | None = None  # function_call, function_call_output
     name: str | None = None  # function_call
     arguments: str | None = None  # function_call: JSON text
-    output: str | list[ContentPart] | None = None  # function_call_output
+    output: str | list[InputContentPart] | None = None  # function_call_output
 
 
 class FunctionTool(msgspec.Struct, kw_only=True):
@@ -60,7 +60,7 @@ class FunctionChoice(msgspec.Struct, kw_only=True):
     name: str
 
 
-class TextFormat(msgspec.Struct, kw_only=True):
+class ResponseTextFormat(msgspec.Struct, kw_only=True):
     type: Literal["text", "json_object", "json_schema"]
     name: schema.Name | None = None
     description: str | None = None
@@ -69,7 +69,7 @@ class TextFormat(msgspec.Struct, kw_only=True):
 
 
 class TextConfig(msgspec.Struct, kw_only=True):
-    format: TextFormat | None = None
+    format: ResponseTextFormat | None = None
     verbosity: str | None = None
 
 
@@ -188,7 +188,7 @@ class Store:
 # --- Responses -> chat ---------------------------------------------------------
 
 
-def _text(content: str | list[ContentPart] | None, where: str) -> str:
+def _text(content: str | list[InputContentPart] | None, where: str) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     texts = []

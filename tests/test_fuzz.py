@@ -32,7 +32,10 @@ ROUTES = {
     "/v1/completions": "CompletionRequest",
     "/tokenize": "TokenizeRequest",
     "/detokenize": "DetokenizeRequest",
+    "/v1/messages": "MessagesRequest",
+    "/v1/responses": "ResponsesRequest",
 }
+LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")  # the fields that bound the generation
 # Per route, 30 schema-valid bodies (most of them generate, so they cost more) and 70 off-schema ones.
 FUZZ = settings(
     max_examples=30,
@@ -117,7 +120,10 @@ def valid_body(draw, schemas: dict[str, Any], name: str, model: str) -> dict[str
                 part["text"] = part.get("text") or draw(st.text(max_size=30))
         if body.get("logit_bias"):
             body["logit_bias"] = {str(draw(st.integers(0, 40_000))): bias for bias in body["logit_bias"].values()}
-    body["max_tokens"] = draw(st.integers(1, SMALL))
+        for item in body["input"] if isinstance(body.get("input"), list) else []:
+            item.update(type="message", role="user", content=draw(st.text(min_size=1, max_size=30)))
+    limit = "max_output_tokens" if name == "ResponsesRequest" else "max_tokens"
+    body[limit] = draw(st.integers(1, SMALL))
     if "max_completion_tokens" in body:
         body["max_completion_tokens"] = draw(st.integers(1, SMALL))
     body.pop("model", None)
@@ -130,9 +136,9 @@ def valid_body(draw, schemas: dict[str, Any], name: str, model: str) -> dict[str
 def keep_small(body: Any) -> Any:
     """A mutation that leaves max_tokens valid but large (or null: up to the context) is brought back to SMALL."""
     if isinstance(body, dict):
-        for field in ("max_tokens", "max_completion_tokens"):
+        for field in LIMITS:
             value = body.get(field, 0)
-            if (value is None and field == "max_tokens") or (
+            if (value is None and field in ("max_tokens", "max_output_tokens")) or (
                 isinstance(value, int) and not isinstance(value, bool) and SMALL < value <= 1 << 20
             ):
                 body[field] = SMALL
@@ -148,7 +154,7 @@ def mutated_body(draw, schemas: dict[str, Any], name: str, model: str) -> bytes:
     if how == "field":
         body[draw(st.sampled_from(fields))] = draw(ANY)
     elif how == "delete":
-        deletable = sorted(set(body) - {"max_tokens", "max_completion_tokens"})
+        deletable = sorted(set(body) - set(LIMITS))
         if deletable:
             del body[draw(st.sampled_from(deletable))]
     elif how == "nested":  # inside the messages or the prompt
@@ -161,10 +167,11 @@ def mutated_body(draw, schemas: dict[str, Any], name: str, model: str) -> bytes:
         return json.dumps(draw(ANY)).encode()
     if how in ("raw-token", "raw-bytes"):
         # max_tokens goes first, outside the part that is mutated, so no mutation can lift it
-        body.pop("max_tokens")
-        body.pop("max_completion_tokens", None)
+        limit = next(f for f in LIMITS if f in body)
+        for field in LIMITS:
+            body.pop(field, None)
         rest = json.dumps(body).encode()[1:]
-        prefix = b'{"max_tokens": %d, ' % SMALL
+        prefix = b'{"%s": %d, ' % (limit.encode(), SMALL)
         if how == "raw-token":
             field = draw(st.sampled_from(fields)).encode()
             return prefix + b'"' + field + b'": ' + draw(RAW_TOKENS) + b", " + rest
@@ -180,18 +187,26 @@ def mutated_body(draw, schemas: dict[str, Any], name: str, model: str) -> bytes:
 # --- checks --------------------------------------------------------------------
 
 
-def assert_handled(reply) -> None:
-    """A 200 with an answer, or a 4xx in OpenAI's shape; never a 5xx or a traceback."""
+STREAM_ENDS = {"/v1/messages": "event: message_stop", "/v1/responses": "event: response."}
+
+
+def assert_handled(reply, route: str = "") -> None:
+    """A 200 with an answer, or a 4xx in the API's error shape; never a 5xx or a traceback."""
     assert reply.status_code < 500, reply.text[:2000]
     if reply.status_code >= 400:
-        assert_error(reply, reply.status_code)  # the shape, a message, no traceback
+        if route == "/v1/messages":
+            error = reply.json()
+            assert error["type"] == "error" and error["error"]["message"] and "Traceback" not in reply.text
+        else:
+            assert_error(reply, reply.status_code)  # the shape, a message, no traceback
         return
     assert reply.status_code == 200
     if reply.headers["content-type"].startswith("text/event-stream"):
-        assert reply.text.rstrip().endswith("data: [DONE]"), reply.text[-500:]
+        last = reply.text.rstrip().rsplit("\n\n", 1)[-1]
+        assert last.startswith(STREAM_ENDS.get(route, "data: [DONE]")), reply.text[-500:]
     else:
-        answer = reply.json()  # a completion, or a tokenizer's answer
-        assert answer.get("choices") or "tokens" in answer or "content" in answer, reply.text
+        answer = reply.json()  # a completion, a message, a response, or a tokenizer's answer
+        assert answer.get("choices") or "tokens" in answer or "content" in answer or "output" in answer, reply.text
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +221,7 @@ def test_fuzz_valid_bodies(http, published, model, route):
     @given(st.data())
     def run(data):
         body = data.draw(valid_body(published, ROUTES[route], model), label="body")
-        assert_handled(http.post(route, json=body))
+        assert_handled(http.post(route, json=body), route)
 
     run()
 
@@ -217,7 +232,7 @@ def test_fuzz_off_schema_bodies(http, published, model, route):
     @given(st.data())
     def run(data):
         raw = data.draw(mutated_body(published, ROUTES[route], model), label="raw body")
-        assert_handled(http.post(route, content=raw, headers={"content-type": "application/json"}))
+        assert_handled(http.post(route, content=raw, headers={"content-type": "application/json"}), route)
 
     run()
     # ... and the server goes on serving
@@ -269,19 +284,23 @@ def test_openapi_document(http):
     paths = document["paths"]
     assert set(paths) >= {
         "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}", "/tokenize", "/detokenize", "/health",
-        "/v1/embeddings",
+        "/v1/embeddings", "/v1/responses", "/v1/responses/{response_id}", "/v1/responses/input_tokens",
+        "/v1/messages", "/v1/messages/count_tokens",
     }
     schemas = document["components"]["schemas"]
-    for path, request, response in [
-        ("/v1/chat/completions", "ChatCompletionRequest", "ChatCompletion"),
-        ("/v1/completions", "CompletionRequest", "Completion"),
-        ("/v1/embeddings", "EmbeddingRequest", "EmbeddingList"),
+    for path, request, response, error in [
+        ("/v1/chat/completions", "ChatCompletionRequest", "ChatCompletion", "ErrorBody"),
+        ("/v1/completions", "CompletionRequest", "Completion", "ErrorBody"),
+        ("/v1/embeddings", "EmbeddingRequest", "EmbeddingList", "ErrorBody"),
+        ("/v1/responses", "ResponsesRequest", "Response", "ErrorBody"),
+        ("/v1/messages", "MessagesRequest", "Message", "AnthropicErrorBody"),
     ]:
         post = paths[path]["post"]
         assert post["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + request)
         assert post["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + response)
         for status in ("400", "401", "404", "413", "503"):
-            assert post["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+            assert post["responses"][status]["content"]["application/json"]["schema"]["$ref"].endswith("/" + error)
+    assert {"delete", "get"} <= set(paths["/v1/responses/{response_id}"])
     # the server's limits are the published maxima
     for request in ("ChatCompletionRequest", "CompletionRequest"):
         properties = schemas[request]["properties"]
