@@ -69,7 +69,7 @@ Block = TextBlock | ImageBlock | DocumentBlock | ToolUseBlock | ToolResultBlock 
 
 
 class MessageParam(msgspec.Struct):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # Claude Code sends system reminders as "system" turns too
     content: str | list[Block]
 
 

@@ -25,6 +25,7 @@ MAX_COUNT = 10_000  # a grammar spells out each repetition up to the maximum
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 MAX_INTEGER = 2**53  # integer bounds past this lose precision in xgrammar's doubles
 PAIRS = (("minLength", "maxLength"), ("minItems", "maxItems"))
+UPPER_COUNTS = ("maxLength", "maxItems")
 OTHERS = ("type", "enum", "const", "required", "pattern", "format", "$ref")
 KEYWORDS = {*SCHEMA_MAPS, *SCHEMA_LISTS, *SCHEMAS, *COUNTS, *BOUNDS, *OTHERS}
 # Regex features neither grammar can express (xgrammar refuses them, GBNF has no equivalent).
@@ -80,6 +81,8 @@ def _normalize(node: Any, where: str, refs: list[tuple[str, str]]) -> dict[str, 
         raise ValueError(f"{where}: a schema must be a JSON object, got {_short(node)}")
     normal: dict[str, Any] = {}
     for key, value in node.items():
+        if key in UPPER_COUNTS and isinstance(value, int) and not isinstance(value, bool) and value > MAX_COUNT:
+            continue  # a cap no answer gets near (Claude Code's tools say 100000): the same as none
         if key in KEYWORDS:
             normal[key] = _keyword(key, value, f"{where}/{key}", refs)
     for low, high in PAIRS:

@@ -129,7 +129,7 @@ def test_claude_codes_billing_line_does_not_change_the_prompt(http, model):
         ({"max_tokens": "ten", "messages": HELLO}, 400),
         ({"max_tokens": 0, "messages": HELLO}, 400),
         ({"max_tokens": 8, "messages": []}, 400),
-        ({"max_tokens": 8, "messages": [{"role": "system", "content": "x"}]}, 400),
+        ({"max_tokens": 8, "messages": [{"role": "tool", "content": "x"}]}, 400),
         ({"max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "video", "url": "x"}]}]}, 400),
         ({"max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, 400),
         ({"max_tokens": 8, "messages": HELLO, "tools": [{"name": "bad name!", "input_schema": {}}]}, 400),
