@@ -1,4 +1,4 @@
-"""The context: what serve chooses (the model's own, lowered for memory)."""
+"""The context: what serve chooses (the model's own, lowered for memory), and fit_context in both engines."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from infersnap import wire
 from infersnap.cli.profiling import serve_context
 from infersnap.config import Config
 from infersnap.context import MIN_CONTEXT, Pool, choose
@@ -73,3 +74,72 @@ def test_worker_context_takes_0_or_128_and_more(tmp_path):
     assert config.get("worker.context") == 0
     with pytest.raises(ConfigError, match="between 128"):
         config.set_many({"worker.context": "64"})
+
+
+# --- fit_context: both engines built in this process, with a small context --------------------------------
+
+CONTEXT = 256
+
+
+@pytest.fixture(scope="module", params=["llamacpp", "openvino"])
+def engine(request):
+    from infersnap.workers.engine_base import EngineSettings
+    from infersnap.workers.worker import engine_class
+
+    return engine_class(request.param, "generate")(EngineSettings(str(default_model_path()), "cpu", 2, CONTEXT, 2))
+
+
+def end_of_text_bans(engine) -> dict[int, float]:
+    """Every end-of-text token banned, so that only the length ends a generation."""
+    if engine.ban_with is not None:  # OpenVINO: bans of exactly this set
+        return {t: -100.0 for t in engine.ban_with}
+    import llama_cpp
+
+    return {t: -100.0 for t in range(engine.n_vocab) if llama_cpp.llama_vocab_is_eog(engine.vocab, t)}
+
+
+def run(engine, request: wire.Generate) -> wire.Output:
+    """The request to its end; its last Output, with the text of all."""
+    refused = engine.add(request)
+    if refused is not None:
+        return refused
+    text, last = "", None
+    while engine.busy:
+        for output in engine.step():
+            text += output.text
+            last = output
+    last.text = text
+    return last
+
+
+def generate(engine, words: int, **params) -> wire.Generate:
+    prompt = " ".join(["river", "mountain", "lantern", "garden"] * (words // 4))
+    sampling = wire.SamplingParams(temperature=0, logit_bias=end_of_text_bans(engine), **params)
+    return wire.Generate(id=f"r{words}-{sorted(params.items())}", model="m", params=sampling, prompt=prompt)
+
+
+@pytest.mark.parametrize("max_tokens", [None, 100_000])
+def test_fit_context_ends_the_generation_where_the_context_does(engine, max_tokens):
+    last = run(engine, generate(engine, 200, max_tokens=max_tokens, fit_context=True))
+    assert last.failure is None and last.finish_reason == "length"
+    room = CONTEXT - last.prompt_tokens
+    assert 0 < room < 100
+    assert last.completion_tokens == room
+
+
+def test_fit_context_keeps_a_max_tokens_that_fits(engine):
+    last = run(engine, generate(engine, 200, max_tokens=5, fit_context=True))
+    assert (last.finish_reason, last.completion_tokens) == ("length", 5)
+
+
+def test_a_prompt_that_alone_does_not_fit_is_still_refused(engine):
+    for fit in (True, False):
+        last = run(engine, generate(engine, 400, fit_context=fit))
+        assert last.finish_reason == "error" and last.failure.status == 400
+        assert last.failure.code == "context_length_exceeded"
+
+
+def test_without_fit_context_too_many_tokens_are_refused_as_before(engine):
+    last = run(engine, generate(engine, 200, max_tokens=100_000))
+    assert last.failure.status == 400 and last.failure.code == "context_length_exceeded"
+    assert "maximum context length is 256 tokens" in last.failure.message
