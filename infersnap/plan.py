@@ -51,6 +51,7 @@ class ServePlan(msgspec.Struct, frozen=True):
     drain_timeout: int = 30  # seconds running requests may take after SIGTERM
     send_timeout: int = 30  # seconds a stream may stay unread before its client is dropped
     left_out: list[str] = []  # lanes not started, and why (e.g. not enough memory for a second copy)
+    context_note: str = ""  # why `context` is what it is (infersnap/context.py)
 
     @property
     def capacity(self) -> int:

@@ -24,6 +24,8 @@ from infersnap import __version__, paths
 if TYPE_CHECKING:  # the broker imports this module for Speed: no hardware detection there
     from infersnap.hwdetect import Machine
 
+MOST_STREAMS = 16  # the most streams a full profile measures: a lane left to choose its slots takes at most this
+
 
 class Level(msgspec.Struct, array_like=True, frozen=True):
     """Generation with `streams` requests running at once."""

@@ -385,6 +385,8 @@ class Status(Message):
     queued: int = 0  # requests queued in the broker for a free slot
     draining: bool = False
     left_out: list[str] = []  # lanes `serve` did not start, and why (ServePlan.left_out)
+    context: int = 0  # tokens per sequence (ServePlan.context)
+    context_note: str = ""  # why (ServePlan.context_note)
 
 
 def models_of(status: Status) -> list[str]:

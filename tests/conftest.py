@@ -19,6 +19,9 @@ import httpx
 import pytest
 import yaml
 
+from infersnap.cli.profiling import serve_context
+from infersnap.config import Config
+from infersnap.hwdetect import detect
 from infersnap.hwdetect.cpu import physical_core_cpus
 from infersnap.models import default_model_path
 
@@ -129,11 +132,12 @@ def session_profiles() -> Path:
         cli(data_env(data), "use-engine", "--auto", "--quick", timeout=600)
         folder = data / "profiles"
         measured = {json.loads(p.read_text())["engine"] for p in folder.glob("*.json")}
+        context = serve_context(Config(data / "config.json"), detect("/")).tokens  # as serve chooses it
         for name in [n for n in ENGINES if n not in measured]:
-            # as serve would run it on the CPU: one thread per physical core, the default context and model
+            # as serve would run it on the CPU: one thread per physical core, the context serve gives it, the default model
             done = subprocess.run(
                 [sys.executable, "-m", "infersnap.workers.profile", "--engine", name, "--device", "cpu",
-                 "--threads", str(len(physical_core_cpus())), "--context", "2048",
+                 "--threads", str(len(physical_core_cpus())), "--context", str(context),
                  "--model", str(default_model_path()), "--quick"],
                 capture_output=True, text=True, timeout=300, check=True, cwd="/",
             )

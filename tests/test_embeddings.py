@@ -80,7 +80,7 @@ def test_base64_is_the_float32_bytes(http):
         ({"input": 3}, "input"),
         ({"input": "x", "encoding_format": "hex"}, "encoding_format"),
         ({"input": "x", "dimensions": 12}, "dimensions"),
-        ({"input": "word " * 3000}, "input"),  # longer than the context
+        ({"input": "word " * 9000}, "input"),  # longer than the context (8192)
         ({"input": ["x"] * 2049}, "input"),
     ],
 )

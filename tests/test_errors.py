@@ -154,7 +154,7 @@ def test_invalid_completion_body_is_400(http):
 
 
 def test_context_length_exceeded(http):
-    long_prompt = "hello " * 5000
+    long_prompt = "hello " * 9000  # past the default model's 8192
     error = assert_error(http.post("/v1/completions", json={"prompt": long_prompt}), 400, code="context_length_exceeded")
     assert "maximum context length" in error["message"]
     too_many = {**GOOD, "max_tokens": 30_000}  # under limits.max-tokens, over the context

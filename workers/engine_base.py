@@ -263,11 +263,14 @@ def schema_refused(request: wire.Generate, reason: str) -> wire.Output:
 
 
 def completion_budget(request: wire.Generate, prompt: list[int], context: int) -> int | wire.Output:
-    """How many tokens the request may generate, or the 400 to answer when it cannot fit the context."""
+    """How many tokens the request may generate, or the 400 to answer when it cannot fit the context.
+    With `fit_context`, max_tokens is lowered to the room the prompt leaves (the engines end the
+    generation there with "length"); only a prompt that leaves no room is refused."""
     if not prompt:
         return wire.failed(request.id, 400, "the prompt is empty", param="prompt")
     asked = request.params.max_tokens
-    max_tokens = context - len(prompt) if asked is None else asked
+    room = context - len(prompt)
+    max_tokens = room if asked is None else min(asked, room) if request.params.fit_context else asked
     if len(prompt) + max(max_tokens, 1) <= context:
         return max_tokens
     return wire.failed(

@@ -38,7 +38,7 @@ from infersnap.profiles import Level, Profile, PromptRead, Speed, Subject
 from infersnap.workers.engine_base import Engine, EngineSettings
 from infersnap.workers.worker import engine_class, only_device, pin_to
 
-FULL = {"streams": [1, 2, 4, 8, 16], "tokens": 128, "prompts": [128, 1024]}
+FULL = {"streams": [1, 2, 4, 8, profiles.MOST_STREAMS], "tokens": 128, "prompts": [128, 1024]}
 QUICK = {"streams": [1, 4], "tokens": 16, "prompts": [32, 128]}
 GENERATION_PROMPT_TOKENS = 32
 CONTENDED = 0.1  # share of the cores' time others took, past which the figures are said to be low
