@@ -53,8 +53,11 @@ def test_max_tokens_ends_with_stop_reason_max_tokens(client, model):
     assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 3
 
 
-def test_more_max_tokens_than_the_context_holds_is_clamped_not_refused(client, server, model):
+def test_more_max_tokens_than_the_context_holds_is_clamped_not_refused(client, server, model, engine):
     # Claude Code asks for 32000: the answer ends where the context does, with stop_reason max_tokens
+    if engine == "cpu":
+        pytest.skip("filling the 8192-token context takes llama.cpp a minute on 2 cores; the clamp itself is "
+                    "tested on both engines in test_context.py, and this route's part is the same on both")
     context = server.status()["workers"][0]["context"]
     words = lambda n: [{"role": "user", "content": "Repeat: " + "go " * n}]  # noqa: E731
     probe = client.messages.create(model=model, max_tokens=1, messages=words(100))
