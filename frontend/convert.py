@@ -141,8 +141,20 @@ def chat_request(body: schema.ChatCompletionRequest, model: str, toolset: tools.
             model=body.model or model,
             params=_sampling(body, body.max_completion_tokens or body.max_tokens, logprobs, constraint),
             messages=messages,
+            template_args=_template_args(body),
         )
     ]
+
+
+def _template_args(body: schema.ChatCompletionRequest) -> dict[str, Any]:
+    """The chat template's variables beside the messages: chat_template_kwargs, and reasoning_effort
+    ("none" also sets enable_thinking false, which turns thinking off in Qwen3-style templates)."""
+    variables = dict(body.chat_template_kwargs or {})
+    if body.reasoning_effort is not None:
+        variables.setdefault("reasoning_effort", body.reasoning_effort)
+        if body.reasoning_effort == "none":
+            variables.setdefault("enable_thinking", False)
+    return variables
 
 
 def completion_request(body: schema.CompletionRequest, model: str) -> list[wire.Generate]:
