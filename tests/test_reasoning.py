@@ -13,6 +13,7 @@ import pytest
 
 from infersnap import wire
 from infersnap.frontend import convert, render, schema, tools
+from infersnap.frontend.errors import APIError
 from infersnap.models import default_model_path
 from infersnap.workers.text import TextStream
 from infersnap.workers.thinking import ThinkingSplit, opens_thinking
@@ -119,6 +120,12 @@ def test_thinking_choices_reach_the_template_args():
     # the explicit template variable wins
     assert args(reasoning_effort="none", chat_template_kwargs={"enable_thinking": True}) == {
         "reasoning_effort": "none", "enable_thinking": True}
+
+
+def test_template_args_the_wire_cannot_carry_are_a_400():
+    with pytest.raises(APIError) as refused:
+        convert.chat_request(chat_body(chat_template_kwargs={"x": 2**70}), "m", None)
+    assert refused.value.status == 400 and refused.value.param == "chat_template_kwargs"
 
 
 def rendered(outputs: list[wire.Output], **fields) -> list[dict]:
