@@ -146,8 +146,24 @@ def chat_request(
                 fit_context=fit_context,
             ),
             messages=messages,
+            template_args=_template_args(body),
         )
     ]
+
+
+def _template_args(body: schema.ChatCompletionRequest) -> dict[str, Any]:
+    """The chat template's variables beside the messages: chat_template_kwargs, and reasoning_effort
+    ("none" also sets enable_thinking false, which turns thinking off in Qwen3-style templates)."""
+    variables = dict(body.chat_template_kwargs or {})
+    try:  # what the wire cannot carry (integers past 64 bits)
+        msgspec.msgpack.encode(variables)
+    except OverflowError as exc:
+        raise APIError(400, f"chat_template_kwargs: {exc}", param="chat_template_kwargs") from None
+    if body.reasoning_effort is not None:
+        variables.setdefault("reasoning_effort", body.reasoning_effort)
+        if body.reasoning_effort == "none":
+            variables.setdefault("enable_thinking", False)
+    return variables
 
 
 def completion_request(body: schema.CompletionRequest, model: str) -> list[wire.Generate]:

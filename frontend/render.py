@@ -19,12 +19,13 @@ from typing import Generic, TypeVar
 
 import msgspec
 
-from infersnap import wire
+from infersnap import __version__, wire
 from infersnap.frontend import schema, tools
 from infersnap.frontend.errors import APIError
 from infersnap.frontend.generation import choice_layout
 
 _encode = msgspec.json.encode
+SYSTEM_FINGERPRINT = f"infersnap-{__version__}"  # chat completions must carry one (OpenAI's schema)
 
 
 def sse(data: bytes, event: str | None = None) -> bytes:
@@ -161,6 +162,12 @@ class Render(ABC, Generic[State]):
 class ChatChoiceState(ChoiceState):
     may_be_call: bool = False  # the request has tools and nothing of this answer was sent yet
     sent_role: bool = False
+    thinking: list[str] = field(default_factory=list)  # the model's thinking (Output.reasoning) not sent yet
+
+    def take_thinking(self) -> str | None:
+        """The thinking kept so far (None if none), which is then no longer kept."""
+        text, self.thinking = "".join(self.thinking), []
+        return text or None
 
 
 class ChatRender(Render[ChatChoiceState]):
@@ -171,6 +178,23 @@ class ChatRender(Render[ChatChoiceState]):
         super().__init__(request_id, model, body, choices)
         self.tools = toolset  # the ToolSet that convert.chat_request described to the model
         self.logprobs = bool(body.logprobs)
+
+    def feed(self, index: int, output: wire.Output) -> list[bytes]:
+        choice = self.choices[index]
+        choice.thinking.append(output.reasoning)
+        chunks = super().feed(index, output)
+        if self.stream and not chunks and any(choice.thinking):  # the answer is held back, its thinking is not
+            thinking = choice.take_thinking()
+            delta = schema.Delta(role=self._role(choice), reasoning_content=thinking, reasoning=thinking)
+            chunks = [self._chunk_body([schema.ChunkChoice(index=index, delta=delta, finish_reason=None)])]
+        return chunks
+
+    @staticmethod
+    def _role(choice: ChatChoiceState) -> str | None:
+        """The role, in a choice's first streamed delta only."""
+        role = None if choice.sent_role else "assistant"
+        choice.sent_role = True
+        return role
 
     def _held(self, choice: ChatChoiceState) -> bool:
         # While the answer may still be a tool call it is held back, so that a call reaches the
@@ -193,26 +217,29 @@ class ChatRender(Render[ChatChoiceState]):
     def _chunk_body(self, choices: list[schema.ChunkChoice], **extra: object) -> bytes:
         return _encode(
             schema.ChatCompletionChunk(
-                id=self.id, object="chat.completion.chunk", created=self.created, model=self.model, choices=choices, **extra
+                id=self.id, object="chat.completion.chunk", created=self.created, model=self.model,
+                system_fingerprint=SYSTEM_FINGERPRINT, choices=choices, **extra,
             )
         )
 
     def _chunk(self, index: int, choice: ChatChoiceState, output_timings: wire.Timings | None) -> bytes:
         text, call, tokens = self._answer(choice)
+        thinking = choice.take_thinking()
         calls = [schema.ToolCallDelta(index=0, id=call.id, function=call.function)] if call is not None else None
-        role = None if choice.sent_role else "assistant"
-        delta = schema.Delta(role=role, content=text if call is None else None, tool_calls=calls)
-        choice.sent_role = True
+        content = text if call is None and (text or not thinking) else None
+        delta = schema.Delta(role=self._role(choice), content=content, tool_calls=calls,
+                             reasoning_content=thinking, reasoning=thinking)
         finish = "tool_calls" if call is not None else choice.finish_reason
         chunk = schema.ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=self._logprobs(tokens))
         return self._chunk_body([chunk], timings=timings(output_timings))
 
     def _choice(self, index: int, choice: ChatChoiceState) -> schema.ChatChoice:
         text, call, tokens = self._answer(choice)
-        if call is not None:
-            message = schema.AssistantMessage(role="assistant", content=None, tool_calls=[call])
-        else:
-            message = schema.AssistantMessage(role="assistant", content=text)
+        thinking = choice.take_thinking()
+        message = schema.AssistantMessage(
+            role="assistant", content=None if call is not None else text, refusal=None,
+            tool_calls=None if call is None else [call], reasoning_content=thinking, reasoning=thinking,
+        )
         finish = "tool_calls" if call is not None else choice.finish_reason
         return schema.ChatChoice(index=index, message=message, finish_reason=finish, logprobs=self._logprobs(tokens))
 
@@ -229,6 +256,7 @@ class ChatRender(Render[ChatChoiceState]):
                 choices=choices,
                 usage=usage(summary),
                 timings=timings(summary.timings),
+                system_fingerprint=SYSTEM_FINGERPRINT,
             )
         )
 

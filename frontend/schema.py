@@ -201,14 +201,18 @@ class TextChoiceLogprobs(msgspec.Struct):
 class AssistantMessage(msgspec.Struct, omit_defaults=True):
     role: str
     content: str | None  # None when the answer is a tool call
+    refusal: str | None  # required (null) in OpenAI's schema: this server never refuses in words
     tool_calls: list[ToolCall] | None = None
+    # a model's thinking, apart from content; both names, since clients read one or the other
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChoice(msgspec.Struct):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: ChoiceLogprobs | None = None
+    logprobs: ChoiceLogprobs | None
 
 
 class ChatCompletion(msgspec.Struct, kw_only=True):
@@ -219,7 +223,7 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
     choices: list[ChatChoice]
     usage: Usage
     timings: Timings | None
-    system_fingerprint: str | None = None
+    system_fingerprint: str
 
 
 class ToolCallDelta(msgspec.Struct):
@@ -235,6 +239,8 @@ class Delta(msgspec.Struct, omit_defaults=True):
     role: str | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    reasoning_content: str | None = None  # thinking, as in AssistantMessage
+    reasoning: str | None = None
 
 
 class ChunkChoice(msgspec.Struct):
@@ -249,6 +255,7 @@ class ChatCompletionChunk(msgspec.Struct, omit_defaults=True, kw_only=True):
     object: str
     created: int
     model: str
+    system_fingerprint: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
     timings: Timings | None = None

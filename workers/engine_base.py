@@ -17,9 +17,15 @@ from typing import Any
 
 from infersnap import wire
 from infersnap.workers.text import TextStream
+from infersnap.workers.thinking import ThinkingSplit, opens_thinking
 
 
 BATCH_TOKENS = 512  # tokens per engine step: every running sequence's next token first, prompt chunks fill the rest
+# what the engines' chat templates are given themselves: a request's template_args cannot replace them
+TEMPLATE_NAMES = frozenset({
+    "messages", "add_generation_prompt", "bos_token", "eos_token", "raise_exception", "strftime_now",
+    "tools", "tool_choice", "functions", "function_call",
+})
 
 
 class EngineError(Exception):
@@ -120,6 +126,9 @@ class Sequence:
     started: float = 0.0
     first_token_at: float = 0.0
     logprobs: list[wire.TokenLogprob] = field(default_factory=list)  # not yet sent
+    # a chat's thinking is split from its answer: True when the prompt left it inside a think
+    # block, False when not; None (a text completion): no split
+    thinking: bool | None = None
 
 
 class BatchingEngine(Engine):
@@ -144,22 +153,22 @@ class BatchingEngine(Engine):
         if isinstance(request, wire.Tokenize | wire.Detokenize):
             return self._lookup(request)
         if request.suffix:
-            prompt = self._fill_in_middle(request.prompt or "", request.suffix)
+            prompt, thinking = self._fill_in_middle(request.prompt or "", request.suffix), None
         else:
             try:
-                prompt = self._prompt_tokens(request)
+                prompt, thinking = self._prompt_tokens(request)
             except ValueError as exc:
                 return wire.failed(request.id, 400, f"could not format the prompt: {exc}", param="messages")
         max_tokens = completion_budget(request, prompt, self.context)
         if isinstance(max_tokens, wire.Output):
             return max_tokens
-        return self._queue(request, prompt, max_tokens)
+        return self._queue(request, prompt, max_tokens, thinking)
 
     def _lookup(self, request: wire.Tokenize | wire.Detokenize) -> wire.Output:
         """A tokenizer lookup's answer; an id outside the vocabulary is a 400 (the tokenizers would crash or guess)."""
         if isinstance(request, wire.Tokenize):
             try:  # a chat prompt, counted as its Generate's would be (count_tokens, input_tokens)
-                tokens = self._prompt_tokens(request) if request.messages is not None else \
+                tokens = self._prompt_tokens(request)[0] if request.messages is not None else \
                     self.tokenize(request.content, request.add_special)
             except ValueError as exc:
                 return wire.failed(request.id, 400, f"could not format the prompt: {exc}", param="messages")
@@ -191,39 +200,51 @@ class BatchingEngine(Engine):
         bos = [] if self.bos_token is None else [self.bos_token]
         return bos + [pre, *self.tokenize(prefix, False), suf, *self.tokenize(suffix, False), mid]
 
-    def _prompt_tokens(self, request: wire.Generate | wire.Tokenize) -> list[int]:
-        """The prompt as token ids (chat messages through the model's template); ValueError if it can't be made."""
+    def _prompt_tokens(self, request: wire.Generate | wire.Tokenize) -> tuple[list[int], bool | None]:
+        """The prompt as token ids (chat messages through the model's template), and for a chat whether
+        it leaves the model inside a think block (Sequence.thinking); ValueError if it can't be made."""
+        thinking = None
         if request.messages is not None:
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            variables = {k: v for k, v in request.template_args.items() if k not in TEMPLATE_NAMES}
             try:
-                text = self._chat_text(messages)
+                text = self._chat_text(messages, variables)
             except Exception as exc:  # no template, or it rejects these messages (jinja's raise_exception)
                 raise ValueError(first_line(exc)) from None
+            # a schema holds the output to JSON from its first token: that is the answer, whatever the template opened
+            thinking = opens_thinking(text) and getattr(request, "params", wire.SamplingParams()).json_schema is None
         else:
             text = request.prompt or ""
-        return self.tokenize(text, add_special=self.prompt_add_special) if text else []
+        return (self.tokenize(text, add_special=self.prompt_add_special) if text else []), thinking
 
-    def _chat_text(self, messages: list[dict[str, str]]) -> str:
-        """The messages through the model's chat template, ready for the assistant's turn; ValueError
-        when the model has none."""
+    def _chat_text(self, messages: list[dict[str, str]], variables: dict[str, Any]) -> str:
+        """The messages through the model's chat template, given `variables` too (enable_thinking, ...),
+        ready for the assistant's turn; ValueError when the model has none."""
         raise NotImplementedError
 
-    def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int) -> wire.Output | None:
-        """Put a checked request in `waiting`, or refuse it with a failure Output."""
+    def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int, thinking: bool | None
+               ) -> wire.Output | None:
+        """Put a checked request in `waiting` (its sequence with `thinking`), or refuse it with a failure Output."""
         raise NotImplementedError
 
     def _start(self, seq: Sequence) -> None:
         """What every engine does as it admits a sequence into a slot."""
-        seq.text = TextStream(seq.request.params.stop)
+        split = None if seq.thinking is None else ThinkingSplit(seq.thinking)
+        seq.text = TextStream(seq.request.params.stop, split)
         seq.started = time.perf_counter()
         self.running.append(seq)
 
     def _output(self, seq: Sequence, text: str, finish: str | None, completion_tokens: int, prompt_evaluated: int,
-                now: float) -> wire.Output:
-        """One step's Output of a sequence; the last one (finish set) carries the timings and frees the sequence."""
+                now: float) -> wire.Output | None:
+        """One step's Output of a sequence, None while it has nothing to send; the last one (finish set)
+        carries the timings and frees the sequence. `text` is answer text; its thinking comes from seq.text."""
+        reasoning = seq.text.take_reasoning()
+        if finish is None and not text and not reasoning:
+            return None
         output = wire.Output(
             id=seq.request.id,
             text=text,
+            reasoning=reasoning,
             finish_reason=finish,
             prompt_tokens=len(seq.prompt),
             completion_tokens=completion_tokens,

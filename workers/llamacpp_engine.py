@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -117,8 +118,9 @@ class LlamaCppEngine(BatchingEngine):
 
     # --- requests in -------------------------------------------------------
 
-    def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int) -> wire.Output | None:
-        seq = LlamaSequence(request=request, prompt=prompt, max_tokens=max_tokens)
+    def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int, thinking: bool | None
+               ) -> wire.Output | None:
+        seq = LlamaSequence(request=request, prompt=prompt, max_tokens=max_tokens, thinking=thinking)
         if request.params.json_schema is not None:
             try:  # refused now rather than when admitted
                 seq.grammar_sampler = self._grammar_sampler(schema_to_gbnf(request.params.json_schema))
@@ -227,10 +229,9 @@ class LlamaCppEngine(BatchingEngine):
                 text += seq.text.flush()
                 finish = "length"
         seq.next_token = token
-        if finish is None and not text:
-            return None
         output = self._output(seq, text, finish, seq.completion_tokens, seq.prompt_evaluated, now)
-        output.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, []
+        if output is not None:
+            output.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, []
         return output
 
     def _release(self, seq: LlamaSequence) -> None:
@@ -338,10 +339,10 @@ class LlamaCppEngine(BatchingEngine):
             bos_token=self.model.token_get_text(bos) if bos != -1 else "",
         )
 
-    def _chat_text(self, messages: list[dict[str, str]]) -> str:
+    def _chat_text(self, messages: list[dict[str, str]], variables: dict[str, Any]) -> str:
         if self._chat_template is None:
             raise ValueError(NO_CHAT_TEMPLATE)
-        return self._chat_template(messages=messages).prompt
+        return self._chat_template(messages=messages, **variables).prompt
 
     # --- the tokenizer (/tokenize, /detokenize) ----------------------------
 

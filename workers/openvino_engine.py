@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from infersnap import wire
@@ -104,9 +105,11 @@ class OpenVinoEngine(BatchingEngine):
 
     # --- requests in -------------------------------------------------------
 
-    def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int) -> wire.Output | None:
+    def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int, thinking: bool | None
+               ) -> wire.Output | None:
         config = self._config(request.params, max(max_tokens, 1))
-        self.waiting.append(OpenVinoSequence(request=request, prompt=prompt, max_tokens=max_tokens, config=config))
+        seq = OpenVinoSequence(request=request, prompt=prompt, max_tokens=max_tokens, thinking=thinking, config=config)
+        self.waiting.append(seq)
         return None
 
     # --- one step ----------------------------------------------------------
@@ -204,8 +207,6 @@ class OpenVinoEngine(BatchingEngine):
                 finish = "stop"
         if finish is not None:
             text += seq.text.flush()
-        if finish is None and not text:
-            return None
         return self._output(seq, text, finish, len(seq.ids), len(seq.prompt), now)
 
     def _dropped(self, seq: OpenVinoSequence) -> wire.Output:
@@ -251,10 +252,10 @@ class OpenVinoEngine(BatchingEngine):
         config.rng_seed = seed_of(params)
         return config
 
-    def _chat_text(self, messages: list[dict[str, str]]) -> str:
+    def _chat_text(self, messages: list[dict[str, str]], variables: dict[str, Any]) -> str:
         if not self._chat_template:
             raise ValueError(NO_CHAT_TEMPLATE)
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, extra_context=variables)
 
     # --- the tokenizer (/tokenize, /detokenize) ----------------------------
 

@@ -167,6 +167,7 @@ class Held:
             earlier = self.outputs.get(output.id)
             if earlier is not None:
                 output.text = earlier.text + output.text
+                output.reasoning = earlier.reasoning + output.reasoning
                 output.logprobs = earlier.logprobs + output.logprobs
                 output.prompt_logprobs = earlier.prompt_logprobs or output.prompt_logprobs
             self.outputs[output.id] = output
