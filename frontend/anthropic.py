@@ -91,6 +91,16 @@ class ThinkingParam(msgspec.Struct, kw_only=True):
     budget_tokens: int | None = None
 
 
+class OutputFormat(msgspec.Struct, kw_only=True):
+    type: Literal["json_schema"]
+    schema: schema.JSONSchema
+
+
+class OutputConfig(msgspec.Struct, kw_only=True):
+    format: OutputFormat | None = None  # structured output: enforced as chat's response_format is
+    effort: str | None = None  # reaches the chat template as reasoning_effort
+
+
 class Metadata(msgspec.Struct):
     user_id: str | None = None
 
@@ -107,6 +117,7 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     tools: Annotated[list[ToolParam], Meta(max_length=128)] | None = None
     tool_choice: ToolChoiceParam | None = None
     thinking: ThinkingParam | None = None
+    output_config: OutputConfig | None = None
     metadata: Metadata | None = None
     stream: bool | None = None
 
@@ -240,8 +251,16 @@ def to_chat(body: MessagesRequest | CountTokensRequest, max_tokens: int | None =
                for t in body.tools] if body.tools else None,
         tool_choice=_tool_choice(body.tool_choice),
         chat_template_kwargs=_template_args(body.thinking),
+        reasoning_effort=body.output_config.effort if full and body.output_config else None,
+        response_format=_response_format(body.output_config) if full else None,
         user=body.metadata.user_id if full and body.metadata else None,
     )
+
+
+def _response_format(config: OutputConfig | None) -> schema.ResponseFormat | None:
+    if config is None or config.format is None:
+        return None
+    return schema.JSONSchemaFormat(json_schema=schema.JSONSchemaSpec(name="output", schema=config.format.schema))
 
 
 # --- chat outputs -> a message -----------------------------------------------

@@ -293,7 +293,7 @@ def usage(output: wire.Output) -> dict[str, Any]:
         "input_tokens": output.prompt_tokens,
         "input_tokens_details": {"cached_tokens": max(cached, 0)},
         "output_tokens": output.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": output.reasoning_tokens},
         "total_tokens": output.prompt_tokens + output.completion_tokens,
     }
 

@@ -133,8 +133,9 @@ def rendered(outputs: list[wire.Output], **fields) -> list[dict]:
     body = chat_body(**fields)
     toolset = tools.from_request(body)
     chat = render.ChatRender("chatcmpl-1", "m", body, toolset)
-    sent = [chunk for output in outputs for chunk in chat.feed(0, output)]
-    sent.append(chat.final(wire.Output("x", prompt_tokens=3, completion_tokens=5)))
+    sent = [event.removeprefix(b"data: ") for output in outputs for event in chat.feed(0, output)]
+    if not chat.stream:
+        sent.append(chat.final(wire.Output("x", prompt_tokens=3, completion_tokens=5)))
     return [json.loads(s) for s in sent]
 
 
@@ -271,3 +272,45 @@ def test_a_request_can_turn_thinking_off(thinker, fields):
     reply = ask(thinker, max_tokens=16, **fields)
     message = reply["choices"][0]["message"]
     assert "reasoning_content" not in message and "reasoning" not in message and message["content"], message
+
+
+# --- the agents' APIs: the same split, as their own items and blocks ----------------------------------------
+
+RESPONSE_FORMAT = {"format": {"type": "json_schema", "name": "forced", "schema": FORCED_SCHEMA}}
+
+
+def test_a_response_carries_the_thinking_as_a_reasoning_item(thinker):
+    body = {"input": "What is 2 + 2?", "temperature": 0, "max_output_tokens": 48, "text": RESPONSE_FORMAT}
+    reply = httpx.post(f"{thinker.url}/responses", json=body, timeout=120).json()
+    # the forced JSON string's opening quote comes before the block: '"', the thinking, the rest
+    assert [item["type"] for item in reply["output"]] == ["message", "reasoning", "message"], reply
+    assert reply["output"][1]["content"][0]["text"] == THINKING and reply["status"] == "completed"
+    assert "".join(reply["output"][i]["content"][0]["text"] for i in (0, 2)) == ANSWER
+    details = reply["usage"]["output_tokens_details"]
+    assert 5 < details["reasoning_tokens"] < reply["usage"]["output_tokens"], reply["usage"]
+    streamed = httpx.post(f"{thinker.url}/responses", json={**body, "stream": True}, timeout=120).text
+    events = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: ")]
+    assert "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta") == THINKING
+    assert events[-1]["response"]["output"][1]["type"] == "reasoning"
+
+
+def test_a_message_carries_the_thinking_as_a_thinking_block(thinker):
+    body = {"messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 48, "temperature": 0,
+            "output_config": {"format": {"type": "json_schema", "schema": FORCED_SCHEMA}}}
+    reply = httpx.post(f"{thinker.url}/messages", json=body, timeout=120).json()
+    assert [block["type"] for block in reply["content"]] == ["text", "thinking", "text"], reply
+    assert reply["content"][1]["thinking"] == THINKING and reply["stop_reason"] == "end_turn"
+    assert reply["content"][0]["text"] + reply["content"][2]["text"] == ANSWER
+    streamed = httpx.post(f"{thinker.url}/messages", json={**body, "stream": True}, timeout=120).text
+    events = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: ")]
+    deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
+    assert "".join(d.get("thinking", "") for d in deltas) == THINKING
+
+
+def test_a_think_block_that_never_closes_ends_the_agents_answers_as_cut(thinker):
+    reply = httpx.post(f"{thinker.url}/messages", json={
+        "messages": [{"role": "user", "content": "What is 2 + 2?"}], "max_tokens": 8, "temperature": 0}, timeout=120).json()
+    assert [b["type"] for b in reply["content"]] == ["thinking"] and reply["stop_reason"] == "max_tokens", reply
+    reply = httpx.post(f"{thinker.url}/responses", json={"input": "What is 2 + 2?", "max_output_tokens": 8,
+                                                          "temperature": 0}, timeout=120).json()
+    assert [i["type"] for i in reply["output"]] == ["reasoning"] and reply["status"] == "incomplete", reply

@@ -212,7 +212,7 @@ class BatchingEngine(Engine):
             except Exception as exc:  # no template, or it rejects these messages (jinja's raise_exception)
                 raise ValueError(first_line(exc)) from None
             # a schema holds the output to JSON from its first token: that is the answer, whatever the template opened
-            thinking = opens_thinking(text) and getattr(request, "params", wire.SamplingParams()).json_schema is None
+            thinking = opens_thinking(text) and not (isinstance(request, wire.Generate) and request.params.json_schema)
         else:
             text = request.prompt or ""
         return (self.tokenize(text, add_special=self.prompt_add_special) if text else []), thinking
@@ -253,6 +253,7 @@ class BatchingEngine(Engine):
         # a token whose text is held back (part of a character or of a stop string) goes out with the next Output
         seq.logprobs = []
         if finish is not None:
+            output.reasoning_tokens = seq.text.reasoning_tokens
             output.timings = wire.Timings(
                 prompt_n=prompt_evaluated,
                 prompt_ms=(seq.first_token_at - seq.started) * 1000,

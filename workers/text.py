@@ -16,6 +16,8 @@ from typing import Protocol
 class Split(Protocol):
     """Takes text as it streams and gives (thinking, answer) pieces (thinking.ThinkingSplit)."""
 
+    inside: bool  # in the think block now
+
     def push(self, text: str) -> tuple[str, str]: ...
 
     def flush(self) -> tuple[str, str]: ...
@@ -28,10 +30,14 @@ class TextStream:
         self._held = ""
         self._split = split
         self.reasoning = ""  # thinking ready to send (take_reasoning), with a split
+        self.reasoning_tokens = 0  # tokens that came while the think block was open (its tags included)
 
     def push(self, piece: bytes) -> tuple[str, bool]:
         """Add a token's bytes; return (answer text safe to send now, whether a stop string was hit)."""
-        return self._answer(self._text(self._decoder.decode(piece)))
+        thinking = self._split is not None and self._split.inside
+        answer = self._text(self._decoder.decode(piece))
+        self.reasoning_tokens += thinking or (self._split is not None and self._split.inside)
+        return self._answer(answer)
 
     def flush(self) -> str:
         """The text still held back, once generation ended without a stop string."""
