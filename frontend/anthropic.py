@@ -274,35 +274,27 @@ def usage(output: wire.Output) -> MessageUsage:
                  cache_read_input_tokens=max(cached, 0))
 
 
-class MessagesRender(render.ChatRender):
+class MessagesRender(render.PartsRender):
     """A chat answer as an Anthropic message: thinking, text and tool_use blocks, in Anthropic's events when streaming."""
 
     def __init__(self, model: str, body: schema.ChatCompletionRequest, toolset: tools.ToolSet | None) -> None:
         super().__init__(f"msg_{uuid.uuid4().hex[:24]}", model, body, toolset)
         self.blocks: list[dict[str, Any]] = []  # the content so far
         self.open: str | None = None  # the type of the streamed block not yet stopped
-        self.first: wire.Output | None = None  # the first output: the prompt's usage, for message_start
+        self.stop_sequence: str | None = None  # the stop sequence that ended the answer
 
-    def feed(self, index: int, output: wire.Output) -> list[bytes]:
-        events = []
-        if self.first is None:
-            self.first = output
-            if self.stream:
-                start = Message(self.id, self.model, [], None, MessageUsage(output.prompt_tokens, 0))
-                events += [_event("message_start", message=start), _event("ping")]
-        if output.reasoning:
-            events += self._add("thinking", output.reasoning)
-        choice = self.choices[index]
-        choice.parts.append(output.text)
-        choice.finish_reason = output.finish_reason
-        if self._held(choice):
-            return events if self.stream else []
-        text, call, _ = self._answer(choice)
-        if call is not None:
-            events += self._add_call(call)
-        elif text:
-            events += self._add("text", text)
-        return events if self.stream else []
+    def _opening(self, first: wire.Output) -> list[bytes]:
+        start = Message(self.id, self.model, [], None, MessageUsage(first.prompt_tokens, 0))
+        return [_event("message_start", message=start), _event("ping")]
+
+    def _last(self, output: wire.Output) -> None:
+        self.stop_sequence = output.stop or None
+
+    def _thinking(self, text: str) -> list[bytes]:
+        return self._add("thinking", text)
+
+    def _text(self, text: str) -> list[bytes]:
+        return self._add("text", text)
 
     def _add(self, kind: str, text: str) -> list[bytes]:
         """Text of a thinking or text block: a new block when the last one is of another kind."""
@@ -319,7 +311,7 @@ class MessagesRender(render.ChatRender):
                              delta={"type": f"{field}_delta", field: text}))
         return events
 
-    def _add_call(self, call: schema.ToolCall) -> list[bytes]:
+    def _call(self, call: schema.ToolCall) -> list[bytes]:
         events = self._stop_open()
         block = {"type": "tool_use", "id": f"toolu_{call.id.removeprefix('call_')}", "name": call.function.name,
                  "input": json.loads(call.function.arguments)}
@@ -340,14 +332,17 @@ class MessagesRender(render.ChatRender):
     def _stop_reason(self) -> str | None:
         if self.blocks and self.blocks[-1]["type"] == "tool_use":
             return "tool_use"
+        if self.stop_sequence is not None:
+            return "stop_sequence"
         return STOP_REASONS.get(self.choices[0].finish_reason or "")
 
     def final(self, summary: wire.Output) -> bytes:
         content = self.blocks or [{"type": "text", "text": ""}]
-        return _encode(Message(self.id, self.model, content, self._stop_reason(), usage(summary)))
+        message = Message(self.id, self.model, content, self._stop_reason(), usage(summary), self.stop_sequence)
+        return _encode(message)
 
     def closing(self, summary: wire.Output) -> list[bytes]:
-        delta = {"stop_reason": self._stop_reason(), "stop_sequence": None}
+        delta = {"stop_reason": self._stop_reason(), "stop_sequence": self.stop_sequence}
         return [*self._stop_open(), _event("message_delta", delta=delta, usage=usage(summary)), _event("message_stop")]
 
     def failed(self, error: APIError) -> list[bytes]:

@@ -261,6 +261,53 @@ class ChatRender(Render[ChatChoiceState]):
         )
 
 
+class PartsRender(ChatRender):
+    """A chat answer as the agents' APIs give it: a list of typed parts (thinking, text, a tool call), each
+    streamed as it grows. One choice; subclasses write each API's parts and events."""
+
+    def __init__(
+        self, request_id: str, model: str, body: schema.ChatCompletionRequest, toolset: tools.ToolSet | None
+    ) -> None:
+        super().__init__(request_id, model, body, toolset)
+        self.started = False
+
+    def feed(self, index: int, output: wire.Output) -> list[bytes]:
+        events = [] if self.started else self._opening(output)
+        self.started = True
+        if output.reasoning:
+            events += self._thinking(output.reasoning)
+        choice = self.choices[index]
+        choice.parts.append(output.text)
+        choice.finish_reason = output.finish_reason
+        self._last(output)
+        if not self._held(choice):
+            text, call, _ = self._answer(choice)
+            if call is not None:
+                events += self._call(call)
+            elif text:
+                events += self._text(text)
+        return events if self.stream else []
+
+    def _last(self, output: wire.Output) -> None:
+        """Keep what the answer's outputs say besides their text (the stop sequence that ended it)."""
+
+    @abstractmethod
+    def _opening(self, first: wire.Output) -> list[bytes]:
+        """The events that open the stream, at the first output."""
+
+    @abstractmethod
+    def _thinking(self, text: str) -> list[bytes]:
+        """More of the model's thinking."""
+
+    @abstractmethod
+    def _text(self, text: str) -> list[bytes]:
+        """More of the answer's text."""
+
+    @abstractmethod
+    def _call(self, call: schema.ToolCall) -> list[bytes]:
+        """The answer, whole, turned out to be this tool call."""
+
+
 @dataclass
 class TextChoiceState(ChoiceState):
     echo: str = ""  # echo: the prompt, sent before the answer (in the first chunk when streaming)

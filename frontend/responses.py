@@ -298,7 +298,7 @@ def usage(output: wire.Output) -> dict[str, Any]:
     }
 
 
-class ResponsesRender(render.ChatRender):
+class ResponsesRender(render.PartsRender):
     """A chat answer as a response: reasoning, message and function_call items; the typed events when streaming."""
 
     def __init__(self, body: ResponsesRequest, chat: schema.ChatCompletionRequest, model: str,
@@ -309,7 +309,6 @@ class ResponsesRender(render.ChatRender):
         self.items: list[dict[str, Any]] = []  # the output so far; the last may still be open
         self.open = False  # whether the last item still takes text
         self.sequence = 0
-        self.started = False
 
     # the events
 
@@ -318,25 +317,16 @@ class ResponsesRender(render.ChatRender):
         self.sequence += 1
         return event
 
-    def feed(self, index: int, output: wire.Output) -> list[bytes]:
-        events = []
-        if not self.started:
-            self.started = True
-            snapshot = self._response("in_progress", None)
-            events += [self._event("response.created", response=snapshot),
-                       self._event("response.in_progress", response=snapshot)]
-        if output.reasoning:
-            events += self._add("reasoning", output.reasoning)
-        choice = self.choices[index]
-        choice.parts.append(output.text)
-        choice.finish_reason = output.finish_reason
-        if not self._held(choice):
-            text, call, _ = self._answer(choice)
-            if call is not None:
-                events += self._add_call(call)
-            elif text:
-                events += self._add("message", text)
-        return events if self.stream else []
+    def _opening(self, first: wire.Output) -> list[bytes]:
+        snapshot = self._response("in_progress", None)
+        return [self._event("response.created", response=snapshot),
+                self._event("response.in_progress", response=snapshot)]
+
+    def _thinking(self, text: str) -> list[bytes]:
+        return self._add("reasoning", text)
+
+    def _text(self, text: str) -> list[bytes]:
+        return self._add("message", text)
 
     def _add(self, kind: str, text: str) -> list[bytes]:
         """Text of a reasoning or message item: a new item when the last one is of another kind."""
@@ -385,7 +375,7 @@ class ResponsesRender(render.ChatRender):
             self._event("response.output_item.done", output_index=index, item=_copy(item)),
         ]
 
-    def _add_call(self, call: schema.ToolCall) -> list[bytes]:
+    def _call(self, call: schema.ToolCall) -> list[bytes]:
         events = self._close_open()
         index = len(self.items)
         item = {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call.id,

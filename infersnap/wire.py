@@ -322,6 +322,7 @@ class Output(msgspec.Struct, array_like=True):
     pieces: list[bytes] = []  # with Tokenize.with_pieces: each token's bytes (may hold part of a UTF-8 character)
     reasoning: str = ""  # generated thinking (a <think> block's text), apart from `text`, the answer
     reasoning_tokens: int = 0  # on the last output: how many of completion_tokens were thinking
+    stop: str = ""  # on the last output: the stop string that ended it, if one did
 
 
 def failed(request_id: str, status: int, message: str, *, param: str | None = None, code: str | None = None) -> Output:

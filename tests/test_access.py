@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import anthropic
 import openai
 import pytest
 
@@ -95,6 +96,22 @@ def test_the_sdk_reports_a_wrong_key_as_an_authentication_error(guarded):
     assert caught.value.code == "invalid_api_key"
 
 
+def test_anthropic_clients_send_the_key_as_x_api_key_and_get_errors_in_anthropics_shape(guarded, http):
+    client = anthropic.Anthropic(base_url=guarded.base, api_key="key-two", max_retries=0)
+    model = client.models.list().data[0].id
+    message = client.messages.create(model=model, max_tokens=2, messages=CHAT["messages"])
+    assert message.usage.output_tokens <= 2
+    with pytest.raises(anthropic.AuthenticationError) as caught:
+        anthropic.Anthropic(base_url=guarded.base, api_key="key-four", max_retries=0).messages.create(
+            model="any", max_tokens=2, messages=CHAT["messages"])
+    assert caught.value.body == {"type": "error", "error": {"type": "authentication_error", "message": caught.value.body[
+        "error"]["message"]}} and "Incorrect API key" in caught.value.body["error"]["message"]
+    assert http.post("/v1/messages", json={"max_tokens": 2, **CHAT}).json()["error"]["type"] == "authentication_error"
+    # the Responses route takes either header, like the rest of /v1
+    reply = http.post("/v1/responses", json={"input": "Hi", "max_output_tokens": 2}, headers={"x-api-key": "key-one"})
+    assert reply.status_code == 200, reply.text
+
+
 def test_health_is_open_and_models_need_the_key(http):
     assert http.get("/health").status_code == 200
     assert_key_error(http.get("/v1/models"), "You didn't provide an API key")
@@ -122,7 +139,7 @@ def test_preflight_from_an_allowed_origin_needs_no_key(http):
     )
     assert response.status_code == 204, response.text
     assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
-    assert response.headers["Access-Control-Allow-Methods"] == "GET, POST, OPTIONS"
+    assert response.headers["Access-Control-Allow-Methods"] == "GET, POST, DELETE, OPTIONS"
     assert response.headers["Access-Control-Allow-Headers"] == "authorization, content-type, x-stainless-os"
     assert response.headers["Access-Control-Max-Age"] == "600"
     assert "Origin" in response.headers["Vary"]
@@ -130,7 +147,7 @@ def test_preflight_from_an_allowed_origin_needs_no_key(http):
     # Without Access-Control-Request-Headers the defaults are offered.
     plain = http.options("/v1/models", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "GET"})
     assert plain.status_code == 204
-    assert plain.headers["Access-Control-Allow-Headers"] == "Authorization, Content-Type"
+    assert plain.headers["Access-Control-Allow-Headers"] == "Authorization, Content-Type, X-Api-Key"
 
 
 def test_responses_to_an_allowed_origin_carry_the_header(http):

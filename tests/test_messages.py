@@ -73,6 +73,21 @@ def test_more_max_tokens_than_the_context_holds_is_clamped_not_refused(client, s
         client.messages.create(model=model, max_tokens=8, messages=words(int(context / per_word) + 50))
 
 
+def test_a_stop_sequence_ends_with_stop_reason_stop_sequence_naming_it(client, http, model):
+    body = {"model": model, "max_tokens": 32, "messages": HELLO, "stop_sequences": ["zzz", "e"], **GREEDY}
+    message = http.post("/v1/messages", json=body).json()
+    assert message["stop_reason"] == "stop_sequence" and message["stop_sequence"] == "e", message
+    assert "e" not in message["content"][0]["text"]
+    delta = events_of(http, body)[-2][1]["delta"]
+    assert delta == {"stop_reason": "stop_sequence", "stop_sequence": "e"}
+
+
+def test_count_tokens_counts_the_prompt_as_the_message_would(client, model):
+    fields = {"model": model, "system": "Be terse.", "messages": HELLO, "tools": [WEATHER]}
+    counted = client.messages.count_tokens(**fields)
+    assert counted.input_tokens == client.messages.create(max_tokens=1, **fields).usage.input_tokens > 20
+
+
 def test_messages_stream_sends_anthropics_events_in_order(client, http, model):
     events = events_of(http, {"model": model, "max_tokens": 12, "messages": HELLO})
     names = [name for name, _ in events]
@@ -140,13 +155,17 @@ def test_claude_codes_billing_line_does_not_change_the_prompt(http, model):
         ({"max_tokens": 8, "messages": HELLO, "tool_choice": {"type": "tool", "name": "missing"}}, 400),
         ({"max_tokens": 8, "messages": HELLO, "temperature": 1.5}, 400),
         ({"max_tokens": 8, "messages": HELLO, "model": "no-such-model"}, 404),
+        ({"max_tokens": 8, "messages": [{"role": "user", "content": "go " * 3_000_000}]}, 413),  # past the body limit
+        ({"max_tokens": 8, "messages": [{"role": "user", "content": "go " * 20_000}]}, 400),  # past the context
+        ({"max_tokens": 8, "messages": HELLO, "output_config": {"format": {"type": "json_schema", "schema": 7}}}, 400),
     ],
 )
 def test_bad_input_gets_anthropics_error_shape_and_the_server_keeps_serving(http, body, status):
     reply = http.post("/v1/messages", json=body)
     assert reply.status_code == status, reply.text
     error = reply.json()
-    assert error["type"] == "error" and error["error"]["type"] in ("invalid_request_error", "not_found_error")
+    assert error["type"] == "error"
+    assert error["error"]["type"] == {400: "invalid_request_error", 404: "not_found_error", 413: "request_too_large"}[status]
     assert error["error"]["message"]
     assert http.post("/v1/messages", json={"max_tokens": 2, "messages": HELLO}).status_code == 200
 

@@ -253,7 +253,7 @@ class BatchingEngine(Engine):
         # a token whose text is held back (part of a character or of a stop string) goes out with the next Output
         seq.logprobs = []
         if finish is not None:
-            output.reasoning_tokens = seq.text.reasoning_tokens
+            output.reasoning_tokens, output.stop = seq.text.reasoning_tokens, seq.text.stopped_by
             output.timings = wire.Timings(
                 prompt_n=prompt_evaluated,
                 prompt_ms=(seq.first_token_at - seq.started) * 1000,

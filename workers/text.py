@@ -31,6 +31,7 @@ class TextStream:
         self._split = split
         self.reasoning = ""  # thinking ready to send (take_reasoning), with a split
         self.reasoning_tokens = 0  # tokens that came while the think block was open (its tags included)
+        self.stopped_by = ""  # the stop string that ended the answer, once one has
 
     def push(self, piece: bytes) -> tuple[str, bool]:
         """Add a token's bytes; return (answer text safe to send now, whether a stop string was hit)."""
@@ -70,9 +71,10 @@ class TextStream:
         if not self._stops:
             text, self._held = self._held, ""
             return text, False
-        hit = min((i for i in (self._held.find(s) for s in self._stops) if i >= 0), default=-1)
+        hit, stop = min(((i, s) for i, s in ((self._held.find(s), s) for s in self._stops) if i >= 0),
+                        default=(-1, ""))
         if hit >= 0:
-            text, self._held = self._held[:hit], ""
+            text, self._held, self.stopped_by = self._held[:hit], "", stop
             return text, True
         keep = max(partial_prefix(self._held, s) for s in self._stops)
         cut = len(self._held) - keep
