@@ -205,7 +205,7 @@ def conversation(body: ResponsesRequest | InputTokensRequest, store: Store) -> l
     The instructions come first and are not carried to the next turn, as OpenAI has it."""
     earlier = store.get(body.previous_response_id).conversation if body.previous_response_id else []
     messages = [schema.ChatMessageIn(role="system", content=body.instructions)] if body.instructions else []
-    messages += [m for m in earlier if m.role != "system"] if body.instructions else earlier
+    messages += earlier
     items = [InputItem(role="user", content=body.input)] if isinstance(body.input, str) else body.input
     for i, item in enumerate(items):
         where = f"input[{i}]"
@@ -430,8 +430,9 @@ class ResponsesRender(render.PartsRender):
             if item["type"] == "message":
                 item["status"] = "completed"
         response = self._response(self._status(), summary)
-        if self.body.store:
-            self.store.put(self.id, Stored(_encode(response), self.chat.messages + self._turn()))
+        if self.body.store:  # its instructions stay with it: the next turn brings its own
+            conversation = self.chat.messages[1:] if self.body.instructions else self.chat.messages
+            self.store.put(self.id, Stored(_encode(response), conversation + self._turn()))
         return response
 
     def _turn(self) -> list[schema.ChatMessageIn]:

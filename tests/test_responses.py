@@ -112,6 +112,14 @@ def test_previous_response_id_continues_and_stored_responses_can_be_read_and_del
     alone = client.responses.create(model=model, input="What is my name?", max_output_tokens=8)
     assert second.usage.input_tokens > alone.usage.input_tokens + first.usage.output_tokens  # it holds the first turn
     assert second.previous_response_id == first.id
+    # instructions are not carried to the next turn
+    instructed = client.responses.create(model=model, input="Hi", instructions="Answer in French. " * 20,
+                                         max_output_tokens=2)
+    plain = client.responses.create(model=model, input="Hi", max_output_tokens=2)
+    after = client.responses.create(model=model, input="Hi", previous_response_id=instructed.id, max_output_tokens=2)
+    after_plain = client.responses.create(model=model, input="Hi", previous_response_id=plain.id, max_output_tokens=2)
+    assert instructed.usage.input_tokens > plain.usage.input_tokens + 60
+    assert abs(after.usage.input_tokens - after_plain.usage.input_tokens) <= 4  # only the 2-token answers differ
     assert client.responses.retrieve(first.id).output_text == first.output_text
     client.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError):
