@@ -105,30 +105,26 @@ class Metadata(msgspec.Struct):
     user_id: str | None = None
 
 
-class MessagesRequest(msgspec.Struct, kw_only=True):
+class CountTokensRequest(msgspec.Struct, kw_only=True):
+    """What makes a prompt: POST /v1/messages/count_tokens, and the start of a Messages body."""
+
     model: str | None = None  # None: the one model served here
     messages: Annotated[list[MessageParam], Meta(min_length=1)]
-    max_tokens: schema.PositiveInt  # required, as Anthropic has it
     system: str | list[TextBlock] | None = None
+    tools: Annotated[list[ToolParam], Meta(max_length=128)] | None = None
+    tool_choice: ToolChoiceParam | None = None
+    thinking: ThinkingParam | None = None
+
+
+class MessagesRequest(CountTokensRequest, kw_only=True):
+    max_tokens: schema.PositiveInt  # required, as Anthropic has it
     stop_sequences: Annotated[list[str], Meta(max_length=16)] | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
     top_p: schema.Probability | None = None
     top_k: schema.TopK | None = None
-    tools: Annotated[list[ToolParam], Meta(max_length=128)] | None = None
-    tool_choice: ToolChoiceParam | None = None
-    thinking: ThinkingParam | None = None
     output_config: OutputConfig | None = None
     metadata: Metadata | None = None
     stream: bool | None = None
-
-
-class CountTokensRequest(msgspec.Struct, kw_only=True):
-    model: str | None = None
-    messages: Annotated[list[MessageParam], Meta(min_length=1)]
-    system: str | list[TextBlock] | None = None
-    tools: Annotated[list[ToolParam], Meta(max_length=128)] | None = None
-    tool_choice: ToolChoiceParam | None = None
-    thinking: ThinkingParam | None = None
 
 
 # --- responses ---------------------------------------------------------------
@@ -182,7 +178,7 @@ def system_text(system: str | list[TextBlock] | None) -> str:
     return "\n".join(line for line in text.split("\n") if not line.startswith(BILLING_LINE)).strip("\n")
 
 
-def _chat_messages(body: MessagesRequest | CountTokensRequest) -> list[schema.ChatMessageIn]:
+def _chat_messages(body: MessagesRequest) -> list[schema.ChatMessageIn]:
     out: list[schema.ChatMessageIn] = []
     system = system_text(body.system)
     if system:
@@ -231,29 +227,30 @@ def _template_args(thinking: ThinkingParam | None) -> dict[str, Any] | None:
     return {"enable_thinking": thinking.type == "enabled"}
 
 
-def to_chat(body: MessagesRequest | CountTokensRequest, max_tokens: int | None = None) -> schema.ChatCompletionRequest:
-    """The chat completion body that asks what this Messages body asks."""
-    full = isinstance(body, MessagesRequest)
+def to_chat(body: MessagesRequest | CountTokensRequest) -> schema.ChatCompletionRequest:
+    """The chat completion body that asks what this Messages body asks (a count_tokens body: its prompt)."""
+    if not isinstance(body, MessagesRequest):
+        body = MessagesRequest(**msgspec.structs.asdict(body), max_tokens=1)
     for i, tool in enumerate(body.tools or []):
         if tool.type not in (None, "custom"):
             raise APIError(400, f"tools[{i}] is a {tool.type} tool, which this server cannot run", param=f"tools[{i}]")
     return schema.ChatCompletionRequest(
         model=body.model,
         messages=_chat_messages(body),
-        max_tokens=max_tokens,
-        temperature=body.temperature if full else None,
-        top_p=body.top_p if full else None,
-        top_k=body.top_k if full else None,
-        stop=body.stop_sequences if full else None,
-        stream=body.stream if full else None,
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        stop=body.stop_sequences,
+        stream=body.stream,
         tools=[schema.Tool(function=schema.FunctionDefinition(name=t.name, description=t.description,
                                                               parameters=t.input_schema))
                for t in body.tools] if body.tools else None,
         tool_choice=_tool_choice(body.tool_choice),
         chat_template_kwargs=_template_args(body.thinking),
-        reasoning_effort=body.output_config.effort if full and body.output_config else None,
-        response_format=_response_format(body.output_config) if full else None,
-        user=body.metadata.user_id if full and body.metadata else None,
+        reasoning_effort=body.output_config.effort if body.output_config else None,
+        response_format=_response_format(body.output_config),
+        user=body.metadata.user_id if body.metadata else None,
     )
 
 

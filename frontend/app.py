@@ -174,9 +174,8 @@ def openai_routes() -> Blueprint:
         store = request.app.ctx.responses
 
         def prepare(body: responses.ResponsesRequest, plan: ServePlan):
-            chat = responses.to_chat(body, store, min(body.max_output_tokens or plan.max_tokens, plan.max_tokens))
-            toolset = tools.from_request(chat)
-            prompts = convert.chat_request(chat, plan.model_name, toolset, fit_context=True)
+            chat = responses.to_chat(body, store)
+            prompts, toolset = agent_prompts(chat, plan)
             return prompts, responses.ResponsesRender(body, chat, prompts[0].model, toolset, store)
 
         return await complete(request, responses.ResponsesRequest, prepare)
@@ -306,11 +305,19 @@ def prepare_text(body: schema.CompletionRequest, plan: ServePlan) -> tuple[list[
 def prepare_messages(
     body: anthropic.MessagesRequest, plan: ServePlan
 ) -> tuple[list[wire.Generate], anthropic.MessagesRender]:
-    # Agents ask for more than a local context holds: the answer ends where the context (or limits.max-tokens) does.
-    chat = anthropic.to_chat(body, min(body.max_tokens, plan.max_tokens))
-    toolset = tools.from_request(chat)
-    prompts = convert.chat_request(chat, plan.model_name, toolset, fit_context=True)
+    chat = anthropic.to_chat(body)
+    prompts, toolset = agent_prompts(chat, plan)
     return prompts, anthropic.MessagesRender(prompts[0].model, chat, toolset)
+
+
+def agent_prompts(
+    chat: schema.ChatCompletionRequest, plan: ServePlan
+) -> tuple[list[wire.Generate], tools.ToolSet | None]:
+    """The Generate of a chat body translated from an agents' API, and its tools. Agents ask for more than
+    a local context holds: the answer ends where the context (or limits.max-tokens) does, not refused."""
+    chat.max_tokens = min(chat.max_tokens or plan.max_tokens, plan.max_tokens)
+    toolset = tools.from_request(chat)
+    return convert.chat_request(chat, plan.model_name, toolset, fit_context=True), toolset
 
 
 async def complete(

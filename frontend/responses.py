@@ -78,12 +78,18 @@ class Reasoning(msgspec.Struct, kw_only=True):
     summary: str | None = None
 
 
-class ResponsesRequest(msgspec.Struct, kw_only=True):
+class InputTokensRequest(msgspec.Struct, kw_only=True):
+    """What makes a prompt: POST /v1/responses/input_tokens, and the start of a Responses body."""
+
     model: str | None = None
     input: str | Annotated[list[InputItem], Meta(min_length=1)]
     instructions: str | None = None
     tools: Annotated[list[FunctionTool], Meta(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
+    previous_response_id: str | None = None
+
+
+class ResponsesRequest(InputTokensRequest, kw_only=True):
     parallel_tool_calls: bool | None = None  # accepted; an answer holds at most one call here
     text: TextConfig | None = None
     max_output_tokens: schema.PositiveInt | None = None
@@ -91,19 +97,9 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     top_p: schema.Probability | None = None
     reasoning: Reasoning | None = None
     store: bool = True
-    previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     stream: bool | None = None
     user: str | None = None
-
-
-class InputTokensRequest(msgspec.Struct, kw_only=True):
-    model: str | None = None
-    input: str | Annotated[list[InputItem], Meta(min_length=1)]
-    instructions: str | None = None
-    tools: Annotated[list[FunctionTool], Meta(max_length=128)] | None = None
-    tool_choice: Literal["none", "auto", "required"] | FunctionChoice | None = None
-    previous_response_id: str | None = None
 
 
 # --- responses ---------------------------------------------------------------
@@ -200,7 +196,7 @@ def _text(content: str | list[InputContentPart] | None, where: str) -> str:
     return "".join(texts)
 
 
-def conversation(body: ResponsesRequest | InputTokensRequest, store: Store) -> list[schema.ChatMessageIn]:
+def conversation(body: InputTokensRequest, store: Store) -> list[schema.ChatMessageIn]:
     """The chat messages this body continues or starts: the stored turns of previous_response_id, then its input.
     The instructions come first and are not carried to the next turn, as OpenAI has it."""
     earlier = store.get(body.previous_response_id).conversation if body.previous_response_id else []
@@ -264,23 +260,22 @@ def _response_format(text: TextConfig | None) -> schema.ResponseFormat | None:
         name=form.name, description=form.description, schema=form.schema, strict=form.strict))
 
 
-def to_chat(body: ResponsesRequest | InputTokensRequest, store: Store,
-            max_tokens: int | None = None) -> schema.ChatCompletionRequest:
-    """The chat completion body that asks what this Responses body asks."""
-    full = isinstance(body, ResponsesRequest)
-    effort = body.reasoning.effort if full and body.reasoning is not None else None
+def to_chat(body: ResponsesRequest | InputTokensRequest, store: Store) -> schema.ChatCompletionRequest:
+    """The chat completion body that asks what this Responses body asks (an input_tokens body: its prompt)."""
+    if not isinstance(body, ResponsesRequest):
+        body = ResponsesRequest(**msgspec.structs.asdict(body))
     return schema.ChatCompletionRequest(
         model=body.model,
         messages=conversation(body, store),
-        max_tokens=max_tokens,
-        temperature=body.temperature if full else None,
-        top_p=body.top_p if full else None,
-        stream=body.stream if full else None,
+        max_tokens=body.max_output_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stream=body.stream,
         tools=_functions(body.tools),
         tool_choice=_tool_choice(body.tool_choice) if body.tools else None,
-        response_format=_response_format(body.text) if full else None,
-        reasoning_effort=effort,
-        user=body.user if full else None,
+        response_format=_response_format(body.text),
+        reasoning_effort=body.reasoning.effort if body.reasoning is not None else None,
+        user=body.user,
     )
 
 

@@ -159,6 +159,8 @@ class BatchingEngine(Engine):
                 prompt, thinking = self._prompt_tokens(request)
             except ValueError as exc:
                 return wire.failed(request.id, 400, f"could not format the prompt: {exc}", param="messages")
+        if thinking and request.params.json_schema is not None:
+            thinking = False  # a schema holds the output to JSON from its first token: that is the answer
         max_tokens = completion_budget(request, prompt, self.context)
         if isinstance(max_tokens, wire.Output):
             return max_tokens
@@ -211,8 +213,7 @@ class BatchingEngine(Engine):
                 text = self._chat_text(messages, variables)
             except Exception as exc:  # no template, or it rejects these messages (jinja's raise_exception)
                 raise ValueError(first_line(exc)) from None
-            # a schema holds the output to JSON from its first token: that is the answer, whatever the template opened
-            thinking = opens_thinking(text) and not (isinstance(request, wire.Generate) and request.params.json_schema)
+            thinking = opens_thinking(text)
         else:
             text = request.prompt or ""
         return (self.tokenize(text, add_special=self.prompt_add_special) if text else []), thinking

@@ -35,9 +35,11 @@ class TextStream:
 
     def push(self, piece: bytes) -> tuple[str, bool]:
         """Add a token's bytes; return (answer text safe to send now, whether a stop string was hit)."""
-        thinking = self._split is not None and self._split.inside
+        if self._split is None:
+            return self._answer(self._decoder.decode(piece))
+        was_inside = self._split.inside
         answer = self._text(self._decoder.decode(piece))
-        self.reasoning_tokens += thinking or (self._split is not None and self._split.inside)
+        self.reasoning_tokens += was_inside or self._split.inside  # the tags' tokens count as thinking
         return self._answer(answer)
 
     def flush(self) -> str:
