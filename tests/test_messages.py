@@ -11,7 +11,7 @@ import pytest
 WEATHER = {
     "name": "get_weather",
     "description": "The weather in a city.",
-    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]},
 }
 HELLO = [{"role": "user", "content": "Say hello."}]
 GREEDY = {"temperature": 0, "top_k": 1}  # fields the 2026 SDK no longer names, which older clients send
@@ -123,7 +123,7 @@ def test_a_forced_tool_call_is_a_tool_use_block_and_its_result_goes_back(client,
 
 def test_a_streamed_tool_call_arrives_as_input_json_delta(client, model):
     with client.messages.stream(model=model, max_tokens=64, tools=[WEATHER], tool_choice={"type": "any"},
-                                messages=[{"role": "user", "content": "Weather in Oslo?"}]) as stream:
+                                messages=[{"role": "user", "content": "Weather in Oslo?"}], extra_body=GREEDY) as stream:
         final = stream.get_final_message()
     [call] = [b for b in final.content if b.type == "tool_use"]
     assert call.name == "get_weather" and "city" in call.input and final.stop_reason == "tool_use"

@@ -11,7 +11,7 @@ WEATHER = {
     "type": "function",
     "name": "get_weather",
     "description": "The weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]},
 }
 
 
@@ -99,9 +99,10 @@ def test_a_streamed_function_call(client, model):
 
 def test_text_format_json_schema_is_enforced(client, model):
     form = {"type": "json_schema", "name": "colour", "strict": True,
-            "schema": {"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]}}
+            "schema": {"type": "object", "properties": {"colour": {"type": "string", "maxLength": 20}},
+                       "required": ["colour"]}}
     response = client.responses.create(model=model, input="Name a colour.", text={"format": form},
-                                       max_output_tokens=40)
+                                       max_output_tokens=40, temperature=0)
     assert isinstance(json.loads(response.output_text)["colour"], str)
 
 
