@@ -173,6 +173,7 @@ class Child:
     restart_at: float = 0.0
     started_at: float = 0.0
     given_up: bool = False  # a worker that exited while loading: failed, not restarted
+    seen_ready: bool = False  # since it last started, by the supervisor's own asking: for when the broker cannot say
 
     def start(self) -> None:
         # the data and runtime folders as absolute paths: the children run in "/" (below)
@@ -188,6 +189,7 @@ class Child:
             self.argv, env=env, cwd="/", start_new_session=True, preexec_fn=_die_with_parent
         )
         self.started_at = time.monotonic()
+        self.seen_ready = False
 
 
 class Supervisor:
@@ -282,6 +284,9 @@ class Supervisor:
                 workers = query_status(timeout=0.5).workers
             except NotRunning:
                 workers = []
+            ready = {w.worker_id for w in workers if w.state == "ready"}
+            for child in self.children:
+                child.seen_ready = child.seen_ready or child.worker_id in ready
             settled = len(workers) == len(self.plan.workers) and all(w.state != "loading" for w in workers)
             if settled and self._frontend_answers():
                 for worker in workers:
@@ -301,7 +306,7 @@ class Supervisor:
                 continue
             if not child.restart_at:
                 code = child.process.returncode
-                if child.worker_id and not self._had_loaded(child.worker_id):
+                if child.worker_id and not self._had_loaded(child):
                     # Loading again would crash again (a damaged model, an engine that cannot run here):
                     # the worker is failed, with why, instead of restarted in a loop.
                     why = f"its process exited with {_exit_reason(code)} while loading the model; it is not restarted"
@@ -326,13 +331,15 @@ class Supervisor:
                 child.start()
 
     @staticmethod
-    def _had_loaded(worker_id: str) -> bool:
+    def _had_loaded(child: Child) -> bool:
         """Whether the broker last heard this worker ready (not loading, or not at all since it started)."""
         try:
             workers = query_status(timeout=1).workers
         except NotRunning:
-            return True  # no broker to ask: restart it, as before
-        return any(w.worker_id == worker_id and w.state == "ready" for w in workers)
+            # No broker to ask (still starting, or restarting): what the supervisor saw itself. A worker
+            # that dies before the broker is up, e.g. of SIGILL importing its engine, was never ready.
+            return child.seen_ready
+        return any(w.worker_id == child.worker_id and w.state == "ready" for w in workers)
 
     def _stop_all(self) -> None:
         # All get SIGTERM at once; whichever is still running after the grace period is killed.
