@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -51,6 +52,12 @@ def _non_empty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
+def _absolute_folders(value: str) -> str | None:
+    # absolute: the server runs in another folder than the shell that set the key
+    relative = [f for f in (part.strip() for part in value.split(",")) if f and not Path(f).expanduser().is_absolute()]
+    return f"each folder must be an absolute path (not {', '.join(relative)})" if relative else None
+
+
 def _engine_names(value: str) -> str | None:
     try:
         parse_choice(value)
@@ -71,8 +78,13 @@ KEYS: dict[str, Key] = {
         Key("http.cors-origins", str, "", "browser origins allowed to call the API, comma-separated, * for any; empty: none"),
         Key("limits.max-tokens", int, 32768, "largest max_tokens a request may ask for", _between(1, 1 << 24)),
         Key("limits.max-n", int, 8, "most choices a request may ask for (n, times the prompts of a list)", _between(1, 128)),
-        Key("model.path", str, "", "GGUF file to serve; empty means the default model (SmolLM2-135M-Instruct)"),
+        Key("model.path", str, "", "a GGUF file to serve, first in the catalog and the default unless model.default says otherwise; empty: none"),
         Key("model.name", str, "", "model id clients use; empty means the file name without .gguf"),
+        Key("model.default", str, "", "id of the model served when a request names none (see `infersnap models`); empty: the model.path model if set, else the packaged default"),
+        Key("models.dirs", str, "", "more folders to find GGUF files in, comma-separated", _absolute_folders),
+        Key("models.keep-alive", int, 300, "seconds a model stays loaded after its last request; 0: unloaded after each request, -1: never unloaded", _between(-1, 30 * 86_400)),
+        Key("models.max-loaded", int, 3, "most models loaded at once on each device", _between(1, 64)),
+        Key("models.memory-budget", int, 0, "MiB the loaded models' weights and KV caches may take on each device; 0: 80% of its memory available at start", _between(0, 1 << 30)),
         Key("engines", str, "auto", "engines that serve, comma-separated (see `infersnap engines`); auto: the best per device", _engine_names),
         Key("engines-measure", bool, True, "measure each engine's speed on this machine (once) and choose by it; false: by the static score"),
         Key("worker.slots", int, 8, "sequences a worker generates at once (continuous batching)", _between(1, 256)),
@@ -86,6 +98,24 @@ KEYS: dict[str, Key] = {
         Key("verbose", bool, False, "log more"),
     )
 }
+
+
+# Per-model keys, `model-settings.<slug>.<setting>`: each setting mirrors a global key (same type,
+# default and check) for one model. The namespace holds nothing else, so no slug can collide with a
+# key's own name; any slug of the right form is accepted, since the model may be added later.
+PER_MODEL = "model-settings"
+SLUG_FORM = re.compile(r"[a-z][a-z0-9]*(?:-[a-z0-9]+)*")  # what catalog.slug makes, and a snap option name allows
+MODEL_SETTINGS: dict[str, Key] = {
+    "context": KEYS["worker.context"],
+    "slots": KEYS["worker.slots"],
+    "engines": KEYS["engines"],
+    "keep-alive": KEYS["models.keep-alive"],
+    "chat-template": Key("chat-template", str, "", "a file holding a Jinja chat template, used instead of the GGUF's; empty: the GGUF's"),
+}
+PER_MODEL_FORM = (
+    f"{PER_MODEL}.<slug>.<setting>, where <slug> is the model's id in lowercase letters, digits and single dashes, "
+    f"starting with a letter (`infersnap models` shows it) and <setting> one of {', '.join(MODEL_SETTINGS)}"
+)
 
 
 def parse_value(key: Key, text: str) -> Any:
@@ -111,11 +141,31 @@ def parse_value(key: Key, text: str) -> Any:
     return value
 
 
+def _per_model_key(name: str) -> Key:
+    """The Key of `model-settings.<slug>.<setting>`, or ConfigError saying the form."""
+    _, _, rest = name.partition(".")
+    model, _, setting = rest.rpartition(".")
+    if not SLUG_FORM.fullmatch(model) or setting not in MODEL_SETTINGS:
+        raise ConfigError(f"unknown key {name!r}; per-model keys are {PER_MODEL_FORM}")
+    return replace(MODEL_SETTINGS[setting], name=name)
+
+
 def lookup(name: str) -> Key:
+    if name.startswith(PER_MODEL + "."):
+        return _per_model_key(name)
     try:
         return KEYS[name]
     except KeyError:
-        raise ConfigError(f"unknown key {name!r}; known keys: {', '.join(KEYS)}") from None
+        raise ConfigError(f"unknown key {name!r}; known keys: {', '.join(KEYS)}, and {PER_MODEL_FORM}") from None
+
+
+def known(name: str) -> bool:
+    """Whether `name` is a key (a fixed one, or a per-model one of the right form)."""
+    try:
+        lookup(name)
+    except ConfigError:
+        return False
+    return True
 
 
 def stored_problem(key: Key, value: Any) -> str | None:
@@ -163,8 +213,8 @@ class Config:
             self.unreadable = f"must hold a JSON object, not {type(stored).__name__}"
             return {}
         for name, value in stored.items():
-            if name in KEYS:
-                problem = stored_problem(KEYS[name], value)
+            if known(name):
+                problem = stored_problem(lookup(name), value)
                 if problem:
                     self.bad_keys[name] = problem
         return stored
@@ -197,10 +247,22 @@ class Config:
         return self.user.get(name, key.default)
 
     def values(self, prefix: str = "") -> dict[str, Any]:
-        """Every known key whose name is `prefix` or starts with `prefix.`, with its value."""
-        names = [n for n in KEYS if not prefix or n == prefix or n.startswith(prefix + ".")]
-        if not names:
-            raise ConfigError(f"unknown key {prefix!r}; known keys: {', '.join(KEYS)}")
+        """Every known key whose name is `prefix` or starts with `prefix.`, with its value; of the
+        per-model keys, those set (and `prefix` itself when it is one)."""
+
+        def under(name: str) -> bool:
+            return not prefix or name == prefix or name.startswith(prefix + ".")
+
+        names = [n for n in KEYS if under(n)]
+        names += sorted(n for n in self.user if n.startswith(PER_MODEL + ".") and under(n) and known(n))
+        if prefix.startswith(PER_MODEL + ".") and prefix not in names and known(prefix):
+            names.append(prefix)
+        # a per-model prefix (`model-settings`, `model-settings.<slug>`) with nothing set under it is still good
+        model_prefix = prefix == PER_MODEL or (
+            prefix.startswith(PER_MODEL + ".") and SLUG_FORM.fullmatch(prefix.removeprefix(PER_MODEL + "."))
+        )
+        if not names and not model_prefix:
+            lookup(prefix)  # raises, saying what the keys are
         return {n: self.get(n) for n in names}
 
     def set_many(self, assignments: dict[str, str]) -> None:
@@ -239,3 +301,24 @@ class Config:
         except OSError as exc:  # e.g. a snap's $SNAP_DATA, which only root may write
             hint = " (try with sudo)" if isinstance(exc, PermissionError) else ""
             raise ConfigError(f"cannot write the config file {self.path}: {exc.strerror or exc}{hint}") from None
+
+
+class ConfigView(Config):
+    """A read-only Config whose get() answers some keys otherwise: one model's view of the config
+    (catalog.model_config). The overridden keys count as set (`user`), as a user's would."""
+
+    def __init__(self, base: Config, overrides: dict[str, Any]) -> None:
+        for name in overrides:
+            lookup(name)
+        self.path, self.unreadable, self.bad_keys = base.path, base.unreadable, dict(base.bad_keys)
+        self.overrides = dict(overrides)
+        self.user = {**base.user, **self.overrides}
+
+    def get(self, name: str) -> Any:
+        return self.overrides[name] if name in self.overrides else super().get(name)
+
+    def set_many(self, assignments: dict[str, str]) -> None:
+        raise ConfigError("a model's view of the config is read-only")
+
+    def unset(self, names: list[str]) -> None:
+        raise ConfigError("a model's view of the config is read-only")

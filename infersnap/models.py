@@ -27,14 +27,42 @@ def default_model_path() -> Path:
     return found[0]
 
 
+def model_id(path: Path) -> str:
+    """The id clients use for a model file nobody named: its name without .gguf."""
+    return path.name.removesuffix(".gguf")
+
+
 def resolve(configured_path: str, configured_name: str) -> tuple[Path, str]:
     """The model file and the id clients use for it."""
     # absolute: the processes serve starts run in another folder
     path = Path(configured_path).expanduser().absolute() if configured_path else default_model_path()
     if not path.is_file():
         raise ModelNotFound(f"model file not found: {path}")
-    name = configured_name or path.name.removesuffix(".gguf")
-    return path, name
+    return path, configured_name or model_id(path)
+
+
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
+
+# general.file_type: llama.cpp's LLAMA_FTYPE numbers, by the names quantized files are known by
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
+}
+
+
+def gguf_problem(path: Path) -> str | None:
+    """Why `path` is no GGUF file that can be read (missing, unreadable, another kind of file); None
+    when it starts as a GGUF does. Only the first bytes are read."""
+    try:
+        with path.open("rb") as f:
+            magic = f.read(len(GGUF_MAGIC))
+    except FileNotFoundError:
+        return f"a link to {path.readlink()}, which is missing" if path.is_symlink() else "no such file"
+    except IsADirectoryError:
+        return "a folder, not a file"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    return None if magic == GGUF_MAGIC else "not a GGUF file (it does not start with GGUF's magic bytes)"
 
 
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -70,7 +98,7 @@ def gguf_metadata(path: Path) -> dict[str, object] | None:
                     return None
                 return read(_GGUF_SCALARS[kind])
 
-            if f.read(4) != b"GGUF":
+            if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
                 return None
             read("I")  # version
             read("Q")  # tensors
