@@ -2,8 +2,9 @@
 
 `snap set infersnap KEY=VALUE` and `infersnap set KEY=VALUE` take the same keys: infersnap's
 keys are already what snapd allows (lowercase letters, digits and dashes, dotted for nesting),
-so `http.port` is `http.port` in both. config.json in the data folder ($SNAP_DATA) is what the
-server reads; the snap's config is a view of it:
+so `http.port` is `http.port` in both, and a per-model key's slug is made to fit too
+(`model-settings.smollm2-135m-instruct-q4-1.context`). config.json in the data folder
+($SNAP_DATA) is what the server reads; the snap's config is a view of it:
 
 - configure applies what changed in the snap's config since the hooks last saw it (set or
   unset) through `Config.set_many` / `Config.unset`, the code behind `infersnap set` and
@@ -30,7 +31,7 @@ from typing import Any
 
 from infersnap import paths
 from infersnap.cli import engines as engine_views
-from infersnap.config import KEYS, Config, ConfigError, parse_value
+from infersnap.config import KEYS, PER_MODEL, Config, ConfigError, known, lookup, parse_value
 from infersnap.engines import select
 
 RECORD_NAME = "snap-config.json"
@@ -67,7 +68,7 @@ def snap_values() -> dict[str, Any]:
 
     snapctl cannot list every key, so keys outside the groups (e.g. `snap set infersnap foo=1`)
     are not seen; unknown keys inside them (`http.prot`) are, and are refused."""
-    groups = sorted({name.split(".")[0] for name in KEYS})
+    groups = sorted({name.split(".")[0] for name in KEYS} | {PER_MODEL})
     text = snapctl("get", "-d", *groups).strip()
     return flatten(json.loads(text) if text else {})
 
@@ -85,8 +86,8 @@ def as_text(value: Any) -> str:
 
 def _same(name: str, snap_value: Any, stored: Any) -> bool:
     try:
-        return parse_value(KEYS[name], as_text(snap_value)) == stored
-    except (KeyError, ConfigError):
+        return parse_value(lookup(name), as_text(snap_value)) == stored
+    except ConfigError:
         return False
 
 
@@ -116,7 +117,7 @@ def mirror(config: Config, current: dict[str, Any]) -> dict[str, Any]:
     sets = {
         name: value
         for name, value in config.user.items()
-        if name in KEYS and not (name in current and _same(name, current[name], value))
+        if known(name) and not (name in current and _same(name, current[name], value))
     }
     unsets = sorted(name for name in current if name not in config.user)
     if sets:

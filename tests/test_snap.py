@@ -318,3 +318,19 @@ def test_sync_to_snap_copies_config_json_at_once(snap, monkeypatch):
     assert snap.calls() == ["set -t http.port=9091"]
     # what it wrote is what the hooks now take the snap to hold
     assert snap_hooks.read_record() == {"http.port": 9091}
+
+
+def test_snap_set_takes_per_model_keys(snap):
+    slug = "smollm2-135m-instruct-q4-1"
+    snap.set_snap_config({"model-settings": {slug: {"context": 4096}}, "models": {"keep-alive": -1}})
+    done = snap.hook("configure")
+    assert done.returncode == 0, done.stderr
+    assert snap.get(f"model-settings.{slug}.context") == "4096" and snap.get("models.keep-alive") == "-1"
+    assert snap.calls() == []  # the snap's config already says what config.json says
+    snap.set_snap_config({"model-settings": {slug: {"context": 4096, "contxt": 1}}})
+    done = snap.hook("configure")
+    assert done.returncode != 0 and "model-settings.<slug>.<setting>" in done.stderr, done.stderr
+    cli(snap.env, "set", f"model-settings.{slug}.slots=2")
+    snap.set_snap_config({"model-settings": {slug: {"context": 4096}}, "models": {"keep-alive": -1}})
+    assert snap.hook("configure").returncode == 0
+    assert snap.calls() == [f"set -t model-settings.{slug}.slots=2"]  # infersnap set shows in snap get
