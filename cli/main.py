@@ -10,7 +10,9 @@ import click
 import yaml
 
 from infersnap import __version__
+from infersnap.catalog import ModelEntry, scan
 from infersnap.cli import engines as engine_views
+from infersnap.cli import models as model_views
 from infersnap.cli.status import NotRunning, query_status, status_document
 from infersnap.config import Config, ConfigError
 from infersnap.engines import EngineChoiceError, manifests
@@ -230,6 +232,68 @@ def _measure_for_auto(config: Config, machine: Machine, root: str, again: bool, 
                                          say=lambda text: click.echo(text, err=True))
     for lane, profile in measured.items():
         click.echo(f"{lane.engine} on {lane.device}: {engine_views.summary(profile)}")
+
+
+def _catalog(config: Config) -> list[ModelEntry]:
+    """The catalog, its warnings (what it left out) printed."""
+    return scan(config, warn=lambda text: click.echo(f"infersnap: warning: {text}", err=True))
+
+
+@main.group(invoke_without_command=True)
+@click.option("--format", "fmt", type=TABLE_FORMATS, default="table", show_default=True)
+@click.pass_context
+def models(ctx: click.Context, fmt: str) -> None:
+    """The models infersnap can serve, (*) the default, and what the running server has loaded."""
+    if ctx.invoked_subcommand is not None:
+        return
+    config = _config_for_reading("using the defaults in its place")
+    entries = _catalog(config)
+    try:
+        served = model_views.server_models(query_status(timeout=1.0))
+    except NotRunning:
+        served = None
+    default = model_views.default_of(config, entries)
+    if fmt == "json":
+        _emit(model_views.models_document(entries, default, served), "json")
+    else:
+        click.echo(model_views.format_models(entries, default, served))
+
+
+@models.command("add")
+@click.argument("path", type=click.Path())
+@click.option("--name", help="the model's id  [default: the file name without .gguf]")
+@click.option("--copy", is_flag=True, help="copy the file instead of linking to it (for a file that will move or go)")
+def models_add(path: str, name: str | None, copy: bool) -> None:
+    """Add a GGUF file to the models folder: a link to it, or with --copy a copy."""
+    entries = _catalog(_config_for_reading("using the defaults in its place"))
+    try:
+        lines = model_views.add(entries, path, name, copy)
+    except model_views.Refused as exc:
+        raise click.ClickException(f"{exc} (nothing was changed)") from None
+    click.echo("\n".join(lines))
+
+
+@models.command("remove")
+@click.argument("model")
+def models_remove(model: str) -> None:
+    """Remove a model added with `models add` (its link or copy; never a linked-to file)."""
+    config = _config_for_reading("using the defaults in its place")
+    try:
+        lines = model_views.remove(config, _catalog(config), model)
+    except (model_views.Refused, ModelNotFound) as exc:
+        raise click.ClickException(f"{exc} (nothing was changed)") from None
+    click.echo("\n".join(lines))
+
+
+@main.command("use-model")
+@click.argument("model")
+def use_model(model: str) -> None:
+    """Serve MODEL when a request names none (sets model.default); applies when the server next starts."""
+    config = _load_config()
+    try:
+        click.echo(model_views.use_model(config, _catalog(config), model))
+    except (model_views.Refused, ModelNotFound, ConfigError) as exc:
+        raise click.ClickException(f"{exc} (nothing was changed)") from None
 
 
 @main.command()
