@@ -253,6 +253,9 @@ def models(ctx: click.Context, fmt: str) -> None:
     except NotRunning:
         served = None
     default = model_views.default_of(config, entries)
+    if default is None and config.get("model.default"):
+        click.echo(f"infersnap: warning: model.default is {config.get('model.default')!r}, which is not in the "
+                   "catalog; `infersnap use-model` one that is", err=True)
     if fmt == "json":
         _emit(model_views.models_document(entries, default, served), "json")
     else:

@@ -166,6 +166,13 @@ def test_use_model_sets_the_default_from_the_catalog(tmp_path, env):
         assert state_of(data) == before
     assert "cannot serve" in cli(env, "models").stdout
 
+    cli(env, "models", "remove", "broken")
+    cli(env, "use-model", "second")
+    (data / "models" / "Second.gguf").unlink()  # gone behind infersnap's back
+    shown = cli(env, "models")
+    assert "model.default is 'Second', which is not in the catalog" in shown.stderr
+    assert f"{DEFAULT_ID}*" not in shown.stdout  # no model is marked the default
+
 
 def test_per_model_keys_take_the_global_keys_checks(tmp_path, env):
     data = tmp_path / "data"
