@@ -46,6 +46,17 @@ Reconciliation: a worker's heartbeat lists the requests it runs; any the
 broker has no route for (after a broker restart, or a client that is gone)
 is aborted there. A client whose socket is gone loses its routes.
 
+Models: the broker knows every model of the plan and keeps an entry for each
+of their workers, running or not. A model is loaded on demand: a request for
+one that is not loaded waits in the queue while the broker wants it (the
+supervisor starts the workers of every wanted model, and stops the others),
+once it fits in each device's memory budget and `max_loaded`: the least
+recently used idle models on that device are unloaded first. A model that
+could not fit even then is refused with 507 at once. A model idle for its
+keep-alive (the last request's, or its own) is unloaded; -1 keeps it. A model
+none of whose workers could load is failed with why, and not tried again
+until a ModelControl loads it.
+
 On Drain (SIGTERM to `infersnap serve`) new requests get 503; accepted ones
 may finish until the grace period ends, then end with a 503 too.
 """
@@ -63,7 +74,7 @@ import msgspec
 import zmq
 
 from infersnap import paths, wire
-from infersnap.plan import ServePlan, announced
+from infersnap.plan import ModelSpec, ServePlan, announced
 
 # Seconds without a heartbeat (sent every 0.25 s) before a live worker counts as stuck. A worker whose
 # process ends is reported at once by the supervisor (WorkerExited); this is for one that hangs.
@@ -75,6 +86,9 @@ SWITCH_MARGIN = 0.8  # another lane is chosen over the computing one only if it 
 REMEMBERED_PREFIXES = 4096  # prompt blocks remembered per worker (4 MiB of text): more than its cache holds
 EXPECTED_TOKENS = 256  # what a request is guessed to generate, at most (many stop well before max_tokens)
 RESTARTING = "restarting"  # the state of a worker whose process stopped, until it comes back
+UNLOADED = "unloaded"  # a worker of a model not loaded: no process
+UNLOADING = "unloading"  # a worker whose model was unloaded, until its process has ended
+WAITING_STATES = ("loading", RESTARTING, UNLOADED, UNLOADING)  # not ready, and may be: requests wait for them
 
 log = logging.getLogger("infersnap.broker")
 
@@ -130,10 +144,10 @@ class Worker:
         return self.info.model.lower() == model.lower() and task in self.info.capabilities.tasks
 
     def may_serve(self, needs: wire.Needs) -> bool:
-        """Whether it can serve these needs now or once back: a loading worker may still gain features."""
+        """Whether it can serve these needs now or once (re)loaded: a loading worker may still gain features."""
         if self.info.state == "failed":
             return False
-        return self.info.state == "loading" or wire.unmet(needs, self.info.capabilities) is None
+        return self.info.state in WAITING_STATES or wire.unmet(needs, self.info.capabilities) is None
 
     def able(self, needs: wire.Needs) -> bool:
         """Whether it is ready and can do what these needs ask, free slot or not."""
@@ -150,6 +164,18 @@ class Worker:
     @property
     def load(self) -> float:
         return (len(self.running) + len(self.lookups)) / self.info.slots
+
+
+@dataclass
+class Model:
+    """A model of the plan as the broker schedules it: loaded on demand, unloaded once idle."""
+
+    spec: ModelSpec
+    keep_alive: int  # seconds it stays loaded once idle: its last request's, or its own
+    wanted: bool = False  # its workers should run (the supervisor starts them)
+    requested: bool = False  # a ModelControl asked to load it: it loads once it fits, as a waiting request would
+    last_used: float = 0.0  # when a request of it last started or ended, or it was loaded
+    failed: str = ""  # why none of its workers could load; it is not loaded again until asked to
 
 
 class Broker:
@@ -169,6 +195,13 @@ class Broker:
         self.queue: dict[str, Queued] = {}  # accepted, waiting for a worker; dicts keep arrival order
         self.drain_deadline: float | None = None
         self.next_pass = 0.0  # when _tick runs a dispatch pass, if nothing else has
+        self.models = {m.name.lower(): Model(m, m.keep_alive) for m in plan.models}
+        now = time.monotonic()
+        for spec in plan.workers:  # an entry for each, running or not, so that status and routing know them all
+            identity = spec.worker_id.encode()
+            self.workers[identity] = Worker(identity, announced(plan, spec, state=UNLOADED), now)
+        if plan.models:
+            self._want(self.models[plan.default_model.name.lower()], now)
 
     def _bind(self, address: str) -> zmq.Socket:
         socket = self.zctx.socket(zmq.ROUTER)
@@ -222,14 +255,22 @@ class Broker:
                 self._send_results(client, [refusal])
             else:
                 self.queue[message.id] = Queued(client, message, body)
+                model = self.models.get(message.model.lower())
+                if model is not None:
+                    keep_alive = message.work.keep_alive
+                    model.keep_alive = model.spec.keep_alive if keep_alive is None else keep_alive
                 self._dispatch()
         elif isinstance(message, wire.Abort):
             self._abort(message.ids)
         elif isinstance(message, wire.StatusQuery):
             self._send(self.clients, client, self.status(message.id))
+        elif isinstance(message, wire.ModelControl):
+            self._send_results(client, [self._control(message)])
         elif isinstance(message, wire.WorkerExited):
             worker = self.workers.get(message.worker_id.encode())
-            if worker is not None and worker.info.state != RESTARTING:
+            if worker is not None and (worker.info.state == UNLOADING or not self._wanted(worker)):
+                self._gone(worker)
+            elif worker is not None and worker.info.state not in (RESTARTING, "failed"):
                 self._lost(worker, f"exited with code {message.code}")
             if message.why:
                 self._failed(message.worker_id, message.why)
@@ -244,17 +285,12 @@ class Broker:
             return wire.failed(submit.id, 503, "the server is shutting down", code="shutting_down")
         needs = submit.needs
         serving = [w for w in self.workers.values() if w.serves(submit.model, needs.task)]
-        ready = [w for w in serving if w.info.state == "ready"]
-        if not ready:
-            failed = [w.info for w in serving if w.info.state == "failed"]
-            if failed and len(failed) == len(serving):
-                reasons = "; ".join(f"{w.worker_id}: {w.error}" for w in failed)
-                return wire.failed(submit.id, 503, f"no worker could load this model ({reasons})")
-            # a worker for the model, of another task, says its own is still to come
+        if not serving:
             models = {w.info.model.lower() for w in self.workers.values()}
-            if serving or not self.workers or submit.model.lower() in models:
-                return wire.failed(submit.id, 503, "no worker is ready to serve this model yet; retry shortly")
-            known = ", ".join(sorted({w.info.model for w in self.workers.values()}))
+            if submit.model.lower() in models:  # a model whose workers do other tasks
+                return wire.failed(submit.id, 400, f"the model '{submit.model}' does not do this ({needs.task})",
+                                   code="not_supported", param="model")
+            known = ", ".join(m.spec.name for m in self.models.values()) or "none"
             return wire.failed(
                 submit.id,
                 404,
@@ -262,16 +298,26 @@ class Broker:
                 code="model_not_found",
                 param="model",
             )
+        model = self.models.get(submit.model.lower())
+        failure = self._load_failure(submit.model)
+        if failure:
+            return wire.failed(submit.id, 503, failure)
         if not any(w.may_serve(needs) for w in serving):
+            ready = [w for w in serving if w.info.state == "ready"]
             feature = next(f for f in (wire.unmet(needs, w.info.capabilities) for w in ready) if f)
             runtimes = [w.info.runtime for w in serving if w.info.state != "failed"]
             return wire.refusal(submit.id, needs, feature, runtimes, ready[0].info.model)
+        if model is not None and not model.wanted:
+            too_big = self._never_fits(model)
+            if too_big:
+                return wire.failed(submit.id, 507, too_big, code="model_too_large", param="model")
         if not takes_slot(needs):  # a lookup never waits for a slot, so there is always room
             return None
         # per device: a second lane on the same cores does not double what may wait
         lanes: dict[str, list[Worker]] = {}
-        for worker in ready:
-            lanes.setdefault(worker.info.device, []).append(worker)
+        for worker in serving:
+            if worker.info.state != "failed":
+                lanes.setdefault(worker.info.device, []).append(worker)
         room = sum(max(wire.capacity(w.info.slots, self.plan.max_waiting) for w in group)
                    - sum(len(w.running) for w in group) for group in lanes.values())
         waiting = sum(q.submit.model.lower() == submit.model.lower() and q.submit.needs.task == needs.task
@@ -281,10 +327,19 @@ class Broker:
             return wire.failed(submit.id, 503, "the server is at capacity; retry shortly", code="server_overloaded")
         return None
 
+    def _load_failure(self, name: str) -> str | None:
+        """Why the model cannot serve at all (every worker of it failed to load), or None."""
+        failed = [w.info for w in self.workers.values() if w.info.model.lower() == name.lower()]
+        if failed and all(w.state == "failed" for w in failed):
+            reasons = "; ".join(f"{w.worker_id}: {w.error}" for w in failed)
+            return f"no worker could load this model ({reasons})"
+        return None
+
     def _dispatch(self) -> None:
         """Hand queued requests, oldest first, to the lanes that end them soonest; end those no worker can serve."""
         now = time.monotonic()
         self.next_pass = now + TICK_MS / 1000
+        self._schedule(now)
         blocked: set[bytes] = set()  # kinds of request no worker can take now
         awaited: dict[str, list[bytes]] = {}  # device -> the lane each request waiting for it waits for
         demand = Counter(q.submit.model.lower() for q in self.queue.values() if takes_slot(q.submit.needs))
@@ -295,7 +350,8 @@ class Broker:
             submit = queued.submit
             serving = [w for w in self.workers.values() if w.serves(submit.model, submit.needs.task)]
             if not any(w.may_serve(submit.needs) for w in serving):  # none left to wait for
-                self._fail({request_id: self.queue.pop(request_id)}, "no worker can serve this model any more")
+                why = self._load_failure(submit.model) or "no worker can serve this model any more"
+                self._fail({request_id: self.queue.pop(request_id)}, why)
                 continue
             if not takes_slot(submit.needs):  # a lookup is answered between two steps, by the least busy
                 free = [w for w in serving if w.can_take(submit.needs)]
@@ -374,6 +430,7 @@ class Broker:
         self.routes[request_id] = Route(client=queued.client, worker=worker.identity)
         worker.remember(submit.work.prefix)
         (worker.running if takes_slot(submit.needs) else worker.lookups).add(request_id)
+        self._used(worker.info.model)
         self._send(self.workers_socket, worker.identity, wire.Dispatch(queued.client, request_id), queued.body)
 
     def _abort(self, ids: list[str]) -> None:
@@ -410,14 +467,29 @@ class Broker:
             endpoints={"openai": self.plan.api_url},
             # the broker's list of what runs is exact; the worker's own is a heartbeat old
             workers=[msgspec.structs.replace(w.info, running=sorted(w.running))
-                     for w in self._in_plan_order(self.workers.values())],
+                     for w in self._in_plan_order(self.workers.values()) if w.info.state != UNLOADED],
             routed=[*self.routes, *self.queue],
             queued=len(self.queue),
             draining=self.drain_deadline is not None,
-            left_out=self.plan.left_out,
-            context=self.plan.context,
-            context_note=self.plan.context_note,
+            models=[self._model_state(m, time.monotonic()) for m in self.models.values()],
         )
+
+    def _model_state(self, model: Model, now: float) -> wire.ModelState:
+        workers = self._workers_of(model)
+        if model.failed:
+            state = "failed"
+        elif any(w.info.state == "ready" for w in workers):
+            state = "loaded"
+        elif model.wanted:
+            state = "loading"
+        elif any(w.info.state == UNLOADING for w in workers):
+            state = UNLOADING
+        else:
+            state = UNLOADED
+        idle = now - model.last_used if state == "loaded" and not self._busy(model) else None
+        spec = model.spec
+        return wire.ModelState(spec.name, state, model.failed, model.wanted, model.keep_alive, idle,
+                               spec.context, spec.context_note, spec.left_out)
 
     def _in_plan_order(self, workers) -> list[Worker]:
         """These workers as the plan lists them (generating ones first), whichever announced itself first."""
@@ -431,8 +503,13 @@ class Broker:
         worker = self.workers.get(identity)
         if isinstance(message, wire.WorkerStatus):
             info = message.info
-            if worker is not None and worker.info.pid != info.pid and worker.info.state != RESTARTING:
+            if worker is not None and worker.info.pid not in (0, info.pid) and worker.info.state != RESTARTING:
                 self._lost(worker, "restarted")  # back faster than its heartbeat could be missed
+            model = self.models.get(info.model.lower())
+            if worker is not None and worker.info.state == UNLOADING:
+                info = msgspec.structs.replace(info, state=UNLOADING)  # it is on its way out: nothing more for it
+            elif model is not None and not model.wanted and not model.failed and info.state != "failed":
+                self._want(model, now)  # running anyway (a broker restarted beside it): it counts as loaded
             if worker is None or worker.info.state != info.state:
                 log.info("worker %s (%s) is %s%s", info.worker_id, info.device, info.state,
                          f": {info.error}" if info.error else "")
@@ -450,6 +527,7 @@ class Broker:
                 self._unassign(identity, request_id)
             self._send(self.clients, message.client, body)
             if message.ended:
+                self._used(worker.info.model)
                 self._dispatch()
 
     def _reconcile(self, worker: Worker) -> None:
@@ -489,10 +567,166 @@ class Broker:
         log.error("worker %s failed: %s", worker_id, why)
         self._dispatch()
 
+    # --- models ------------------------------------------------------------
+
+    def _workers_of(self, model: Model) -> list[Worker]:
+        name = model.spec.name.lower()
+        return [w for w in self.workers.values() if w.info.model.lower() == name]
+
+    def _wanted(self, worker: Worker) -> bool:
+        model = self.models.get(worker.info.model.lower())
+        return model is None or model.wanted
+
+    def _busy(self, model: Model) -> bool:
+        name = model.spec.name.lower()
+        return (any(q.submit.model.lower() == name for q in self.queue.values())
+                or any(w.running or w.lookups for w in self._workers_of(model)))
+
+    def _settled(self, model: Model) -> bool:
+        """Whether every worker of the model has loaded or failed: one still loading is not idle."""
+        return all(w.info.state in ("ready", "failed") for w in self._workers_of(model))
+
+    def _used(self, name: str) -> None:
+        model = self.models.get(name.lower())
+        if model is not None:
+            model.last_used = time.monotonic()
+
+    def _want(self, model: Model, now: float) -> None:
+        """Load the model: the supervisor starts its workers, which count as loading until they say more."""
+        log.info("loading model %s", model.spec.name)
+        model.wanted, model.requested, model.last_used = True, False, now
+        for worker in self._workers_of(model):
+            if worker.info.state == UNLOADED:
+                worker.info = msgspec.structs.replace(worker.info, state="loading", error="")
+
+    def _unload(self, model: Model, why: str) -> None:
+        """Stop the model's workers (the supervisor ends their processes); a failed one keeps its reason."""
+        log.info("unloading model %s: %s", model.spec.name, why)
+        model.wanted = False
+        for worker in self._workers_of(model):
+            if worker.info.state == "failed":
+                continue
+            worker.info = msgspec.structs.replace(worker.info, state=UNLOADING if worker.info.pid else UNLOADED)
+
+    def _gone(self, worker: Worker) -> None:
+        """A worker's process ended because its model was unloaded (or it was failed): it holds nothing now."""
+        if worker.running or worker.lookups:
+            self._lost(worker, "was stopped")
+        worker.prefixes.clear()
+        if worker.info.state != "failed":
+            state = "loading" if self._wanted(worker) else UNLOADED  # wanted again meanwhile: it starts anew
+            worker.info = msgspec.structs.replace(worker.info, state=state, pid=0, running=[], waiting=0, error="")
+        self._dispatch()
+
+    def _leaving(self, model: Model) -> bool:
+        """Whether processes of the model's are still ending after an unload."""
+        return any(w.info.state == UNLOADING for w in self._workers_of(model))
+
+    def _holds(self, model: Model, device: str) -> bool:
+        """Whether the model holds memory on the device: loaded or loading, or its processes not ended yet."""
+        return device in model.spec.memory and (model.wanted or self._leaving(model))
+
+    def _evictable(self, model: Model) -> bool:
+        return model.wanted and model.keep_alive != -1 and self._settled(model) and not self._busy(model)
+
+    def _fits(self, need: int, device: str, beside: list[Model]) -> bool:
+        budget = self.plan.budgets.get(device, 0)
+        used = sum(m.spec.memory.get(device, 0) for m in beside)
+        return (not budget or used + need <= budget) and len(beside) < self.plan.max_loaded
+
+    def _never_fits(self, model: Model) -> str | None:
+        """Why the model cannot load even with every model that may be unloaded gone; None if it can."""
+        for device, need in model.spec.memory.items():
+            kept = [m for m in self.models.values() if m is not model and m.wanted and m.keep_alive == -1
+                    and device in m.spec.memory]
+            if self._fits(need, device, kept):
+                continue
+            budget = self.plan.budgets.get(device, 0)
+            if len(kept) >= self.plan.max_loaded:
+                return (f"the model '{model.spec.name}' cannot be loaded on {device}: models.max-loaded is "
+                        f"{self.plan.max_loaded} and the models kept loaded there ({', '.join(m.spec.name for m in kept)}) "
+                        "have a keep-alive of -1")
+            free = budget - sum(m.spec.memory.get(device, 0) for m in kept)
+            return (f"the model '{model.spec.name}' needs about {need >> 20} MiB on {device} (weights and KV cache "
+                    f"at context {model.spec.context}), more than the {max(free, 0) >> 20} MiB of its memory budget "
+                    f"of {budget >> 20} MiB that can be freed for it (models.memory-budget; a smaller context or "
+                    "fewer slots make it smaller)")
+        return None
+
+    def _make_room(self, model: Model) -> bool:
+        """Whether the model may load now beside what is loaded on each of its devices. If not, the least
+        recently used idle models that make it fit there are unloaded; it loads once their processes end."""
+        now_fits = True
+        for device, need in model.spec.memory.items():
+            held = [m for m in self.models.values() if m is not model and self._holds(m, device)]
+            staying = [m for m in held if m.wanted]
+            leaving = len(staying) < len(held)
+            victims = sorted((m for m in staying if self._evictable(m)), key=lambda m: m.last_used)
+            while not self._fits(need, device, staying) and victims:
+                victim = victims.pop(0)
+                self._unload(victim, f"to make room for {model.spec.name} on {device}")
+                staying.remove(victim)
+                leaving = True
+            # busy models in the way: it waits for them to go idle (its requests' timeout bounds the wait)
+            now_fits = now_fits and self._fits(need, device, staying) and not leaving
+        return now_fits
+
+    def _schedule(self, now: float) -> None:
+        """Load the models requests wait for (as memory allows), fail those none of whose workers loaded,
+        and unload those idle past their keep-alive."""
+        asked = {q.submit.model.lower() for q in self.queue.values()}
+        for name, model in self.models.items():
+            # not while its own processes are ending: the supervisor must see it unwanted to end them
+            if ((name in asked or model.requested) and not model.wanted and not model.failed
+                    and not self._leaving(model) and self._make_room(model)):
+                self._want(model, now)
+        for model in self.models.values():
+            if not model.wanted:
+                continue
+            workers = self._workers_of(model)
+            if workers and all(w.info.state == "failed" for w in workers):
+                model.failed = "; ".join(f"{w.info.worker_id}: {w.info.error}" for w in workers)
+                log.error("model %s failed to load: %s", model.spec.name, model.failed)
+                self._unload(model, "no worker of it could load")
+            elif (model.keep_alive >= 0 and self._settled(model) and not self._busy(model)
+                  and now - model.last_used >= model.keep_alive):
+                self._unload(model, f"idle for {model.keep_alive} s (its keep-alive)")
+
+    def _control(self, control: wire.ModelControl) -> wire.Output:
+        """Load a model now, or unload it once idle: answered at once (the load goes on)."""
+        model = self.models.get(control.model.lower())
+        if model is None:
+            known = ", ".join(m.spec.name for m in self.models.values())
+            return wire.failed(control.id, 404, f"The model '{control.model}' does not exist. Models served here: "
+                               f"{known}", code="model_not_found", param="model")
+        if not control.load:
+            model.keep_alive, model.requested = 0, False  # as a request with keep_alive 0: gone once idle
+            self._schedule(time.monotonic())
+            return wire.Output(control.id, finish_reason="stop")
+        model.keep_alive = model.spec.keep_alive if control.keep_alive is None else control.keep_alive
+        if not model.wanted:
+            too_big = self._never_fits(model)
+            if too_big:
+                return wire.failed(control.id, 507, too_big, code="model_too_large", param="model")
+            if model.failed:  # asked by name: it is tried again
+                model.failed = ""
+                for worker in self._workers_of(model):
+                    worker.info = msgspec.structs.replace(worker.info, state=UNLOADED, error="", pid=0)
+            model.requested = True
+        model.last_used = time.monotonic()
+        self._dispatch()
+        return wire.Output(control.id, finish_reason="stop")
+
     def _tick(self, now: float) -> None:
         for worker in self.workers.values():
-            if worker.info.state not in (RESTARTING, "failed") and now - worker.last_seen > WORKER_TIMEOUT:
-                self._lost(worker, "went silent")
+            if worker.info.state in (RESTARTING, "failed", UNLOADED) or not worker.info.pid:
+                continue  # no process to hear from (yet)
+            if now - worker.last_seen > WORKER_TIMEOUT:
+                if worker.info.state == UNLOADING:
+                    self._gone(worker)
+                else:
+                    self._lost(worker, "went silent")
+        self._schedule(now)  # an idle model's keep-alive may have run out; a model may fit now
         if self.drain_deadline is not None and now >= self.drain_deadline and (self.routes or self.queue):
             self._end_all("the server shut down before this request finished")
         if self.queue and now >= self.next_pass:  # a wait for a lane may have run past HANDOVER_SECONDS

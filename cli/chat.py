@@ -137,7 +137,7 @@ def run(config: Config, system: str | None, max_tokens: int | None, temperature:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:
             pass
-        models = ", ".join(wire.models_of(status)) or "the model"
+        models = status.models[0].name if status.models else "the model"  # the default, which chat asks
         click.echo(f"Chatting with {models} at {chat.url}; {COMMANDS}.")
     if not converse(chat, interactive):
         sys.exit(1)

@@ -288,6 +288,28 @@ def models_remove(model: str) -> None:
     click.echo("\n".join(lines))
 
 
+@models.command("load")
+@click.argument("model")
+@click.option("--keep-alive", help="how long it stays loaded once idle: seconds, a duration (5m), -1 for always  "
+              "[default: the model's own]")
+def models_load(model: str, keep_alive: str | None) -> None:
+    """Load MODEL on the running server now (to warm it before it is needed); waits until it is loaded."""
+    try:
+        click.echo(model_views.control(_config_for_reading(), model, load=True, keep_alive=keep_alive))
+    except model_views.Refused as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@models.command("unload")
+@click.argument("model")
+def models_unload(model: str) -> None:
+    """Unload MODEL on the running server, as soon as no request runs on it."""
+    try:
+        click.echo(model_views.control(_config_for_reading(), model, load=False))
+    except model_views.Refused as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @main.command("use-model")
 @click.argument("model")
 def use_model(model: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import shutil
 from pathlib import Path
 
@@ -175,3 +176,45 @@ def use_model(config: Config, entries: list[ModelEntry], name: str) -> str:
         raise Refused(f"{entry.id} cannot be served: {entry.problem}")
     config.set_many({"model.default": entry.id})
     return f"model.default: {entry.id} (a running `infersnap serve` serves it after a restart)"
+
+
+LOAD_TIMEOUT = 600.0  # seconds `models load` waits for the model to be loaded (a big model on a slow disk)
+
+
+def control(config: Config, model: str, load: bool, keep_alive: str | None = None) -> str:
+    """`models load` / `models unload`: ask the running server (POST /v1/models/load or /unload, the routes
+    any client has) and, for a load, wait until the model is loaded or failed. Refused says why not."""
+    import httpx
+
+    from infersnap.cli.chat import first_api_key
+    from infersnap.cli.status import NotRunning, query_status
+
+    try:
+        base = query_status(timeout=2).endpoints["openai"].rstrip("/")
+    except NotRunning as exc:
+        raise Refused(f"{exc}; start it with `infersnap serve`") from None
+    key = first_api_key(config)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    body: dict[str, object] = {"model": model, **({"keep_alive": keep_alive} if keep_alive is not None else {})}
+
+    def card(reply: httpx.Response) -> dict:
+        if reply.status_code != 200:
+            try:
+                message = reply.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = reply.text
+            raise Refused(f"{model}: {message} (HTTP {reply.status_code})")
+        return reply.json()
+
+    with httpx.Client(base_url=base, headers=headers, timeout=30) as http:
+        found = card(http.post("/models/load" if load else "/models/unload", json=body))
+        deadline = time.monotonic() + LOAD_TIMEOUT
+        done = ("loaded", "failed") if load else ("unloaded", "failed")
+        while found["state"] not in done and time.monotonic() < deadline:
+            time.sleep(0.2)
+            found = card(http.get(f"/models/{found['id']}"))
+    if found["state"] == "failed":
+        raise Refused(f"{found['id']} failed to load: {found.get('error')}")
+    if found["state"] not in done:  # an unload waits for the requests running on it
+        return f"{found['id']}: {found['state']} (it goes on after this)"
+    return f"{found['id']}: {found['state']}"

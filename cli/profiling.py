@@ -125,10 +125,11 @@ def shown(config: Config, machine: Machine) -> dict[Assignment, Profile]:
 
 
 def plan_subjects(plan: ServePlan) -> list[Subject]:
-    """The generating workers of a serve plan, as profiles are keyed."""
-    return [Subject(engine=w.engine, runtime=w.runtime, device=w.device, model_path=plan.model_path,
-                    threads=w.threads, context=plan.context, cpus=w.cpus, gpu_layers=w.gpu_layers)
-            for w in plan.workers if w.task == "generate"]
+    """The generating workers of a serve plan's default model, as profiles are keyed."""
+    model = plan.default_model
+    return [Subject(engine=w.engine, runtime=w.runtime, device=w.device, model_path=model.path,
+                    threads=w.threads, context=model.context, cpus=w.cpus, gpu_layers=w.gpu_layers)
+            for w in plan.workers_of(model.name) if w.task == "generate"]
 
 
 def profiles_for(found: Iterable[Subject], machine: Machine) -> dict[Assignment, Profile]:

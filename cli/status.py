@@ -49,14 +49,27 @@ def tell_broker(message: wire.Message) -> None:
 def status_document(status: wire.Status) -> dict:
     """The status as `infersnap status` prints it."""
     engines = sorted({w.engine for w in status.workers if "generate" in w.capabilities.tasks})
+    default = status.models[0] if status.models else None
     return {
         "engine": ", ".join(engines) if engines else None,
         "endpoints": dict(status.endpoints),
-        "model": ", ".join(wire.models_of(status)) or None,
-        **({"context": f"{status.context} tokens per sequence ({status.context_note})"} if status.context_note else {}),
+        "model": default.name if default else None,  # the default one; `models` has them all
+        **({"context": f"{default.context} tokens per sequence ({default.context_note})"}
+           if default and default.context_note else {}),
         "waiting": status.queued,
         **({"draining": True} if status.draining else {}),
-        **({"left-out": status.left_out} if status.left_out else {}),
+        **({"left-out": default.left_out} if default and default.left_out else {}),
+        "models": [
+            {
+                "id": m.name,
+                "state": m.state,
+                **({"error": m.error} if m.error else {}),
+                "context": m.context,
+                "keep-alive": m.keep_alive,
+                **({"idle": round(m.idle_seconds, 1)} if m.idle_seconds is not None else {}),
+            }
+            for m in status.models
+        ],
         "workers": [
             {
                 "id": w.worker_id,

@@ -4,6 +4,11 @@ Each process is started in its own session (so a terminal's Ctrl-C reaches
 only the supervisor, which then stops them in order) and with a parent-death
 signal (so none outlives a supervisor that was killed outright). A process
 that exits on its own is started again, with a growing pause if it keeps failing.
+
+Which workers run follows the broker: it wants the models that requests ask for
+(and unloads idle ones), and says so in its Status (`ModelState.wanted`). The
+supervisor starts the workers of each wanted model and stops the others; the
+default model's are started with the broker, before it is asked.
 """
 
 from __future__ import annotations
@@ -19,17 +24,24 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 
-from infersnap import paths, wire
+from pathlib import Path
+
+import msgspec
+
+from infersnap import catalog, paths, wire
 from infersnap import plan as serve_plan
+from infersnap.catalog import ModelEntry
 from infersnap.cli import access_keys
 from infersnap.cli.status import NotRunning, query_status, tell_broker
 from infersnap.config import Config
 from infersnap.cli.engines import detect, serving_assignments
-from infersnap.engines import Assignment, embedding_engine, manifests
+from infersnap.engines import MEMORY_SHARE, Assignment, embedding_engine, manifests
+from infersnap.engines import candidates as auto_candidates
+from infersnap.hwdetect import Machine
 from infersnap.hwdetect.cpu import physical_core_cpus
-from infersnap.cli.profiling import before_serving, serve_context
-from infersnap.models import resolve
-from infersnap.plan import RESTARTS_VARIABLE, ServePlan, WorkerSpec
+from infersnap.cli.profiling import before_serving, serve_context, stored_profiles
+from infersnap.models import ModelNotFound, ModelShape, model_shape
+from infersnap.plan import RESTARTS_VARIABLE, ModelSpec, ServePlan, WorkerSpec
 from infersnap.profiles import Profile, Speed
 
 STOP_GRACE_SECONDS = 10
@@ -40,6 +52,10 @@ class ServeError(Exception):
     pass
 
 
+def _say(text: str) -> None:
+    print(f"infersnap: {text}", file=sys.stderr, flush=True)
+
+
 def build_plan(config: Config) -> ServePlan:
     try:
         api_keys = access_keys.api_keys(config.get("http.api-keys"), config.get("http.api-keys-file"))
@@ -47,29 +63,25 @@ def build_plan(config: Config) -> ServePlan:
         raise ServeError(str(exc)) from None
     open_warning = access_keys.open_network_warning(config.get("http.host"), config.get("http.port"), api_keys)
     if open_warning:
-        print(f"infersnap: {open_warning}", file=sys.stderr, flush=True)
-    model_path, model_name = resolve(config.get("model.path"), config.get("model.name"))
+        _say(open_warning)
+    entries = catalog.scan(config, warn=_say)
+    default = catalog.default_entry(config, entries)
+    if not Path(default.path).is_file():
+        raise ModelNotFound(f"model file not found: {default.path}")
     machine = detect("/")
-    context = serve_context(config, machine)  # once: the profiles are keyed by it
-    measured = before_serving(config, machine, context=context.tokens)  # measures what has no profile yet
-    lineup = serving_assignments(config, machine, measured)
-    for note in [lineup.warning, *lineup.left_out]:
-        if note:
-            print(f"infersnap: {note}", file=sys.stderr, flush=True)
-    cores = physical_core_cpus()
-    # worker.slots as set; left at its default, each lane's profile picks its own
-    workers = worker_specs(lineup.assignments, cores, config.get("worker.threads"), config.get("worker.slots"),
-                           measured, choose_slots="worker.slots" not in config.user)
-    if config.get("worker.embeddings"):
-        workers += embedding_specs(workers, cores, embedding_engine(machine), config.get("worker.embedding-slots"))
+    models: list[ModelSpec] = []
+    workers: list[WorkerSpec] = []
+    for entry in [default, *(e for e in entries if e is not default)]:
+        model, specs = model_plan(catalog.model_config(config, entry), machine, entry, entry is default)
+        models.append(model)
+        workers += specs
     return ServePlan(
         host=config.get("http.host"),
         port=config.get("http.port"),
         max_body_bytes=config.get("http.max-body-bytes"),
-        model_path=str(model_path),
-        model_name=model_name,
-        context=context.tokens,
-        context_note=context.why,
+        models=models,
+        budgets=memory_budgets(config, machine),
+        max_loaded=config.get("models.max-loaded"),
         max_waiting=config.get("queue.max-waiting"),
         request_timeout=config.get("queue.request-timeout"),
         verbose=config.get("verbose"),
@@ -80,8 +92,86 @@ def build_plan(config: Config) -> ServePlan:
         max_n=config.get("limits.max-n"),
         drain_timeout=config.get("queue.drain-timeout"),
         send_timeout=config.get("http.send-timeout"),
-        left_out=lineup.left_out,
     )
+
+
+def model_plan(config: Config, machine: Machine, entry: ModelEntry, default: bool) -> tuple[ModelSpec, list[WorkerSpec]]:
+    """One model's workers and what they cost, from the config as its workers see it (catalog.model_config).
+    The default model's engines are measured first where they have no profile; another model's use the
+    profiles stored (`infersnap use-engine --auto` with it as model.default measures them), so that its
+    first request never waits for a measurement."""
+    context = serve_context(config, machine)  # once: the profiles are keyed by it
+    if default:
+        measured = before_serving(config, machine, context=context.tokens)  # measures what has no profile yet
+    else:
+        measured = stored_profiles(config, machine, context.tokens)
+    lineup = serving_assignments(config, machine, measured)
+    assignments = lineup.assignments
+    if lineup.warning or config.get("engines").strip() in ("", "auto"):  # auto: engines that can read this model
+        assignments = runnable(assignments, entry.runtimes, machine)
+    label = "" if default else f" ({entry.id})"
+    for note in [lineup.warning, *lineup.left_out]:
+        if note:
+            _say(note + label)
+    cores = physical_core_cpus()
+    # worker.slots as set; left at its default, each lane's profile picks its own
+    specs = worker_specs(assignments, cores, config.get("worker.threads"), config.get("worker.slots"),
+                         measured, choose_slots="worker.slots" not in config.user)
+    if config.get("worker.embeddings"):
+        specs += embedding_specs(specs, cores, embedding_engine(machine), config.get("worker.embedding-slots"))
+    # worker ids are ZeroMQ identities, unique across models: the default model's keep the plain ones
+    specs = [msgspec.structs.replace(w, model=entry.id, worker_id=w.worker_id if default else f"{w.worker_id}@{entry.slug}")
+             for w in specs]
+    keep_alive_key = f"{catalog.PER_MODEL}.{entry.slug}.keep-alive"
+    # the default model stays loaded unless its own keep-alive says otherwise: it is what clients get
+    keep_alive = -1 if default and keep_alive_key not in config.user else config.get("models.keep-alive")
+    template_file = config.get(f"{catalog.PER_MODEL}.{entry.slug}.chat-template")
+    template = ""
+    if template_file:
+        try:
+            template = Path(template_file).expanduser().read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ServeError(f"{catalog.PER_MODEL}.{entry.slug}.chat-template: cannot read {template_file}: {exc}") from None
+    model = ModelSpec(
+        name=entry.id, path=entry.path, context=context.tokens, context_note=context.why, left_out=lineup.left_out,
+        keep_alive=keep_alive, memory=memory_of(specs, context.tokens, model_shape(Path(entry.path))),
+        chat=entry.chat_template or bool(template), chat_template=template,
+    )
+    return model, specs
+
+
+def memory_of(specs: list[WorkerSpec], context: int, shape: ModelShape) -> dict[str, int]:
+    """What a model's workers hold on each device once loaded: a copy of the weights each, and each slot's
+    KV cache at full context (infersnap/context.py); the embedding worker's inputs share one."""
+    held: dict[str, int] = {}
+    for w in specs:
+        sequences = 1 if w.task == "embed" else w.slots
+        held[w.device] = held.get(w.device, 0) + shape.weights_bytes + sequences * context * shape.kv_bytes_per_token
+    return held
+
+
+def memory_budgets(config: Config, machine: Machine) -> dict[str, int]:
+    """What loaded models may hold per device: models.memory-budget (MiB) or a share of the memory free
+    at start on the CPU, a share of its own memory on an accelerator that has some; none where unknown."""
+    budgets = {}
+    if config.get("models.memory-budget"):
+        budgets["cpu"] = config.get("models.memory-budget") << 20
+    elif machine.memory.available_bytes:
+        budgets["cpu"] = int(machine.memory.available_bytes * MEMORY_SHARE)
+    for accelerator in machine.accelerators:
+        if accelerator.vram_bytes:
+            budgets[accelerator.device] = int(accelerator.vram_bytes * MEMORY_SHARE)
+    return budgets
+
+
+def runnable(assignments: list[Assignment], runtimes: list[str], machine: Machine) -> list[Assignment]:
+    """The lanes whose runtime can read the model; a device left with none gets its best candidate that can."""
+    kept = [a for a in assignments if manifests()[a.engine].runtime in runtimes]
+    for device in dict.fromkeys(a.device for a in assignments):
+        if not any(a.device == device for a in kept):
+            kept += [a for a in auto_candidates(machine) if a.device == device
+                     and manifests()[a.engine].runtime in runtimes][:1]
+    return kept
 
 
 def worker_specs(assignments: list[Assignment], cores: list[int], cpu_threads: int, slots: int,
@@ -173,6 +263,7 @@ class Child:
     restart_at: float = 0.0
     started_at: float = 0.0
     given_up: bool = False  # a worker that exited while loading: failed, not restarted
+    stopping: bool = False  # its model was unloaded: its process is ending, not to be restarted
     seen_ready: bool = False  # since it last started, by the supervisor's own asking: for when the broker cannot say
 
     def start(self) -> None:
@@ -206,6 +297,9 @@ class Supervisor:
             for w in plan.workers
         ]
         self.children.append(Child("frontend", [*module, "infersnap.frontend", plan_arg]))
+        self.at_start = {w.worker_id for w in plan.workers_of(plan.default_model.name)}
+        self.asked_at = 0.0  # when the broker was last asked which models it wants
+        self.wanted = {plan.default_model.name.lower()}  # the models whose workers run, as the broker last said
         self.stopping = False
         self.hurry = False  # a second signal: stop without waiting for running requests
 
@@ -223,9 +317,10 @@ class Supervisor:
         serving = False
         try:
             for child in self.children:
-                child.start()
+                if not child.worker_id or child.worker_id in self.at_start:
+                    child.start()
             self._wait_until_ready()
-            print(f"infersnap is serving {self.plan.model_name} at {self.plan.api_url}", flush=True)
+            print(f"infersnap is serving {self.plan.default_model.name} at {self.plan.api_url}", flush=True)
             serving = True
             while not self.stopping:
                 self._watch()
@@ -274,20 +369,20 @@ class Supervisor:
             return False
 
     def _wait_until_ready(self) -> None:
-        """Until every worker has loaded or failed, and the frontend answers."""
+        """Until every worker of the default model has loaded or failed, and the frontend answers."""
         while not self.stopping:
             for child in self.children:
                 if not child.worker_id and child.process.poll() is not None:
                     raise ServeError(f"the {child.name} process exited with code {child.process.returncode} at start")
             self._watch()  # a worker that exits while loading is marked failed; the others serve
             try:
-                workers = query_status(timeout=0.5).workers
+                workers = [w for w in query_status(timeout=0.5).workers if w.worker_id in self.at_start]
             except NotRunning:
                 workers = []
             ready = {w.worker_id for w in workers if w.state == "ready"}
             for child in self.children:
                 child.seen_ready = child.seen_ready or child.worker_id in ready
-            settled = len(workers) == len(self.plan.workers) and all(w.state != "loading" for w in workers)
+            settled = len(workers) == len(self.at_start) and all(w.state in ("ready", "failed") for w in workers)
             if settled and self._frontend_answers():
                 for worker in workers:
                     if worker.state == "failed":
@@ -295,14 +390,53 @@ class Supervisor:
                 return
             time.sleep(0.2)
 
+    def _follow_broker(self, now: float) -> None:
+        """Start the workers of the models the broker wants, and stop the others' (at most every 0.5 s)."""
+        if now - self.asked_at < 0.5:
+            return
+        self.asked_at = now
+        try:
+            status = query_status(timeout=1)
+        except NotRunning:
+            return  # nothing changes while the broker cannot say (it is restarted meanwhile)
+        self.wanted = {m.name.lower() for m in status.models if m.wanted}
+        ready = {w.worker_id for w in status.workers if w.state == "ready"}
+        for child, spec in self.worker_children():
+            child.seen_ready = child.seen_ready or child.worker_id in ready
+            running = child.process is not None and child.process.poll() is None
+            if spec.model.lower() in self.wanted:
+                if child.process is None:  # never started, or stopped when its model was unloaded
+                    child.failures = 0
+                    child.start()  # a load, not a restart
+            elif running and not child.stopping:
+                child.stopping = True
+                child.process.terminate()
+            elif not running and child.given_up:
+                child.given_up, child.process = False, None  # unloaded: the next load tries it afresh
+
+    def worker_children(self) -> list[tuple[Child, WorkerSpec]]:
+        specs = {w.worker_id: w for w in self.plan.workers}
+        return [(c, specs[c.worker_id]) for c in self.children if c.worker_id]
+
+    @property
+    def worker_model(self) -> dict[str, str]:
+        return {w.worker_id: w.model.lower() for w in self.plan.workers}
+
     def _watch(self) -> None:
         now = time.monotonic()
+        self._follow_broker(now)
         for child in self.children:
-            if child.given_up:
+            if child.given_up or child.process is None:
                 continue
             if child.process.poll() is None:
                 if now - child.started_at > 60:
                     child.failures = 0  # it has run long enough to count as healthy
+                continue
+            model = self.worker_model.get(child.worker_id, "")
+            if child.stopping or (child.worker_id and model not in self.wanted):  # unloaded: its memory is free now
+                child.stopping = False
+                tell_broker(wire.WorkerExited(child.worker_id, child.process.returncode))
+                child.process = None
                 continue
             if not child.restart_at:
                 code = child.process.returncode

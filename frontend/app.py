@@ -105,7 +105,7 @@ def create_app(plan: ServePlan) -> Sanic:
         body = decode_body(request, schema.TokenizeRequest)
         message = wire.Tokenize(
             id=f"tok-{uuid.uuid4().hex}",
-            model=body.model or plan.model_name,
+            model=body.model or plan.default_model.name,
             content=body.content,
             add_special=body.add_special,
             with_pieces=body.with_pieces,
@@ -119,7 +119,7 @@ def create_app(plan: ServePlan) -> Sanic:
     @app.post("/detokenize")
     async def detokenize(request: Request) -> HTTPResponse:
         body = decode_body(request, schema.DetokenizeRequest)
-        model = body.model or plan.model_name
+        model = body.model or plan.default_model.name
         result = await lookup(request, wire.Detokenize(id=f"detok-{uuid.uuid4().hex}", model=model, tokens=body.tokens))
         return json_response(msgspec.json.encode(schema.DetokenizeResponse(content=result.text)))
 
@@ -139,17 +139,20 @@ def openai_routes() -> Blueprint:
 
     @v1.get("/models")
     async def list_models(request: Request) -> HTTPResponse:
-        status = await request.app.ctx.broker.status()
-        cards = [schema.ModelCard(id=m, created=request.app.ctx.started) for m in wire.models_of(status)]
-        return json_response(msgspec.json.encode(schema.ModelList(data=cards)))
+        cards = await model_cards(request)
+        return json_response(msgspec.json.encode(schema.ModelList(data=list(cards.values()))))
 
     @v1.get("/models/<model_id:path>")
     async def get_model(request: Request, model_id: str) -> HTTPResponse:
-        status = await request.app.ctx.broker.status()
-        for model in wire.models_of(status):
-            if model.lower() == model_id.lower():
-                return json_response(msgspec.json.encode(schema.ModelCard(id=model, created=request.app.ctx.started)))
-        raise APIError(404, f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        return json_response(msgspec.json.encode(await model_card(request, model_id)))
+
+    @v1.post("/models/load")
+    async def load_model(request: Request) -> HTTPResponse:
+        return await control_model(request, load=True)
+
+    @v1.post("/models/unload")
+    async def unload_model(request: Request) -> HTTPResponse:
+        return await control_model(request, load=False)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request) -> HTTPResponse | None:
@@ -199,11 +202,11 @@ def openai_routes() -> Blueprint:
     async def embeddings(request: Request) -> HTTPResponse:
         plan: ServePlan = request.app.ctx.plan
         with RequestRecord(request.app.ctx.metrics, "embeddings") as record:
-            if not plan.embeddings:
+            body = decode_body(request, schema.EmbeddingRequest)
+            embed = convert.embedding_request(body, plan.default_model.name)
+            if plan.model(embed.model) is not None and not plan.embeddings(embed.model):
                 raise APIError(501, "this server runs no embedding worker (worker.embeddings is false, or no "
                                "llama.cpp engine runs on this CPU)", type="not_supported_error", code="not_supported")
-            body = decode_body(request, schema.EmbeddingRequest)
-            embed = convert.embedding_request(body, plan.model_name)
             record.request_id, record.model = embed.id, embed.model
             generation = record.generation = Generation(request.app.ctx.broker, [embed], deadline(plan))
             async with running(generation):
@@ -216,10 +219,45 @@ def openai_routes() -> Blueprint:
     return v1
 
 
+async def model_cards(request: Request) -> dict[str, schema.ModelCard]:
+    """Every model of the plan (the default first) with its state from the broker, by lowercase id."""
+    plan: ServePlan = request.app.ctx.plan
+    states = {m.name.lower(): m for m in (await request.app.ctx.broker.status()).models}
+    cards = {}
+    for spec in plan.models:
+        state = states.get(spec.name.lower())
+        can = [*(["chat", "tools"] if spec.chat else []), "completions", *(["embeddings"] if plan.embeddings(spec.name) else [])]
+        cards[spec.name.lower()] = schema.ModelCard(
+            id=spec.name, created=request.app.ctx.started, state=state.state if state else "unloaded",
+            error=(state.error or None) if state else None, capabilities=can, context_length=spec.context)
+    return cards
+
+
+async def model_card(request: Request, model_id: str) -> schema.ModelCard:
+    cards = await model_cards(request)
+    card = cards.get(model_id.lower())
+    if card is None:
+        known = ", ".join(c.id for c in cards.values())
+        raise APIError(404, f"The model '{model_id}' does not exist. Models served here: {known}", param="model",
+                       code="model_not_found")
+    return card
+
+
+async def control_model(request: Request, load: bool) -> HTTPResponse:
+    """Load a model now (it keeps loading after the answer), or unload it once its requests end."""
+    body = decode_body(request, schema.ModelControlRequest)
+    await model_card(request, body.model)  # 404 for a model that is not here
+    control = wire.ModelControl(f"ctl-{uuid.uuid4().hex}", body.model, load, convert.keep_alive_seconds(body.keep_alive))
+    done = await request.app.ctx.broker.control(control)
+    if done.failure is not None:
+        raise failure_error(done.failure)
+    return json_response(msgspec.json.encode(await model_card(request, body.model)))
+
+
 async def prompt_tokens(request: Request, chat: schema.ChatCompletionRequest) -> int:
     """How many tokens the prompt of this chat body makes, counted by a worker's tokenizer and template."""
     plan: ServePlan = request.app.ctx.plan
-    [generate] = convert.chat_request(chat, plan.model_name, tools.from_request(chat))
+    [generate] = convert.chat_request(chat, plan.default_model.name, tools.from_request(chat))
     count = wire.Tokenize(id=f"tok-{uuid.uuid4().hex}", model=generate.model, content="",
                           messages=generate.messages, template_args=generate.template_args)
     return len((await lookup(request, count)).tokens)
@@ -292,13 +330,13 @@ async def running(generation: Generation) -> AsyncIterator[Generation]:
 def prepare_chat(body: schema.ChatCompletionRequest, plan: ServePlan) -> tuple[list[wire.Generate], render.ChatRender]:
     convert.check_limits(body, plan)
     toolset = tools.from_request(body)  # read once: convert describes the tools to the model, the render parses calls
-    prompts = convert.chat_request(body, plan.model_name, toolset)
+    prompts = convert.chat_request(body, plan.default_model.name, toolset)
     return prompts, render.ChatRender(prompts[0].id, prompts[0].model, body, toolset)
 
 
 def prepare_text(body: schema.CompletionRequest, plan: ServePlan) -> tuple[list[wire.Generate], render.TextRender]:
     convert.check_limits(body, plan)
-    prompts = convert.completion_request(body, plan.model_name)
+    prompts = convert.completion_request(body, plan.default_model.name)
     return prompts, render.TextRender(prompts[0].id, prompts[0].model, body)
 
 
@@ -317,7 +355,7 @@ def agent_prompts(
     a local context holds: the answer ends where the context (or limits.max-tokens) does, not refused."""
     chat.max_tokens = min(chat.max_tokens or plan.max_tokens, plan.max_tokens)
     toolset = tools.from_request(chat)
-    return convert.chat_request(chat, plan.model_name, toolset, fit_context=True), toolset
+    return convert.chat_request(chat, plan.default_model.name, toolset, fit_context=True), toolset
 
 
 async def complete(

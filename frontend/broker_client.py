@@ -91,6 +91,17 @@ class BrokerClient:
             self.abort(request.id)
             return wire.failed(request.id, 503, "no worker answered; retry shortly")
 
+    async def control(self, message: wire.ModelControl) -> wire.Output:
+        """Ask the broker to load or unload a model; its answer is one Output, as any request's."""
+        outputs: asyncio.Queue[wire.Output] = asyncio.Queue()
+        self.requests[message.id] = outputs
+        await self.socket.send(wire.encode(message))
+        try:
+            return await asyncio.wait_for(outputs.get(), STATUS_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.requests.pop(message.id, None)
+            return wire.failed(message.id, 503, "the server's broker does not answer; please retry")
+
     def abort(self, request_id: str) -> None:
         """Stop a request; synchronous so it can run while the handler is being cancelled."""
         self.requests.pop(request_id, None)

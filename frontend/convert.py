@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -14,6 +15,23 @@ from infersnap.plan import ServePlan
 
 DEFAULTS = wire.SamplingParams()
 MAX_TOKEN_ID = 2**31 - 1  # token ids are int32 in both runtimes
+
+
+_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)?")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
+
+
+def keep_alive_seconds(value: int | str | None) -> int | None:
+    """A request's keep_alive in whole seconds (-1: always), as Ollama reads it; None when not given."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        found = _DURATION.fullmatch(value.strip())
+        if found is None:
+            raise APIError(400, f"keep_alive must be seconds or a duration such as \"5m\", got {value!r}",
+                           param="keep_alive")
+        value = float(found[1]) * _UNIT_SECONDS[found[2]]
+    return -1 if value < 0 else min(int(value), 1 << 31)
 
 
 def check_limits(body: schema.SamplingFields, plan: ServePlan) -> None:
@@ -29,7 +47,8 @@ def check_limits(body: schema.SamplingFields, plan: ServePlan) -> None:
     prompts = len(body.prompts) if isinstance(body, schema.CompletionRequest) else 1
     choices = (body.n or 1) * prompts
     # past what the workers can run and queue at once, the broker would refuse it every time
-    limit, why = min((plan.max_n, "limits.max-n"), (plan.capacity, "worker.slots + queue.max-waiting per worker"))
+    capacity = plan.capacity(body.model or plan.default_model.name) or plan.max_n  # an unknown model: the broker says 404
+    limit, why = min((plan.max_n, "limits.max-n"), (capacity, "worker.slots + queue.max-waiting per worker"))
     if choices > limit:
         asked = f"n is {body.n}" if prompts == 1 else f"{prompts} prompts × n={body.n or 1} make {choices} choices"
         raise APIError(
@@ -147,6 +166,7 @@ def chat_request(
             ),
             messages=messages,
             template_args=_template_args(body),
+            keep_alive=keep_alive_seconds(body.keep_alive),
         )
     ]
 
@@ -174,7 +194,8 @@ def completion_request(body: schema.CompletionRequest, model: str) -> list[wire.
     if body.echo:  # the echoed prompt's tokens get logprobs too
         params = msgspec.structs.replace(params, prompt_logprobs=logprobs)
     return [
-        wire.Generate(id=request_id, model=body.model or model, params=params, prompt=prompt, suffix=body.suffix or None)
+        wire.Generate(id=request_id, model=body.model or model, params=params, prompt=prompt, suffix=body.suffix or None,
+                      keep_alive=keep_alive_seconds(body.keep_alive))
         for prompt in body.prompts
     ]
 
@@ -183,15 +204,16 @@ def embedding_request(body: schema.EmbeddingRequest, model: str) -> wire.Embed:
     """The Embed for a body: its input as texts or as token id lists (a 400 naming the input otherwise)."""
     embed_id = f"embd-{uuid.uuid4().hex}"
     model = body.model or model
+    keep_alive = keep_alive_seconds(body.keep_alive)
     items = [body.input] if isinstance(body.input, str) else body.input
     if all(_is_token_id(t) for t in items):  # one input given as token ids
-        return wire.Embed(embed_id, model, token_lists=[items], dimensions=body.dimensions)
+        return wire.Embed(embed_id, model, token_lists=[items], dimensions=body.dimensions, keep_alive=keep_alive)
     if all(isinstance(t, str) for t in items):
         if "" in items:
             raise APIError(400, f"input[{items.index('')}] is an empty string", param="input")
-        return wire.Embed(embed_id, model, texts=items, dimensions=body.dimensions)
+        return wire.Embed(embed_id, model, texts=items, dimensions=body.dimensions, keep_alive=keep_alive)
     if all(isinstance(t, list) and t and all(_is_token_id(x) for x in t) for t in items):
-        return wire.Embed(embed_id, model, token_lists=items, dimensions=body.dimensions)
+        return wire.Embed(embed_id, model, token_lists=items, dimensions=body.dimensions, keep_alive=keep_alive)
     raise APIError(
         400,
         "input must be a string, a list of strings, a list of token ids, or a list of non-empty lists of token ids",

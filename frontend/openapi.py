@@ -30,6 +30,8 @@ ERRORS = {
     501: "No embedding worker runs (worker.embeddings is false, or no llama.cpp engine runs on this CPU)",
     503: "No worker ready yet, or every queue is full (`code: server_overloaded`); comes with Retry-After",
     504: "The request ran past queue.request-timeout (`code: timeout`)",
+    507: "The model does not fit in its device's memory budget even with every idle model unloaded "
+    "(`code: model_too_large`)",
 }
 
 
@@ -52,6 +54,7 @@ def build(plan: ServePlan) -> dict[str, Any]:
         schema.Completion,
         schema.ModelList,
         schema.ModelCard,
+        schema.ModelControlRequest,
         schema.TokenizeRequest,
         schema.TokenizeResponse,
         schema.DetokenizeRequest,
@@ -155,7 +158,15 @@ def build(plan: ServePlan) -> dict[str, Any]:
             "post": v1(operation("The prompt tokens a Messages body makes", _json("TokenCount"),
                                  [400, 401, 404, 503], body="CountTokensRequest", error_body="AnthropicErrorBody"))
         },
-        "/v1/models": {"get": v1(operation("The models served here", _json("ModelList"), [401, 503]))},
+        "/v1/models": {"get": v1(operation("The models served here, with their state", _json("ModelList"), [401, 503]))},
+        "/v1/models/load": {
+            "post": v1(operation("Load a model now (it goes on loading after the answer)", _json("ModelCard"),
+                                 [400, 401, 404, 503, 507], body="ModelControlRequest"))
+        },
+        "/v1/models/unload": {
+            "post": v1(operation("Unload a model once no request runs on it", _json("ModelCard"),
+                                 [400, 401, 404, 503], body="ModelControlRequest"))
+        },
         "/v1/models/{model}": {
             "get": {
                 **v1(operation("One model", _json("ModelCard"), [401, 404, 503])),

@@ -107,6 +107,10 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
+# seconds, or a duration ("30s", "5m", "1h"); negative: always; 0: unloaded once the request ends
+KeepAlive = int | str
+
+
 class SamplingFields(msgspec.Struct, kw_only=True):
     """The fields that chat and text completions share."""
 
@@ -126,6 +130,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     stream_options: StreamOptions | None = None
     user: str | None = None
     response_format: ResponseFormat | None = None
+    keep_alive: KeepAlive | None = None  # how long the model stays loaded once idle, as Ollama's: 300, "5m", -1
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -283,6 +288,18 @@ class ModelCard(msgspec.Struct):
     created: int
     owned_by: str = "infersnap"
     object: str = "model"
+    # beyond OpenAI's card, as LM Studio's and llama-server's lists say: whether it is loaded, and what it does
+    state: str = "unloaded"  # loaded | loading | unloading | unloaded | failed
+    error: str | None = None  # why it failed
+    capabilities: list[str] = []  # of chat, completions, tools, embeddings
+    context_length: int = 0  # tokens per sequence
+
+
+class ModelControlRequest(msgspec.Struct, kw_only=True):
+    """POST /v1/models/load and /v1/models/unload."""
+
+    model: str
+    keep_alive: KeepAlive | None = None  # for a load: how long it stays once idle; None: the model's own
 
 
 class ModelList(msgspec.Struct):
@@ -334,6 +351,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     # one list type in a union, so the list's items are checked by convert.embedding_inputs
     input: str | Annotated[list[Any], Meta(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
     model: str | None = None
+    keep_alive: KeepAlive | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None  # only the model's own size
     user: str | None = None

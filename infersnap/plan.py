@@ -31,42 +31,68 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     gpu_layers: int = 0  # llama.cpp layers offloaded to the device
     task: str = "generate"  # "generate" | "embed" (the model in embedding mode, for /v1/embeddings)
     speed: Speed | None = None  # its engine's measured profile, for the broker to route by
+    model: str = ""  # the id of the model it serves (a ModelSpec's name)
+
+
+class ModelSpec(msgspec.Struct, frozen=True):
+    """A model `serve` can serve: its file, the context its sequences get, what it can do, what its
+    workers hold in memory. Its workers (WorkerSpec.model) run only while it is loaded."""
+
+    name: str  # the id clients send as `model`
+    path: str
+    context: int
+    context_note: str = ""  # why `context` is what it is (infersnap/context.py)
+    left_out: list[str] = []  # lanes not started, and why (e.g. not enough memory for a second copy)
+    keep_alive: int = 300  # seconds idle before it is unloaded; 0: after each request; -1: never
+    memory: dict[str, int] = {}  # device -> bytes its workers hold there (weights and KV caches), for the budget
+    chat: bool = True  # it has a chat template (its GGUF's, or chat_template)
+    chat_template: str = ""  # a Jinja chat template that replaces the GGUF's; "": the GGUF's own
 
 
 class ServePlan(msgspec.Struct, frozen=True):
     host: str
     port: int
     max_body_bytes: int
-    model_path: str
-    model_name: str
-    context: int
+    models: list[ModelSpec]  # the default model first: loaded at start
     max_waiting: int
     request_timeout: int  # seconds from arrival to the last token; 0: no limit
     verbose: bool
-    workers: list[WorkerSpec]
+    workers: list[WorkerSpec]  # of every model, each model's in the order its lanes are preferred
     api_keys: list[str] = []  # empty: no key needed
     cors_origins: list[str] = []  # empty: no CORS headers; ["*"]: any origin
     max_tokens: int = 32768  # the largest max_tokens a request may ask for
     max_n: int = 8
     drain_timeout: int = 30  # seconds running requests may take after SIGTERM
     send_timeout: int = 30  # seconds a stream may stay unread before its client is dropped
-    left_out: list[str] = []  # lanes not started, and why (e.g. not enough memory for a second copy)
-    context_note: str = ""  # why `context` is what it is (infersnap/context.py)
+    # per device ("cpu" for the machine's RAM, or an accelerator with its own memory): the bytes loaded
+    # models may hold there; a device not listed has no bound
+    budgets: dict[str, int] = {}
+    max_loaded: int = 3  # models loaded at once per device
 
     @property
-    def capacity(self) -> int:
-        """Generations the workers can run and queue at once, all of them ready: more in one request
-        could never be accepted. Per device: lanes on the same cores do not add room."""
+    def default_model(self) -> ModelSpec:
+        """The model a request that names none gets; loaded at start."""
+        return self.models[0]
+
+    def model(self, name: str) -> ModelSpec | None:
+        """The model clients call `name` (ids match whatever their case)."""
+        return next((m for m in self.models if m.name.lower() == name.lower()), None)
+
+    def workers_of(self, model: str) -> list[WorkerSpec]:
+        return [w for w in self.workers if w.model.lower() == model.lower()]
+
+    def capacity(self, model: str) -> int:
+        """Generations the model's workers can run and queue at once, all of them ready: more in one
+        request could never be accepted. Per device: lanes on the same cores do not add room."""
         per_device: dict[str, int] = {}
-        for w in self.workers:
+        for w in self.workers_of(model):
             if w.task == "generate":
                 per_device[w.device] = max(per_device.get(w.device, 0), wire.capacity(w.slots, self.max_waiting))
         return sum(per_device.values())
 
-    @property
-    def embeddings(self) -> bool:
-        """Whether a worker serves /v1/embeddings."""
-        return any(w.task == "embed" for w in self.workers)
+    def embeddings(self, model: str) -> bool:
+        """Whether a worker of this model serves /v1/embeddings."""
+        return any(w.task == "embed" for w in self.workers_of(model))
 
     @property
     def api_url(self) -> str:
@@ -86,15 +112,17 @@ def read(path: Path) -> ServePlan:
 
 def announced(plan: ServePlan, spec: WorkerSpec, state: str = "loading", error: str = "",
               pid: int = 0, restarts: int = 0) -> wire.WorkerInfo:
-    """The WorkerInfo a worker of this spec announces before its engine has loaded (and says what it can do)."""
+    """The WorkerInfo a worker of this spec announces before its engine has loaded (and says what it can
+    do); the broker's own entry for one that is not running."""
+    model = plan.model(spec.model)
     return wire.WorkerInfo(
         worker_id=spec.worker_id,
         device=spec.device,
         engine=spec.engine,
         runtime=spec.runtime,
-        model=plan.model_name,
+        model=spec.model,
         slots=spec.slots,
-        context=plan.context,
+        context=model.context if model else 0,
         state=state,
         error=error,
         pid=pid,

@@ -81,6 +81,7 @@ class Generate(Message):
     suffix: str | None = None  # fill in the middle: generate what goes between `prompt` and this
     # variables for the chat template beside the messages (enable_thinking, reasoning_effort, ...)
     template_args: dict[str, Any] = {}
+    keep_alive: int | None = None  # seconds its model stays loaded once idle (Work.keep_alive)
 
 
 class Embed(Message):
@@ -92,6 +93,7 @@ class Embed(Message):
     texts: list[str] = []
     token_lists: list[list[int]] = []
     dimensions: int | None = None  # None: the model's own
+    keep_alive: int | None = None  # seconds its model stays loaded once idle (Work.keep_alive)
 
 
 class Tokenize(Message):
@@ -183,7 +185,7 @@ def work_of(request: Request) -> Work:
     """What the broker needs to know of a request's size."""
     if isinstance(request, Embed):
         chars = sum(map(len, request.texts)) + CHARS_PER_TOKEN * sum(map(len, request.token_lists))
-        return Work(chars // CHARS_PER_TOKEN)
+        return Work(chars // CHARS_PER_TOKEN, keep_alive=request.keep_alive)
     if not isinstance(request, Generate):
         return Work()
     if request.messages is not None:
@@ -191,7 +193,7 @@ def work_of(request: Request) -> Work:
     else:
         text = request.prompt or ""
     return Work(len(text + (request.suffix or "")) // CHARS_PER_TOKEN + 1, request.params.max_tokens,
-                request.params.seed is not None, prefix_hashes(text))
+                request.params.seed is not None, prefix_hashes(text), request.keep_alive)
 
 
 def prefix_hashes(text: str) -> list[int]:
@@ -241,6 +243,7 @@ class Work(msgspec.Struct, array_like=True, frozen=True):
     # hashes of the request's text up to the end of each PREFIX_BLOCK characters: a lane sent the same
     # beginning before may hold it in its prompt cache, and read only the rest
     prefix: list[int] = []
+    keep_alive: int | None = None  # seconds its model stays loaded once idle (Ollama's); None: the model's own
 
 
 class Submit(Message):
@@ -267,6 +270,15 @@ class Abort(Message):
 
 class StatusQuery(Message):
     id: str  # echoed in the Status reply
+
+
+class ModelControl(Message):
+    """Load a model now (to warm it), or unload it once idle; answered by a Status (id echoed)."""
+
+    id: str
+    model: str
+    load: bool  # False: unload
+    keep_alive: int | None = None  # for a load: seconds it stays once idle; None: the model's own
 
 
 class WorkerExited(Message):
@@ -358,7 +370,9 @@ class WorkerInfo(msgspec.Struct, array_like=True, frozen=True):
     model: str
     slots: int
     context: int
-    state: str  # "loading" | "ready" | "failed"; in the broker's Status also "restarting"
+    # "loading" | "ready" | "failed"; in the broker's Status also "restarting", and for a worker of a model
+    # not loaded "unloaded" (no process) or "unloading" (its process is being stopped)
+    state: str
     error: str = ""
     running: list[str] = []  # the requests in its slots: the broker aborts those it has no route for
     waiting: int = 0  # requests it holds that wait for a slot inside the engine
@@ -378,6 +392,22 @@ class WorkerStatus(Message):
 # --- broker -> CLI or frontend -----------------------------------------------
 
 
+class ModelState(msgspec.Struct, array_like=True, frozen=True):
+    """A model as the broker sees it: whether it is loaded, and what it cost to decide."""
+
+    name: str
+    # "loaded" (a worker of it is ready), "loading", "unloading", "unloaded", or "failed" (none of its
+    # workers could load; `error` says why; not tried again until it is loaded explicitly)
+    state: str
+    error: str = ""
+    wanted: bool = False  # its workers should run (loading or loaded): what the supervisor starts
+    keep_alive: int = 0  # seconds it stays loaded once idle (-1: always)
+    idle_seconds: float | None = None  # since its last request ended; None: busy, or not loaded
+    context: int = 0  # tokens per sequence (ModelSpec.context)
+    context_note: str = ""  # why
+    left_out: list[str] = []  # lanes `serve` did not start for it, and why
+
+
 class Status(Message):
     id: str
     boot: str  # new each time the broker starts: a frontend that sees it change knows its routes are gone
@@ -386,14 +416,7 @@ class Status(Message):
     routed: list[str] = []  # request ids the broker is routing now, queued ones included
     queued: int = 0  # requests queued in the broker for a free slot
     draining: bool = False
-    left_out: list[str] = []  # lanes `serve` did not start, and why (ServePlan.left_out)
-    context: int = 0  # tokens per sequence (ServePlan.context)
-    context_note: str = ""  # why (ServePlan.context_note)
-
-
-def models_of(status: Status) -> list[str]:
-    """The distinct model ids that live workers serve or are loading."""
-    return sorted({w.model for w in status.workers if w.state != "failed"})
+    models: list[ModelState] = []  # every model of the plan, the default first
 
 
 def capacity(slots: int, max_waiting: int) -> int:
@@ -403,7 +426,8 @@ def capacity(slots: int, max_waiting: int) -> int:
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(
-    Generate | Embed | Tokenize | Detokenize | Submit | Dispatch | Abort | StatusQuery | Drain | WorkerExited
+    Generate | Embed | Tokenize | Detokenize | Submit | Dispatch | Abort | StatusQuery | ModelControl | Drain
+    | WorkerExited
     | Results | Deliver | WorkerStatus | Status
 )
 

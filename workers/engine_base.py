@@ -43,6 +43,7 @@ class EngineSettings:
     threads: int
     gpu_layers: int = 0  # llama.cpp layers offloaded to the device
     verbose: bool = False
+    chat_template: str = ""  # a Jinja chat template instead of the model's own (ModelSpec.chat_template)
 
 
 class Engine:

@@ -113,7 +113,7 @@ class LlamaCppEngine(BatchingEngine):
         fim = (llama_cpp.llama_vocab_fim_pre(self.vocab), llama_cpp.llama_vocab_fim_suf(self.vocab),
                llama_cpp.llama_vocab_fim_mid(self.vocab))
         self.fim_tokens = fim if min(fim) >= 0 else None
-        self._chat_template = self._load_chat_template()
+        self._chat_template = self._load_chat_template(settings.chat_template)
         self._announce()
 
     # --- requests in -------------------------------------------------------
@@ -327,8 +327,8 @@ class LlamaCppEngine(BatchingEngine):
             piece = self._pieces[(token, special)] = _token_bytes(self.vocab, token, special=special)
         return piece
 
-    def _load_chat_template(self) -> Jinja2ChatFormatter | None:
-        template = self.model.metadata().get("tokenizer.chat_template")
+    def _load_chat_template(self, override: str) -> Jinja2ChatFormatter | None:
+        template = override or self.model.metadata().get("tokenizer.chat_template")
         if not template:
             return None
         eos = llama_cpp.llama_vocab_eos(self.vocab)

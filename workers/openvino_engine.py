@@ -92,6 +92,8 @@ class OpenVinoEngine(BatchingEngine):
         defaults = self.pipe.get_config()
         self.stop_ids: set[int] = set(defaults.stop_token_ids) | {defaults.eos_token_id}
         self.stop_ids.discard(-1)
+        if settings.chat_template:
+            self.tokenizer.set_chat_template(settings.chat_template)
         self._chat_template = self.tokenizer.chat_template
         self._vocab = _token_bytes(self.tokenizer)
         self.n_vocab = len(self._vocab)

@@ -234,8 +234,9 @@ def engine_class(runtime: str, task: str) -> type[Engine]:
 
 def load_engine(plan: ServePlan, spec: WorkerSpec) -> Engine:
     only_device(spec.device)  # before the engine's runtime starts
-    settings = EngineSettings(plan.model_path, spec.device, spec.slots, plan.context, spec.threads,
-                              spec.gpu_layers, plan.verbose)
+    model = plan.model(spec.model)
+    settings = EngineSettings(model.path, spec.device, spec.slots, model.context, spec.threads,
+                              spec.gpu_layers, plan.verbose, model.chat_template)
     return engine_class(spec.runtime, spec.task)(settings)
 
 
