@@ -100,10 +100,11 @@ def long_text(seed: int, tokens: int) -> str:
     return f"{seed}. {words}\nSum this up in one line."
 
 
-async def stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Done:
-    """One streamed greedy chat completion; tokens are counted from usage, so the end of turn stays allowed."""
+async def stream(client: httpx.AsyncClient, prompt: str, max_tokens: int, model: str | None = None) -> Done:
+    """One streamed greedy chat completion (of `model`, or the server's own); tokens are counted from usage,
+    so the end of turn stays allowed."""
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
     start, first, usage = time.perf_counter(), None, None
     try:
         async with client.stream("POST", "/chat/completions", json=body) as response:

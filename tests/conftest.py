@@ -69,6 +69,18 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
+def tree_rss_kib(root: int) -> int:
+    """The resident memory (VmRSS, KiB) of `root` and all its descendants."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return total
+
+
 @dataclass
 class Server:
     env: dict[str, str]

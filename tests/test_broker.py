@@ -14,7 +14,7 @@ from infersnap import wire
 from infersnap.profiles import Level, PromptRead
 from infersnap.broker import broker as broker_module
 from infersnap.broker.broker import Broker
-from infersnap.plan import ServePlan
+from infersnap.plan import ModelSpec, ServePlan
 
 LLAMA = wire.Capabilities(tasks=["generate", "tokenize"], features=["top_logprobs", "prompt_logprobs", "logit_bias"])
 OPENVINO = wire.Capabilities(tasks=["generate", "tokenize"], ban_with=[2])
@@ -58,11 +58,11 @@ class Net:
 
     def worker(self, worker_id: str, capabilities: wire.Capabilities = LLAMA, slots: int = 1, model: str = "m",
                state: str = "ready", runtime: str = "llamacpp", pid: int = 1, device: str | None = None,
-               speed: wire.Speed | None = None) -> Peer:
+               speed: wire.Speed | None = None, error: str = "") -> Peer:
         """A worker on its own device (named after it), unless `device` puts it beside others as a lane."""
         peer = Peer(self, worker_id.encode(), f"{self.prefix}-workers")
         peer.info = wire.WorkerInfo(worker_id=worker_id, device=device or worker_id, engine=worker_id, runtime=runtime,
-                                    model=model, slots=slots, context=512, state=state, pid=pid,
+                                    model=model, slots=slots, context=512, state=state, pid=pid, error=error,
                                     capabilities=capabilities, speed=speed)
         peer.send(wire.WorkerStatus(info=peer.info))
         return peer
@@ -72,8 +72,8 @@ class Net:
 def net():
     zctx = zmq.Context()
     prefix = f"inproc://broker-test-{next(_addresses)}"
-    plan = ServePlan(host="127.0.0.1", port=0, max_body_bytes=1 << 20, model_path="m.gguf", model_name="m",
-                     context=512, max_waiting=2, request_timeout=0, verbose=False, workers=[])
+    plan = ServePlan(host="127.0.0.1", port=0, max_body_bytes=1 << 20, models=[ModelSpec("m", "m.gguf", 512)],
+                     max_waiting=2, request_timeout=0, verbose=False, workers=[])
     broker = Broker(plan, zctx=zctx, address=lambda name: f"{prefix}-{name}")
     yield Net(broker, zctx, prefix)
     zctx.destroy(linger=0)

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from infersnap.frontend import openapi
-from infersnap.plan import ServePlan
+from infersnap.plan import ModelSpec, ServePlan
 from test_errors import GOOD, assert_error
 
 ROUTES = {
@@ -127,6 +127,9 @@ def valid_body(draw, schemas: dict[str, Any], name: str, model: str) -> dict[str
     if "max_completion_tokens" in body:
         body["max_completion_tokens"] = draw(st.integers(1, SMALL))
     body.pop("model", None)
+    # a keep_alive of 0 would unload the model after the example, and each next one wait for it to load
+    # again: handled (tests/test_models.py), but slow here
+    body.pop("keep_alive", None)
     choice = draw(st.sampled_from(["absent", "served", "upper"]))
     if choice != "absent":
         body["model"] = model if choice == "served" else model.upper()
@@ -316,7 +319,7 @@ def test_openapi_document(http):
 
 def test_openapi_names_the_key_when_the_server_needs_one():
     plan = ServePlan(
-        host="127.0.0.1", port=1, max_body_bytes=1024, model_path="m.gguf", model_name="m", context=128,
+        host="127.0.0.1", port=1, max_body_bytes=1024, models=[ModelSpec("m", "m.gguf", 128)],
         max_waiting=1, request_timeout=0, verbose=False, workers=[], api_keys=["k"], max_tokens=64, max_n=3,
     )  # fmt: skip
     document = openapi.build(plan)

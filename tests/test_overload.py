@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import process_tree, start_server, wait_until
+from conftest import process_tree, start_server, tree_rss_kib, wait_until
 
 LONG = {
     "messages": [{"role": "user", "content": "Write a long story."}],
@@ -73,18 +73,6 @@ def test_a_request_past_the_timeout_is_stopped_with_504(tmp_path):
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 1
     finally:
         assert server.stop() == 0
-
-
-def tree_rss_kib(root: int) -> int:
-    """The resident memory (VmRSS, KiB) of `root` and all its descendants."""
-    total = 0
-    for pid in process_tree(root):
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-        except OSError:
-            continue
-        total += sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-    return total
 
 
 CLIENTS = 200

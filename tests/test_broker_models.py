@@ -1,0 +1,200 @@
+"""The broker's model scheduling, without processes: load on demand, the memory budget, keep-alive and
+failed models, with the workers played by DEALER sockets (as in test_broker) and the supervisor's part
+(starting and stopping processes) played by the test: it announces a worker when the broker wants its
+model, and reports its exit when the broker unloads it."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import msgspec
+import pytest
+import zmq
+
+from infersnap import wire
+from infersnap.broker.broker import Broker
+from infersnap.plan import ModelSpec, ServePlan, WorkerSpec
+from test_broker import LLAMA, Net, dispatched, finish, outputs, submit
+
+MIB = 1 << 20
+_addresses = itertools.count()
+
+
+def model(name: str, mib: int, keep_alive: int = 300) -> ModelSpec:
+    return ModelSpec(name, f"{name}.gguf", 512, keep_alive=keep_alive, memory={"cpu": mib * MIB})
+
+
+def broker_net(models: list[ModelSpec], budget_mib: int = 0, max_loaded: int = 3):
+    zctx = zmq.Context()
+    prefix = f"inproc://models-test-{next(_addresses)}"
+    specs = [WorkerSpec(f"cpu@{m.name}", "cpu", "cpu", "llamacpp", [0], 1, 1, model=m.name) for m in models]
+    plan = ServePlan(host="127.0.0.1", port=0, max_body_bytes=1 << 20, models=models, max_waiting=4,
+                     request_timeout=0, verbose=False, workers=specs,
+                     budgets={"cpu": budget_mib * MIB} if budget_mib else {}, max_loaded=max_loaded)
+    broker = Broker(plan, zctx=zctx, address=lambda name: f"{prefix}-{name}")
+    return Net(broker, zctx, prefix), zctx
+
+
+@pytest.fixture()
+def three():
+    """The default model (kept loaded) and two more, with room for two of them in the budget."""
+    net, zctx = broker_net([model("main", 100, keep_alive=-1), model("a", 100), model("b", 100)], budget_mib=250)
+    yield net
+    zctx.destroy(linger=0)
+
+
+def states(net: Net) -> dict[str, str]:
+    return {m.name: m.state for m in net.broker.status("q").models}
+
+
+def wanted(net: Net) -> set[str]:
+    return {m.name for m in net.broker.status("q").models if m.wanted}
+
+
+def start(net: Net, name: str, state: str = "ready", error: str = ""):
+    """What the supervisor does for a wanted model: its worker's process starts and announces itself."""
+    peer = net.worker(f"cpu@{name}", model=name, device="cpu", state=state, pid=100 + len(name), error=error)
+    return peer
+
+
+def stop(net: Net, name: str) -> None:
+    """What the supervisor does for a model no longer wanted: its worker's process ends."""
+    net.client(b"supervisor").send(wire.WorkerExited(f"cpu@{name}", 0))
+
+
+def test_the_default_model_is_wanted_at_start_and_the_others_are_listed_unloaded(three):
+    assert wanted(three) == {"main"}
+    assert states(three) == {"main": "loading", "a": "unloaded", "b": "unloaded"}
+    start(three, "main")
+    assert states(three)["main"] == "loaded"
+    assert [w.worker_id for w in three.broker.status("q").workers] == ["cpu@main"]  # no entry for what is not loaded
+
+
+def test_a_request_for_an_unloaded_model_waits_while_it_loads_then_runs(three):
+    app = three.client()
+    submit(app, wire.Generate(id="g1", model="A", params=wire.SamplingParams(), prompt="x"))
+    assert outputs(app) == [] and wanted(three) == {"main", "a"} and states(three)["a"] == "loading"
+    worker = start(three, "a")
+    assert dispatched(worker) == ["g1"]
+
+
+def test_an_idle_model_is_unloaded_after_its_keep_alive_and_loads_again_when_asked(three):
+    app = three.client()
+    request = wire.Generate(id="g1", model="a", params=wire.SamplingParams(), prompt="x", keep_alive=0)
+    submit(app, request)
+    worker = start(three, "a")
+    assert dispatched(worker) == ["g1"]
+    assert states(three)["a"] == "loaded"  # busy: never unloaded under a running request
+    finish(worker, b"app", "g1")
+    three.pump()
+    assert states(three)["a"] == "unloading" and "a" not in wanted(three)
+    stop(three, "a")
+    assert states(three)["a"] == "unloaded"
+    submit(app, msgspec.structs.replace(request, id="g2"))
+    assert "a" in wanted(three)
+    assert dispatched(start(three, "a")) == ["g2"]
+
+
+def test_a_model_that_does_not_fit_unloads_the_least_recently_used_idle_one_first(three):
+    app = three.client()
+    for name in ("a", "b"):
+        submit(app, wire.Generate(id=f"to-{name}", model=name, params=wire.SamplingParams(), prompt="x"))
+        worker = start(three, name) if name == "a" else None
+        if worker is not None:
+            assert dispatched(worker) == ["to-a"]
+            finish(worker, b"app", "to-a")
+    # main (100, kept) + a (100) + b (100) > 250: a, idle, makes room; b waits until a's process has ended
+    three.pump()
+    assert states(three)["a"] == "unloading" and "b" not in wanted(three)
+    stop(three, "a")
+    assert "b" in wanted(three)
+    assert dispatched(start(three, "b")) == ["to-b"]
+    assert states(three) == {"main": "loading", "a": "unloaded", "b": "loaded"}
+
+
+def test_a_busy_model_is_not_unloaded_the_newcomer_waits_for_it_to_go_idle(three):
+    app = three.client()
+    submit(app, wire.Generate(id="long", model="a", params=wire.SamplingParams(), prompt="x"))
+    worker = start(three, "a")
+    assert dispatched(worker) == ["long"]
+    submit(app, wire.Generate(id="to-b", model="b", params=wire.SamplingParams(), prompt="x"))
+    three.pump()
+    assert states(three)["a"] == "loaded" and "b" not in wanted(three) and outputs(app) == []
+    finish(worker, b"app", "long")
+    three.pump()
+    assert states(three)["a"] == "unloading"
+
+
+def test_a_model_too_big_for_the_budget_is_refused_with_507_and_nothing_else_is_disturbed():
+    net, zctx = broker_net([model("main", 100, keep_alive=-1), model("huge", 400)], budget_mib=300)
+    try:
+        main = start(net, "main")
+        app = net.client()
+        submit(app, wire.Generate(id="g1", model="huge", params=wire.SamplingParams(), prompt="x"))
+        [refused] = outputs(app)
+        assert (refused.failure.status, refused.failure.code) == (507, "model_too_large")
+        assert "400 MiB" in refused.failure.message and "models.memory-budget" in refused.failure.message
+        assert wanted(net) == {"main"}
+        submit(app, wire.Generate(id="g2", model="main", params=wire.SamplingParams(), prompt="x"))
+        assert dispatched(main) == ["g2"]
+    finally:
+        zctx.destroy(linger=0)
+
+
+def test_max_loaded_bounds_the_models_per_device(three):
+    net, zctx = broker_net([model("main", 1, keep_alive=-1), model("a", 1)], max_loaded=1)
+    try:
+        app = net.client()
+        submit(app, wire.Generate(id="g1", model="a", params=wire.SamplingParams(), prompt="x"))
+        [refused] = outputs(app)
+        assert refused.failure.status == 507 and "models.max-loaded" in refused.failure.message
+    finally:
+        zctx.destroy(linger=0)
+
+
+def test_a_model_none_of_whose_workers_can_load_is_failed_and_not_tried_again_until_asked(three):
+    app = three.client()
+    submit(app, wire.Generate(id="g1", model="a", params=wire.SamplingParams(), prompt="x"))
+    start(three, "a", state="failed", error="not a GGUF file")
+    [failed] = outputs(app)
+    assert failed.failure.status == 503 and "not a GGUF file" in failed.failure.message
+    status = {m.name: m for m in three.broker.status("q").models}["a"]
+    assert status.state == "failed" and "not a GGUF file" in status.error and not status.wanted
+    stop(three, "a")  # the supervisor ends its process: it stays failed
+    submit(app, wire.Generate(id="g2", model="a", params=wire.SamplingParams(), prompt="x"))
+    [again] = outputs(app)
+    assert again.failure.status == 503 and "a" not in wanted(three)  # not loaded again by a request
+    three.client(b"cli").send(wire.ModelControl("c1", "a", load=True))
+    assert "a" in wanted(three) and states(three)["a"] == "loading"  # asked by name: tried again
+
+
+def test_model_control_loads_now_and_unloads_once_idle(three):
+    cli = three.client(b"cli")
+    cli.send(wire.ModelControl("c1", "b", load=True, keep_alive=-1))
+    [done] = outputs(cli)
+    assert done.finish_reason == "stop" and "b" in wanted(three)
+    start(three, "b")
+    time.sleep(0.05)
+    three.pump()
+    assert states(three)["b"] == "loaded"  # keep-alive -1: it stays
+    cli.send(wire.ModelControl("c2", "b", load=False))
+    assert outputs(cli)[0].finish_reason == "stop" and states(three)["b"] == "unloading"
+    cli.send(wire.ModelControl("c3", "nope", load=True))
+    [unknown] = outputs(cli)
+    assert unknown.failure.status == 404 and "main, a, b" in unknown.failure.message
+
+
+def test_a_model_asked_for_while_its_processes_end_loads_again_once_they_have(three):
+    # its processes must be seen unwanted and end; wanting it back at once would leave them unloading forever
+    app = three.client()
+    request = wire.Generate(id="g1", model="a", params=wire.SamplingParams(), prompt="x", keep_alive=0)
+    submit(app, request)
+    worker = start(three, "a")
+    assert dispatched(worker) == ["g1"]
+    finish(worker, b"app", "g1")
+    submit(app, msgspec.structs.replace(request, id="g2"))
+    assert states(three)["a"] == "unloading" and "a" not in wanted(three)
+    stop(three, "a")
+    assert "a" in wanted(three)
+    assert dispatched(start(three, "a")) == ["g2"]
