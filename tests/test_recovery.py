@@ -90,7 +90,7 @@ from infersnap.cli.supervisor import Supervisor, build_plan
 from infersnap.config import Config
 from infersnap.plan import WorkerSpec
 plan = build_plan(Config())
-gpu = WorkerSpec("GPU.0", "GPU.0", "intel-gpu", "openvino", [0], 1, slots=4)
+gpu = WorkerSpec("GPU.0", "GPU.0", "intel-gpu", "openvino", [0], 1, slots=4, model=plan.default_model.name)
 sys.exit(Supervisor(msgspec.structs.replace(plan, workers=[*plan.workers, gpu])).run())
 """
 
