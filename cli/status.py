@@ -44,38 +44,3 @@ def tell_broker(message: wire.Message) -> None:
         pass
     finally:
         socket.close()
-
-
-def status_document(status: wire.Status) -> dict:
-    """The status as `infersnap status` prints it."""
-    engines = sorted({w.engine for w in status.workers if "generate" in w.capabilities.tasks})
-    return {
-        "engine": ", ".join(engines) if engines else None,
-        "endpoints": dict(status.endpoints),
-        "model": ", ".join(wire.models_of(status)) or None,
-        **({"context": f"{status.context} tokens per sequence ({status.context_note})"} if status.context_note else {}),
-        "waiting": status.queued,
-        **({"draining": True} if status.draining else {}),
-        **({"left-out": status.left_out} if status.left_out else {}),
-        "workers": [
-            {
-                "id": w.worker_id,
-                "device": w.device,
-                "engine": w.engine,
-                "task": w.capabilities.tasks[0],  # its own: generate (with tokenizer lookups) or embed
-                **({"can": w.capabilities.features} if w.capabilities.features else {}),
-                "model": w.model,
-                "state": w.state,
-                **({"error": w.error} if w.error else {}),
-                "slots": w.slots,
-                "context": w.context,
-                "running": len(w.running),
-                "waiting": w.waiting,
-                # its measured generated tokens/s by streams at once: what the broker routes by
-                **({"tok/s": {lv.streams: round(lv.tokens_per_second, 1) for lv in w.speed.levels}} if w.speed else {}),
-                "pid": w.pid,
-                **({"restarts": w.restarts} if w.restarts else {}),
-            }
-            for w in status.workers
-        ],
-    }

@@ -81,6 +81,7 @@ def build_plan(config: Config) -> ServePlan:
         drain_timeout=config.get("queue.drain-timeout"),
         send_timeout=config.get("http.send-timeout"),
         left_out=lineup.left_out,
+        webui=config.get("webui.enabled"),
     )
 
 

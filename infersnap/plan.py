@@ -52,6 +52,7 @@ class ServePlan(msgspec.Struct, frozen=True):
     send_timeout: int = 30  # seconds a stream may stay unread before its client is dropped
     left_out: list[str] = []  # lanes not started, and why (e.g. not enough memory for a second copy)
     context_note: str = ""  # why `context` is what it is (infersnap/context.py)
+    webui: bool = True  # serve the web chat at / (webui.enabled)
 
     @property
     def capacity(self) -> int:
@@ -74,6 +75,10 @@ class ServePlan(msgspec.Struct, frozen=True):
         if shown in ("0.0.0.0", "::"):
             shown = "localhost"
         return f"http://{shown}:{self.port}/v1"
+
+    @property
+    def webui_url(self) -> str:
+        return self.api_url.removesuffix("v1")
 
 
 def write(plan: ServePlan, path: Path) -> None:
