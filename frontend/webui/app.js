@@ -82,7 +82,7 @@ function conversationItem(conversation) {
   const item = element("li");
   const open = button(conversation.title, () => {
     store.select(conversation.id);
-    document.body.classList.remove("sidebar-open");
+    showSidebar(false);
     renderAll();
   });
   open.className = "title";
@@ -131,8 +131,15 @@ function startRename(item, conversation) {
   input.select();
 }
 
+/** On a phone the conversations slide over the chat: shown by ☰, hidden again once one is chosen. */
+function showSidebar(open) {
+  document.body.classList.toggle("sidebar-open", open);
+  $("toggle-sidebar").setAttribute("aria-expanded", String(open));
+}
+
 function newChat() {
   store.create();
+  showSidebar(false);
   renderAll();
   $("prompt").focus();
 }
@@ -397,13 +404,11 @@ $("model").addEventListener("change", () => {
   settings = { ...settings, model: $("model").value };
   saveSettings(localStorage, settings);
 });
-$("toggle-sidebar").addEventListener("click", () => {
-  const open = document.body.classList.toggle("sidebar-open");
-  $("toggle-sidebar").setAttribute("aria-expanded", String(open));
-});
+$("toggle-sidebar").addEventListener("click", () => showSidebar(!document.body.classList.contains("sidebar-open")));
 $("open-settings").addEventListener("click", openSettings);
 $("settings").addEventListener("close", closeSettings);
 $("reset-settings").addEventListener("click", resetSettings);
+$("key-cancel").addEventListener("click", () => $("key-dialog").close("cancel"));  // not a submit: Enter means "use it"
 $("key-dialog").addEventListener("close", () => {
   if ($("key-dialog").returnValue === "save") useKey($("key").value);
 });

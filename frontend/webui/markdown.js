@@ -16,8 +16,8 @@ const INLINE = [
   { re: /\\([\\`*_{}[\]()#+\-.!~>|])/, build: (doc, m) => doc.createTextNode(m[1]) },
   { re: /(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/, build: (doc, m) => element(doc, "code", m[2].replace(/^ (.*) $/, "$1")) },
   { re: /\[([^\[\]]+)\]\(\s*<?([^\s<>()]+(?:\([^\s<>()]*\)[^\s<>()]*)?)>?(?:\s+"[^"]*")?\s*\)/, build: (doc, m) => link(doc, m[1], m[2]) },
-  { re: /<(https?:\/\/[^\s<>]+)>/, build: (doc, m) => link(doc, m[1], m[1]) },
-  { re: /\bhttps?:\/\/[^\s<>()]*[^\s<>().,;:!?'"*_~]/, build: (doc, m) => link(doc, m[0], m[0]) },
+  { re: /<(https?:\/\/[^\s<>]+)>/, build: (doc, m) => link(doc, m[1], m[1], false) },
+  { re: /\bhttps?:\/\/[^\s<>()]*[^\s<>().,;:!?'"*_~]/, build: (doc, m) => link(doc, m[0], m[0], false) },
   { re: /\*\*(?=\S)([\s\S]*?\S)\*\*|(?<!\w)__(?=\S)([\s\S]*?\S)__(?!\w)/, build: (doc, m) => nested(doc, "strong", m[1] ?? m[2]) },
   { re: /\*(?=[^\s*])([^*]*?[^\s*])?\*|(?<!\w)_(?=[^\s_])([^_]*?[^\s_])?_(?!\w)/, build: (doc, m) => nested(doc, "em", m[0].slice(1, -1)) },
   { re: /~~(?=\S)([\s\S]*?\S)~~/, build: (doc, m) => nested(doc, "del", m[1]) },
@@ -147,10 +147,10 @@ function nested(doc, name, text) {
   return inline(doc, doc.createElement(name), text);
 }
 
-function link(doc, text, href) {
+function link(doc, text, href, markdown = true) {
   const target = safeHref(href);
   if (target === null) return doc.createTextNode(text);  // javascript:, data:, relative: shown, not linked
-  const anchor = inline(doc, doc.createElement("a"), text);
+  const anchor = markdown ? inline(doc, doc.createElement("a"), text) : element(doc, "a", text);  // a URL as it is
   anchor.href = target;
   anchor.target = "_blank";
   anchor.rel = "noopener noreferrer nofollow";
