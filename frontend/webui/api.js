@@ -21,7 +21,7 @@ export function describeError(error, hadKey = false) {
   const detail = error.message;
   if (error.status === 401) {
     const title = hadKey ? "The API key was not accepted (401)." : "This server needs an API key (401).";
-    return { title, detail, retry: false, key: true };
+    return { title, detail, retry: true, key: true };  // Retry, once a key is entered
   }
   if (error.code === "server_overloaded") {
     return { title: "The server is busy: every slot and queue place is taken. Retry in a moment.", detail, retry: true, key: false };
