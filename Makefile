@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-.PHONY: setup run test bench bench-engines clean
+.PHONY: setup browser run test bench bench-engines clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,14 @@ setup: $(STAMP)
 run: setup
 	$(VENV)/bin/infersnap serve
 
-test: setup
+# The web chat's tests drive Debian's Chromium (tests/test_webui.py): installed here once when root
+# with apt (as CI is; about 25 s), else those tests skip and say how to install it.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	fi
+
+test: setup browser
 	$(PY) -m pytest -q
 
 bench: setup

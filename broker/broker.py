@@ -464,7 +464,7 @@ class Broker:
         return wire.Status(
             id=query_id,
             boot=self.boot,
-            endpoints={"openai": self.plan.api_url},
+            endpoints={"openai": self.plan.api_url, **({"webui": self.plan.webui_url} if self.plan.webui else {})},
             # the broker's list of what runs is exact; the worker's own is a heartbeat old
             workers=[msgspec.structs.replace(w.info, running=sorted(w.running))
                      for w in self._in_plan_order(self.workers.values()) if w.info.state != UNLOADED],

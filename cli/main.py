@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -13,11 +14,12 @@ from infersnap import __version__
 from infersnap.catalog import ModelEntry, scan
 from infersnap.cli import engines as engine_views
 from infersnap.cli import models as model_views
-from infersnap.cli.status import NotRunning, query_status, status_document
+from infersnap.cli.status import NotRunning, query_status
 from infersnap.config import Config, ConfigError
 from infersnap.engines import EngineChoiceError, manifests
 from infersnap.hwdetect import Machine, to_builtins
 from infersnap.models import ModelNotFound
+from infersnap.status import status_document
 
 FORMATS = click.Choice(["yaml", "json"])
 TABLE_FORMATS = click.Choice(["table", "json"])
@@ -86,6 +88,25 @@ def status(fmt: str) -> None:
     except NotRunning as exc:
         raise click.ClickException(str(exc)) from None
     _emit(status_document(current), fmt)
+
+
+@main.command()
+@click.option("--no-open", is_flag=True, help="only print the URL, even where a desktop could open a browser")
+def webui(no_open: bool) -> None:
+    """Print the running server's web chat URL; open it in a browser where a desktop exists."""
+    try:
+        endpoints = query_status().endpoints
+    except NotRunning as exc:
+        raise click.ClickException(f"{exc}; start it with `infersnap serve`") from None
+    url = endpoints.get("webui")
+    if url is None:
+        raise click.ClickException("this server serves no web chat (webui.enabled is false); "
+                                   "`infersnap set webui.enabled=true` and restart it")
+    click.echo(url)
+    if not no_open and (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):  # a terminal alone opens nothing
+        import webbrowser
+
+        webbrowser.open(url)
 
 
 @main.command()

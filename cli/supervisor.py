@@ -92,6 +92,7 @@ def build_plan(config: Config) -> ServePlan:
         max_n=config.get("limits.max-n"),
         drain_timeout=config.get("queue.drain-timeout"),
         send_timeout=config.get("http.send-timeout"),
+        webui=config.get("webui.enabled"),
     )
 
 

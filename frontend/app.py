@@ -18,7 +18,7 @@ from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, raw
 
 from infersnap import wire
-from infersnap.frontend import access, anthropic, convert, metrics, openapi, render, responses, schema, tools
+from infersnap.frontend import access, anthropic, convert, metrics, openapi, render, responses, schema, tools, webui
 from infersnap.frontend.broker_client import BrokerClient, BrokerUnavailable
 from infersnap.frontend.errors import STATUS_CODES, APIError
 from infersnap.frontend.generation import Generation, choice_requests
@@ -130,6 +130,7 @@ def create_app(plan: ServePlan) -> Sanic:
     app.ctx.responses = responses.Store()
     access.install(app, plan)
     openapi.install(app, plan)
+    webui.install(app, plan)
     return app
 
 

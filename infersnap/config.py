@@ -76,6 +76,7 @@ KEYS: dict[str, Key] = {
         Key("http.api-keys-file", str, "", "file with more API keys, one per line (# starts a comment)"),
         Key("http.send-timeout", int, 30, "seconds a client may leave a streamed answer unread before it is dropped and its generation stopped", _between(1, 3600)),
         Key("http.cors-origins", str, "", "browser origins allowed to call the API, comma-separated, * for any; empty: none"),
+        Key("webui.enabled", bool, True, "serve the web chat at / (on the API's port); the API itself is unaffected"),
         Key("limits.max-tokens", int, 32768, "largest max_tokens a request may ask for", _between(1, 1 << 24)),
         Key("limits.max-n", int, 8, "most choices a request may ask for (n, times the prompts of a list)", _between(1, 128)),
         Key("model.path", str, "", "a GGUF file to serve, first in the catalog and the default unless model.default says otherwise; empty: none"),

@@ -68,6 +68,7 @@ class ServePlan(msgspec.Struct, frozen=True):
     # models may hold there; a device not listed has no bound
     budgets: dict[str, int] = {}
     max_loaded: int = 3  # models loaded at once per device
+    webui: bool = True  # serve the web chat at / (webui.enabled)
 
     @property
     def default_model(self) -> ModelSpec:
@@ -100,6 +101,10 @@ class ServePlan(msgspec.Struct, frozen=True):
         if shown in ("0.0.0.0", "::"):
             shown = "localhost"
         return f"http://{shown}:{self.port}/v1"
+
+    @property
+    def webui_url(self) -> str:
+        return self.api_url.removesuffix("v1")
 
 
 def write(plan: ServePlan, path: Path) -> None:
