@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Server, cli, start_server, wait_until
+from conftest import Server, cli, data_env, second_model, start_server, wait_until
+from infersnap.models import default_model_path
 from infersnap.frontend.app import create_app
 from infersnap.plan import ServePlan
 
@@ -465,7 +466,11 @@ def test_a_phone_width_screen_and_the_keyboard_alone(browser, server):
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory):
-    server = start_server(tmp_path_factory.mktemp("guarded-webui"), **{
+    data = tmp_path_factory.mktemp("guarded-webui")
+    # two more models to pick from: a copy of the default one, and Gemma 3, which has no chat template
+    cli(data_env(data), "models", "add", str(default_model_path()), "--name", "smol-copy", "--copy")
+    cli(data_env(data), "models", "add", str(second_model()), "--name", "gemma3-270m")
+    server = start_server(data, **{
         # one lane: a second lane on the CPU would take the request the full one refuses
         "http.api-keys": KEY, "engines": "cpu", "worker.slots": "1", "queue.max-waiting": "0", "worker.embeddings": "false"})
     try:
@@ -486,7 +491,7 @@ def test_the_page_asks_for_a_key_keeps_it_and_says_when_it_is_wrong(browser, gua
     expect(page.locator("#notice")).to_contain_text("Incorrect API key")
     page.fill("#key", KEY)
     page.press("#key", "Enter")
-    expect(page.locator("#model option")).to_have_count(1)
+    expect(page.locator("#model option")).to_have_count(3)  # the models of the guarded server
     expect(dialog).to_be_hidden()
     expect(page.locator("#notice")).to_be_hidden()
     send(page, "Hi")
@@ -494,7 +499,7 @@ def test_the_page_asks_for_a_key_keeps_it_and_says_when_it_is_wrong(browser, gua
     expect(last_answer(page).locator(".content")).not_to_be_empty()
 
     page.reload()  # kept
-    expect(page.locator("#model option")).to_have_count(1)
+    expect(page.locator("#model option")).to_have_count(3)
     expect(dialog).to_be_hidden()
     page.click("#open-status")
     expect(page.locator("#workers tr[data-worker=cpu] .state")).to_have_text("ready")  # /v1/status, with the key
@@ -504,7 +509,7 @@ def test_the_page_asks_for_a_key_keeps_it_and_says_when_it_is_wrong(browser, gua
 
 def test_a_full_server_is_told_as_busy_and_retry_works_once_it_has_room(browser, guarded):
     page = open_page(browser, guarded.base, SHORT, key=KEY)
-    expect(page.locator("#model option")).to_have_count(1)
+    expect(page.locator("#model option")).to_have_count(3)
     body = {"messages": [{"role": "user", "content": "Count from 1 to 3000."}], "max_tokens": 4000, "stream": True}
     started, release = threading.Event(), threading.Event()
 
@@ -533,5 +538,29 @@ def test_a_full_server_is_told_as_busy_and_retry_works_once_it_has_room(browser,
     wait_for_answer(page)
     expect(last_answer(page).locator(".content")).not_to_be_empty()
     expect(last_answer(page).locator(".error")).to_be_hidden()
+    assert page.errors == []
+    page.context.close()
+
+
+def test_the_picker_switches_models_and_the_one_picked_loads_and_answers(browser, guarded):
+    page = open_page(browser, guarded.base, SHORT, key=KEY)
+    default = default_model_path().name.removesuffix(".gguf")
+    expect(page.locator("#model option")).to_have_count(3)
+    options = page.eval_on_selector_all("#model option", "os => os.map(o => [o.value, o.disabled, o.textContent])")
+    assert options == [[default, False, default], ["gemma3-270m", True, "gemma3-270m (no chat template)"],
+                       ["smol-copy", False, "smol-copy (unloaded)"]]
+    assert page.input_value("#model") == default
+    sent: list[dict] = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
+    page.select_option("#model", "smol-copy")
+    send(page, "Say hi.")
+    wait_for_answer(page)
+    expect(last_answer(page).locator(".content")).to_have_text(SOME_TEXT)
+    assert sent[-1]["model"] == "smol-copy"
+    card = httpx.get(f"{guarded.url}/models/smol-copy", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert card["state"] == "loaded"  # loaded by that message
+    page.reload()
+    expect(page.locator("#model option")).to_have_count(3)
+    assert page.input_value("#model") == "smol-copy"  # the choice is kept
     assert page.errors == []
     page.context.close()

@@ -61,15 +61,28 @@ function useKey(key) {
 async function loadModels() {
   const select = $("model");
   try {
-    const ids = (await getJSON("/v1/models", apiKey)).data.map((model) => model.id);
-    select.replaceChildren(...ids.map((id) => new Option(id, id)));
-    select.value = ids.includes(settings.model) ? settings.model : (ids[0] ?? "");  // the first listed by default
+    const models = (await getJSON("/v1/models", apiKey)).data;
+    select.replaceChildren(...models.map(modelOption));
+    // the one chosen before if it can still chat, else the first listed (the server's default)
+    const usable = models.filter((model) => !modelOption(model).disabled).map((model) => model.id);
+    select.value = usable.includes(settings.model) ? settings.model : (usable[0] ?? "");
     hideNotice();
   } catch (error) {
     const problem = describeError(error, Boolean(apiKey));
     showNotice(problem, loadModels);
     if (problem.key) askForKey(problem.title);
   }
+}
+
+// Each model with its state (one not loaded loads on its first message); one without a chat template
+// cannot be chatted with, so it is listed but not chosen.
+function modelOption(model) {
+  const chats = !model.capabilities || model.capabilities.includes("chat");
+  const note = !chats ? "no chat template" : model.state && model.state !== "loaded" ? model.state : "";
+  const option = new Option(note ? `${model.id} (${note})` : model.id, model.id);
+  option.disabled = !chats;
+  if (model.error) option.title = model.error;
+  return option;
 }
 
 // --- conversations ---------------------------------------------------------------------------
