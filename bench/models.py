@@ -16,7 +16,7 @@ For each server:
 3. memory: the process tree's RSS with smol-a alone loaded, and with both.
 
     .venv/bin/python bench/models.py [--llama-server PATH] [--rounds 3] [--clients 8] [--seconds 20]
-        [--max-tokens 64] [--slots 8] [--context 4096]
+        [--max-tokens 64] [--slots 8] [--context 4096] [--engines cpu-avx512,intel-cpu]
 """
 
 from __future__ import annotations
@@ -168,6 +168,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--engines", help="comma-separated infersnap engines  [default: the best CPU engine of each runtime]")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="bench-models-files-"))
     for model in (A, B):  # copies: each its own file, loaded from its own pages
@@ -177,7 +178,7 @@ def main() -> None:
     flags = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16") if f" {f}" in cpu]
     print(f"CPU: {name}, {os.cpu_count()} logical CPUs, {' '.join(flags)}", flush=True)
     results = {}
-    starters = [(engine, lambda e=engine: infersnap(e, folder, args.slots, args.context)) for engine in single_engines()]
+    starters = [(engine, lambda e=engine: infersnap(e, folder, args.slots, args.context)) for engine in (args.engines.split(",") if args.engines else single_engines())]
     if args.llama_server:
         starters.append(("llama-server", lambda: llama_router(args.llama_server, folder, args.slots, args.context,
                                                               folder / "llama-server.log")))

@@ -198,3 +198,22 @@ def test_a_model_asked_for_while_its_processes_end_loads_again_once_they_have(th
     stop(three, "a")
     assert "a" in wanted(three)
     assert dispatched(start(three, "a")) == ["g2"]
+
+
+def test_a_model_waits_longer_for_a_busy_llamacpp_model_on_its_cores_before_computing_alongside(three, monkeypatch):
+    from infersnap.broker import broker as broker_module
+
+    monkeypatch.setattr(broker_module, "HANDOVER_SECONDS", 0.1)
+    monkeypatch.setattr(broker_module, "HANDOVER_BESIDE_LLAMACPP", 1.5)
+    app = three.client()
+    main = start(three, "main")  # llama.cpp, on the cpu
+    submit(app, wire.Generate(id="busy", model="main", params=wire.SamplingParams(), prompt="x"))
+    assert dispatched(main) == ["busy"]
+    submit(app, wire.Generate(id="other", model="a", params=wire.SamplingParams(), prompt="x"))
+    worker = start(three, "a")
+    time.sleep(0.3)
+    three.pump()
+    assert dispatched(worker) == []  # past the plain hand-over time: still waiting for main to drain
+    time.sleep(1.3)
+    three.pump()
+    assert dispatched(worker) == ["other"]  # no starving
