@@ -35,7 +35,7 @@ for another lane of its device, so it drains and hands over. A lane other
 than the computing one must win by SWITCH_MARGIN to be chosen, so that
 near-equal guesses do not hand over on every request. A request that waits
 for its lane (the only one with what it needs, or full) for HANDOVER_SECONDS
-(HANDOVER_BESIDE_LLAMACPP while a llama.cpp lane computes) starts anyway, computing alongside, so none starves. A request for idle lanes
+(HANDOVER_BESIDE_LLAMACPP while a llama.cpp lane of another model computes) starts anyway, computing alongside, so none starves. A request for idle lanes
 waits GATHER_SECONDS (50 ms) first: a burst's requests arrive one by one,
 and the first alone would pick the lane best for one. The embedding worker
 takes no turn: its batches are short, so computing alongside costs less
@@ -82,7 +82,8 @@ WORKER_TIMEOUT = 10.0
 TICK_MS = 100
 GATHER_SECONDS = 0.05  # a request for idle lanes waits this long for others, so that a burst picks the burst's lane
 HANDOVER_SECONDS = 2.0  # the longest a request waits for its lane while another lane computes on its cores
-# ... while a llama.cpp lane computes there. Its threads spin at each step's barrier, so sharing the cores
+# ... while a llama.cpp lane of another model computes there (a request of another model cannot go to that
+# lane: it has only its own model's to wait for). llama.cpp's threads spin at each step's barrier, so sharing the cores
 # with it costs both far more than waiting for it to drain: two busy models on one CPU served 0.27x the
 # requests of one alone when they overlapped after 2 s, 0.81x after 8 s. OpenVINO's threads yield, and
 # its long turns are slow to drain: overlapping after 2 s served 0.5x, after 8 s 0.2x (bench/models.py).
@@ -426,7 +427,7 @@ class Broker:
         """Whether the lane may start this request now, by the turns the lanes of one device take."""
         computing = self._computing_beside(lane)
         if computing:  # computing alongside beats starving
-            spins = any(w.info.runtime == "llamacpp" for w in computing)
+            spins = any(w.info.runtime == "llamacpp" and w.info.model != lane.info.model for w in computing)
             return now - queued.since >= (HANDOVER_BESIDE_LLAMACPP if spins else HANDOVER_SECONDS)
         others_awaited = set(awaited.get(lane.info.device, [])) - {lane.identity}
         return not (lane.running and others_awaited)  # it drains, so the other lane gets its turn
