@@ -691,9 +691,9 @@ class Broker:
         for model in self.models.values():
             if not model.wanted:
                 continue
-            workers = self._workers_of(model)
-            if workers and all(w.info.state == "failed" for w in workers):
-                model.failed = "; ".join(f"{w.info.worker_id}: {w.info.error}" for w in workers)
+            failure = self._load_failure(model.spec.name)
+            if failure:
+                model.failed = failure
                 log.error("model %s failed to load: %s", model.spec.name, model.failed)
                 self._unload(model, "no worker of it could load")
             elif (model.keep_alive >= 0 and self._settled(model) and not self._busy(model)

@@ -27,7 +27,6 @@ from infersnap.engines import candidates as auto_candidates
 from infersnap.hwdetect import Machine
 from infersnap.hwdetect.cpu import physical_core_cpus
 from infersnap.models import ModelNotFound, model_shape, resolve
-from infersnap.plan import ServePlan
 from infersnap.profiles import Profile, Subject
 
 MEASURE_TIMEOUT = {False: 900, True: 180}  # seconds, full and quick: a hung runtime is given up on
@@ -122,14 +121,6 @@ def shown(config: Config, machine: Machine) -> dict[Assignment, Profile]:
         return profiles_for(subjects(every, serving, config, serve_context(config, machine).tokens), machine)
     except ModelNotFound:
         return {}
-
-
-def plan_subjects(plan: ServePlan) -> list[Subject]:
-    """The generating workers of a serve plan's default model, as profiles are keyed."""
-    model = plan.default_model
-    return [Subject(engine=w.engine, runtime=w.runtime, device=w.device, model_path=model.path,
-                    threads=w.threads, context=model.context, cpus=w.cpus, gpu_layers=w.gpu_layers)
-            for w in plan.workers_of(model.name) if w.task == "generate"]
 
 
 def profiles_for(found: Iterable[Subject], machine: Machine) -> dict[Assignment, Profile]:

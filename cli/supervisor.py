@@ -258,6 +258,7 @@ class Child:
     name: str
     argv: list[str]
     worker_id: str = ""  # for a worker process
+    model: str = ""  # a worker's model, lowercase: it runs while the broker wants that model
     process: subprocess.Popen | None = None
     failures: int = 0  # in a row, each followed by a longer pause
     restarts: int = 0
@@ -294,7 +295,8 @@ class Supervisor:
         # Start order matters: the broker binds the sockets the others connect to.
         self.children = [Child("broker", [*module, "infersnap.broker", plan_arg])]
         self.children += [
-            Child(f"worker {w.worker_id}", [*module, "infersnap.workers", plan_arg, w.worker_id], w.worker_id)
+            Child(f"worker {w.worker_id}", [*module, "infersnap.workers", plan_arg, w.worker_id], w.worker_id,
+                  w.model.lower())
             for w in plan.workers
         ]
         self.children.append(Child("frontend", [*module, "infersnap.frontend", plan_arg]))
@@ -402,10 +404,12 @@ class Supervisor:
             return  # nothing changes while the broker cannot say (it is restarted meanwhile)
         self.wanted = {m.name.lower() for m in status.models if m.wanted}
         ready = {w.worker_id for w in status.workers if w.state == "ready"}
-        for child, spec in self.worker_children():
+        for child in self.children:
+            if not child.worker_id:
+                continue
             child.seen_ready = child.seen_ready or child.worker_id in ready
             running = child.process is not None and child.process.poll() is None
-            if spec.model.lower() in self.wanted:
+            if child.model in self.wanted:
                 if child.process is None:  # never started, or stopped when its model was unloaded
                     child.failures = 0
                     child.start()  # a load, not a restart
@@ -414,14 +418,6 @@ class Supervisor:
                 child.process.terminate()
             elif not running and child.given_up:
                 child.given_up, child.process = False, None  # unloaded: the next load tries it afresh
-
-    def worker_children(self) -> list[tuple[Child, WorkerSpec]]:
-        specs = {w.worker_id: w for w in self.plan.workers}
-        return [(c, specs[c.worker_id]) for c in self.children if c.worker_id]
-
-    @property
-    def worker_model(self) -> dict[str, str]:
-        return {w.worker_id: w.model.lower() for w in self.plan.workers}
 
     def _watch(self) -> None:
         now = time.monotonic()
@@ -433,8 +429,7 @@ class Supervisor:
                 if now - child.started_at > 60:
                     child.failures = 0  # it has run long enough to count as healthy
                 continue
-            model = self.worker_model.get(child.worker_id, "")
-            if child.stopping or (child.worker_id and model not in self.wanted):  # unloaded: its memory is free now
+            if child.stopping or (child.worker_id and child.model not in self.wanted):  # unloaded: its memory is free now
                 child.stopping = False
                 tell_broker(wire.WorkerExited(child.worker_id, child.process.returncode))
                 child.process = None

@@ -247,7 +247,6 @@ async def model_card(request: Request, model_id: str) -> schema.ModelCard:
 async def control_model(request: Request, load: bool) -> HTTPResponse:
     """Load a model now (it keeps loading after the answer), or unload it once its requests end."""
     body = decode_body(request, schema.ModelControlRequest)
-    await model_card(request, body.model)  # 404 for a model that is not here
     control = wire.ModelControl(f"ctl-{uuid.uuid4().hex}", body.model, load, convert.keep_alive_seconds(body.keep_alive))
     done = await request.app.ctx.broker.control(control)
     if done.failure is not None:
