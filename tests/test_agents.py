@@ -79,12 +79,13 @@ def test_claude_print_runs_a_turn_over_the_messages_api(agents, agent_server, tm
         done = subprocess.run(
             [agents["claude"], "-p", "--bare", "--max-turns", "1", "--tools", "Bash", "--model",
              model_of(agent_server), "Say hello."], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        # Claude Code exits 0 or 1 on a cut answer, by version; a cut answer is the only failure allowed.
+        if "API Error" in done.stdout:
+            assert "output token maximum" in done.stdout, done.stdout + done.stderr
+            continue
         assert done.returncode == 0, done.stdout + done.stderr
         assert done.stdout.strip(), done.stderr
-        if "API Error" in done.stdout:
-            assert "output token maximum" in done.stdout, done.stdout
-        else:
-            answers.append(done.stdout)
-            break
+        answers.append(done.stdout)
+        break
     assert answers, "every turn was cut at max_tokens"
     assert sum(served_by(agent_server, "messages").values()) > sum(before.values())
