@@ -12,11 +12,12 @@ from infersnap.broker.broker import Broker
 
 
 def main() -> None:
-    plan = serve_plan.read(Path(sys.argv[1]))
+    plan_file = serve_plan.PlanFile(Path(sys.argv[1]))
+    plan = plan_file.plan
     logging.basicConfig(level=logging.DEBUG if plan.verbose else logging.INFO, format="%(name)s: %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        Broker(plan).serve_forever()
+        Broker(plan, plan_file=plan_file).serve_forever()
     except KeyboardInterrupt:
         pass
 

@@ -74,7 +74,7 @@ import msgspec
 import zmq
 
 from infersnap import paths, wire
-from infersnap.plan import ModelSpec, ServePlan, announced
+from infersnap.plan import ModelSpec, PlanFile, ServePlan, announced
 
 # Seconds without a heartbeat (sent every 0.25 s) before a live worker counts as stuck. A worker whose
 # process ends is reported at once by the supervisor (WorkerExited); this is for one that hangs.
@@ -182,13 +182,16 @@ class Model:
     requested: bool = False  # a ModelControl asked to load it: it loads once it fits, as a waiting request would
     last_used: float = 0.0  # when a request of it last started or ended, or it was loaded
     failed: str = ""  # why none of its workers could load; it is not loaded again until asked to
+    removed: bool = False  # gone from the catalog: no new request; forgotten once unloaded
 
 
 class Broker:
     def __init__(
-        self, plan: ServePlan, zctx: zmq.Context | None = None, address: Callable[[str], str] = paths.socket_address
+        self, plan: ServePlan, zctx: zmq.Context | None = None, address: Callable[[str], str] = paths.socket_address,
+        plan_file: PlanFile | None = None,
     ) -> None:
         self.plan = plan
+        self.plan_file = plan_file  # read again when the supervisor writes it anew (the catalog changed)
         self.boot = uuid.uuid4().hex
         self.zctx = zctx or zmq.Context.instance()
         self.clients = self._bind(address("clients"))
@@ -290,21 +293,15 @@ class Broker:
         if self.drain_deadline is not None:
             return wire.failed(submit.id, 503, "the server is shutting down", code="shutting_down")
         needs = submit.needs
+        model = self.models.get(submit.model.lower())
+        if model is None or model.removed:
+            return self._not_found(submit.id, submit.model)
         serving = [w for w in self.workers.values() if w.serves(submit.model, needs.task)]
         if not serving:
-            models = {w.info.model.lower() for w in self.workers.values()}
-            if submit.model.lower() in models:  # a model whose workers do other tasks
-                return wire.failed(submit.id, 400, f"the model '{submit.model}' does not do this ({needs.task})",
-                                   code="not_supported", param="model")
-            known = ", ".join(m.spec.name for m in self.models.values()) or "none"
-            return wire.failed(
-                submit.id,
-                404,
-                f"The model '{submit.model}' does not exist. Models served here: {known}",
-                code="model_not_found",
-                param="model",
-            )
-        model = self.models.get(submit.model.lower())
+            if not self._workers_of(model):
+                return self._not_found(submit.id, submit.model)
+            return wire.failed(submit.id, 400, f"the model '{submit.model}' does not do this ({needs.task})",
+                               code="not_supported", param="model")
         failure = self._load_failure(submit.model)
         if failure:
             return wire.failed(submit.id, 503, failure)
@@ -313,7 +310,7 @@ class Broker:
             feature = next(f for f in (wire.unmet(needs, w.info.capabilities) for w in ready) if f)
             runtimes = [w.info.runtime for w in serving if w.info.state != "failed"]
             return wire.refusal(submit.id, needs, feature, runtimes, ready[0].info.model)
-        if model is not None and not model.wanted:
+        if not model.wanted:
             too_big = self._never_fits(model)
             if too_big:
                 return wire.failed(submit.id, 507, too_big, code="model_too_large", param="model")
@@ -332,6 +329,11 @@ class Broker:
             # Refuse at once rather than queue without end; the frontend adds Retry-After.
             return wire.failed(submit.id, 503, "the server is at capacity; retry shortly", code="server_overloaded")
         return None
+
+    def _not_found(self, request_id: str, name: str) -> wire.Output:
+        known = ", ".join(m.spec.name for m in self.models.values() if not m.removed) or "none"
+        return wire.failed(request_id, 404, f"The model '{name}' does not exist. Models served here: {known}",
+                           code="model_not_found", param="model")
 
     def _load_failure(self, name: str) -> str | None:
         """Why the model cannot serve at all (every worker of it failed to load), or None."""
@@ -514,6 +516,8 @@ class Broker:
             if worker is not None and worker.info.pid not in (0, info.pid) and worker.info.state != RESTARTING:
                 self._lost(worker, "restarted")  # back faster than its heartbeat could be missed
             model = self.models.get(info.model.lower())
+            if worker is None and model is None:
+                return  # the last heartbeat of a worker whose model was removed from the catalog and forgotten
             if worker is not None and worker.info.state == UNLOADING:
                 info = msgspec.structs.replace(info, state=UNLOADING)  # it is on its way out: nothing more for it
             elif model is not None and not model.wanted and not model.failed and info.state != "failed":
@@ -698,15 +702,42 @@ class Broker:
                 self._unload(model, "no worker of it could load")
             elif (model.keep_alive >= 0 and self._settled(model) and not self._busy(model)
                   and now - model.last_used >= model.keep_alive):
-                self._unload(model, f"idle for {model.keep_alive} s (its keep-alive)")
+                why = "removed from the catalog" if model.removed else f"idle for {model.keep_alive} s (its keep-alive)"
+                self._unload(model, why)
+        for name, model in list(self.models.items()):
+            if model.removed and not model.wanted and not self._leaving(model) and not self._busy(model):
+                log.info("model %s is forgotten: removed from the catalog, and unloaded", model.spec.name)
+                for worker in self._workers_of(model):
+                    del self.workers[worker.identity]
+                del self.models[name]
+
+    def _replan(self, plan: ServePlan) -> None:
+        """The catalog changed while serving: each model added gets its entries, unloaded; a model removed
+        takes no new request, and is unloaded and forgotten once those it accepted have ended."""
+        self.plan, now = plan, time.monotonic()
+        for spec in plan.models:
+            model = self.models.get(spec.name.lower())
+            if model is None:
+                log.info("model %s was added to the catalog", spec.name)
+                self.models[spec.name.lower()] = Model(spec, spec.keep_alive)
+            elif model.removed:  # back before it was forgotten
+                model.spec, model.removed, model.keep_alive = spec, False, spec.keep_alive
+        for spec in plan.workers:
+            identity = spec.worker_id.encode()
+            if identity not in self.workers:
+                self.workers[identity] = Worker(identity, announced(plan, spec, state=UNLOADED), now)
+        names = {spec.name.lower() for spec in plan.models}
+        for name, model in self.models.items():
+            if name not in names and not model.removed:
+                log.info("model %s was removed from the catalog; it is unloaded once its requests end", model.spec.name)
+                model.removed, model.requested, model.keep_alive = True, False, 0
+        self._dispatch()
 
     def _control(self, control: wire.ModelControl) -> wire.Output:
         """Load a model now, or unload it once idle: answered at once (the load goes on)."""
         model = self.models.get(control.model.lower())
-        if model is None:
-            known = ", ".join(m.spec.name for m in self.models.values())
-            return wire.failed(control.id, 404, f"The model '{control.model}' does not exist. Models served here: "
-                               f"{known}", code="model_not_found", param="model")
+        if model is None or model.removed:
+            return self._not_found(control.id, control.model)
         if not control.load:
             model.keep_alive, model.requested = 0, False  # as a request with keep_alive 0: gone once idle
             self._schedule(time.monotonic())
@@ -726,6 +757,9 @@ class Broker:
         return wire.Output(control.id, finish_reason="stop")
 
     def _tick(self, now: float) -> None:
+        replanned = self.plan_file.changed() if self.plan_file else None
+        if replanned is not None:
+            self._replan(replanned)
         for worker in self.workers.values():
             if worker.info.state in (RESTARTING, "failed", UNLOADED) or not worker.info.pid:
                 continue  # no process to hear from (yet)

@@ -15,7 +15,9 @@ from infersnap.cli.engines import format_table
 from infersnap.config import PER_MODEL, Config
 from infersnap.models import ModelNotFound, gguf_problem, model_id
 
-RESTART = "a running `infersnap serve` picks this up after a restart"
+# a running serve looks at the models folders every CATALOG_LOOK_SECONDS (cli/supervisor.py)
+SERVED_SOON = "a running `infersnap serve` serves it within seconds"
+UNSERVED_SOON = "a running `infersnap serve` stops serving it within seconds, once its requests have ended"
 # each source's remedy: models that are not the models folder's are removed where they come from
 NOT_REMOVABLE = {
     "default": "it is the packaged default model; `infersnap use-model` another to serve that one instead",
@@ -142,7 +144,7 @@ def add(entries: list[ModelEntry], source: str, name: str | None, copy: bool) ->
     else:
         how = (f"linked {target} to {path}: the file stays where it is (GGUFs are large); "
                "add it with --copy instead if it will move or be deleted, or if a confined snap cannot read it")
-    return [f"added {new_id}", how, f"its settings: {PER_MODEL}.{slug(new_id)}.<setting>", RESTART]
+    return [f"added {new_id}", how, f"its settings: {PER_MODEL}.{slug(new_id)}.<setting>", SERVED_SOON]
 
 
 def remove(config: Config, entries: list[ModelEntry], name: str) -> list[str]:
@@ -166,7 +168,7 @@ def remove(config: Config, entries: list[ModelEntry], name: str) -> list[str]:
     kept = config.values(f"{PER_MODEL}.{entry.slug}")
     if kept:
         lines.append(f"its settings are kept (`infersnap unset {' '.join(kept)}` if they are not wanted)")
-    return [*lines, RESTART]
+    return [*lines, UNSERVED_SOON]
 
 
 def use_model(config: Config, entries: list[ModelEntry], name: str) -> str:

@@ -9,6 +9,10 @@ Which workers run follows the broker: it wants the models that requests ask for
 (and unloads idle ones), and says so in its Status (`ModelState.wanted`). The
 supervisor starts the workers of each wanted model and stops the others; the
 default model's are started with the broker, before it is asked.
+
+The catalog is followed while serving: when a model file appears in or leaves
+the models folders, the supervisor writes the plan again with that model added
+or removed (replan), and the broker and the frontend read it again.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from infersnap.profiles import Profile, Speed
 
 STOP_GRACE_SECONDS = 10
 MAX_BACKOFF_SECONDS = 30
+CATALOG_LOOK_SECONDS = 2.0  # how often the models folders are looked at (a stat of each file) while serving
 
 
 class ServeError(Exception):
@@ -56,7 +61,7 @@ def _say(text: str) -> None:
     print(f"infersnap: {text}", file=sys.stderr, flush=True)
 
 
-def build_plan(config: Config) -> ServePlan:
+def build_plan(config: Config, machine: Machine) -> ServePlan:
     try:
         api_keys = access_keys.api_keys(config.get("http.api-keys"), config.get("http.api-keys-file"))
     except access_keys.KeysFileError as exc:
@@ -68,7 +73,6 @@ def build_plan(config: Config) -> ServePlan:
     default = catalog.default_entry(config, entries)
     if not Path(default.path).is_file():
         raise ModelNotFound(f"model file not found: {default.path}")
-    machine = detect("/")
     models: list[ModelSpec] = []
     workers: list[WorkerSpec] = []
     for entry in [default, *(e for e in entries if e is not default)]:
@@ -94,6 +98,32 @@ def build_plan(config: Config) -> ServePlan:
         send_timeout=config.get("http.send-timeout"),
         webui=config.get("webui.enabled"),
     )
+
+
+def replan(plan: ServePlan, config: Config, machine: Machine) -> ServePlan:
+    """The plan with the catalog as it is now: each model found since planned as at start, each model whose
+    file is gone left out; the others, and the default model, keep their specs and workers."""
+    entries = catalog.scan(config, warn=_say)
+    found = {(e.id.lower(), e.path) for e in entries}
+    default = plan.default_model
+    kept = [m for m in plan.models if m is default or (m.name.lower(), m.path) in found]
+    names = {m.name.lower() for m in kept}
+    models, workers = list(kept), [w for w in plan.workers if w.model.lower() in names]
+    for entry in entries:
+        if entry.id.lower() in names:
+            continue
+        try:
+            model, specs = model_plan(catalog.model_config(config, entry), machine, entry, default=False)
+        except ServeError as exc:
+            _say(f"{entry.id} is not served: {exc}")
+            continue
+        _say(f"the model {entry.id} was added ({entry.path})")
+        models.append(model)
+        workers += specs
+    for model in plan.models:
+        if model.name.lower() not in {m.name.lower() for m in models}:
+            _say(f"the model {model.name} was removed ({model.path} is gone); it is unloaded once its requests end")
+    return msgspec.structs.replace(plan, models=models, workers=workers)
 
 
 def model_plan(config: Config, machine: Machine, entry: ModelEntry, default: bool) -> tuple[ModelSpec, list[WorkerSpec]]:
@@ -286,19 +316,21 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, plan: ServePlan) -> None:
+    def __init__(self, plan: ServePlan, config: Config | None = None, machine: Machine | None = None,
+                 catalog_mark: tuple = ()) -> None:
+        """With the config and machine the plan was made from, and what the models folders held before
+        (catalog.signature), the catalog is followed while serving."""
         self.plan = plan
+        self.config, self.machine = config, machine
+        self.catalog_at = 0.0  # when the models folders were last looked at
+        self.catalog_mark = catalog_mark
         self.runtime = paths.runtime_dir(create=True)
         self.plan_file = self.runtime / "plan.json"
         module = [sys.executable, "-m"]
         plan_arg = str(self.plan_file)
         # Start order matters: the broker binds the sockets the others connect to.
         self.children = [Child("broker", [*module, "infersnap.broker", plan_arg])]
-        self.children += [
-            Child(f"worker {w.worker_id}", [*module, "infersnap.workers", plan_arg, w.worker_id], w.worker_id,
-                  w.model.lower())
-            for w in plan.workers
-        ]
+        self.children += [self._worker(w) for w in plan.workers]
         self.children.append(Child("frontend", [*module, "infersnap.frontend", plan_arg]))
         self.at_start = {w.worker_id for w in plan.workers_of(plan.default_model.name)}
         self.asked_at = 0.0  # when the broker was last asked which models it wants
@@ -393,9 +425,34 @@ class Supervisor:
                 return
             time.sleep(0.2)
 
+    def _follow_catalog(self, now: float) -> None:
+        """Write the plan anew when a model file was added or removed; a child for each worker added, and
+        none kept for a removed model's worker once its process has ended."""
+        if self.config is None or self.machine is None or now - self.catalog_at < CATALOG_LOOK_SECONDS:
+            return
+        self.catalog_at = now
+        mark = catalog.signature(self.config)
+        if mark != self.catalog_mark:
+            self.catalog_mark = mark
+            plan = replan(self.plan, self.config, self.machine)
+            if plan != self.plan:
+                serve_plan.write(plan, self.plan_file)
+                self.plan = plan
+        planned = {w.worker_id for w in self.plan.workers}
+        # a removed model's child goes once its exit is reported (process None) or it failed
+        self.children = [c for c in self.children if not c.worker_id or c.worker_id in planned
+                         or (c.process is not None and not c.given_up)]
+        have = {c.worker_id for c in self.children}
+        new = [self._worker(w) for w in self.plan.workers if w.worker_id not in have]
+        self.children[-1:-1] = new  # before the frontend, which stays last
+
+    def _worker(self, spec: WorkerSpec) -> Child:
+        argv = [sys.executable, "-m", "infersnap.workers", str(self.plan_file), spec.worker_id]
+        return Child(f"worker {spec.worker_id}", argv, spec.worker_id, spec.model.lower())
+
     def _follow_broker(self, now: float) -> None:
-        """Start the workers of the models the broker wants, and stop the others' (at most every 0.5 s)."""
-        if now - self.asked_at < 0.5:
+        """Start the workers of the models the broker wants, and stop the others' (at most every 0.2 s)."""
+        if now - self.asked_at < 0.2:
             return
         self.asked_at = now
         try:
@@ -421,6 +478,7 @@ class Supervisor:
 
     def _watch(self) -> None:
         now = time.monotonic()
+        self._follow_catalog(now)
         self._follow_broker(now)
         for child in self.children:
             if child.given_up or child.process is None:
@@ -498,5 +556,7 @@ def _exit_reason(code: int) -> str:
 
 def serve(config: Config) -> int:
     paths.runtime_dir(create=True)  # an unsafe runtime folder is refused before the plan (which may measure)
-    return Supervisor(build_plan(config)).run()
+    machine = detect("/")
+    mark = catalog.signature(config)  # before the plan: a file added while it is made (measured) is seen after
+    return Supervisor(build_plan(config, machine), config, machine, mark).run()
 

@@ -11,10 +11,11 @@ from infersnap.frontend.app import create_app
 
 
 def main() -> None:
-    plan = serve_plan.read(Path(sys.argv[1]))
+    plan_file = serve_plan.PlanFile(Path(sys.argv[1]))
+    plan = plan_file.plan
     logging.basicConfig(level=logging.DEBUG if plan.verbose else logging.INFO, format="%(name)s: %(message)s")
     logging.getLogger("sanic").propagate = False  # Sanic logs through its own handlers; print each line once
-    app = create_app(plan)
+    app = create_app(plan, plan_file)
     # A burst of clients (a load test, a LAN) must not overflow the kernel's accept queue: Sanic's default is 100.
     app.run(host=plan.host, port=plan.port, single_process=True, access_log=plan.verbose, motd=False, backlog=1024)
 

@@ -23,7 +23,7 @@ from infersnap.frontend.broker_client import BrokerClient, BrokerUnavailable
 from infersnap.frontend.errors import STATUS_CODES, APIError
 from infersnap.frontend.generation import Generation, choice_requests
 from infersnap.frontend.metrics import RequestRecord
-from infersnap.plan import ServePlan
+from infersnap.plan import PlanFile, ServePlan
 
 log = logging.getLogger("infersnap.frontend")
 Body = TypeVar("Body")
@@ -56,7 +56,8 @@ def failure_error(failure: wire.Failure) -> APIError:
     return APIError(failure.status, failure.message, param=failure.param, code=failure.code, headers=headers)
 
 
-def create_app(plan: ServePlan) -> Sanic:
+def create_app(plan: ServePlan, plan_file: PlanFile | None = None) -> Sanic:
+    """The app serving `plan`; with its `plan_file`, the plan follows the file (models added or removed)."""
     app = Sanic("infersnap")
     app.config.REQUEST_MAX_SIZE = plan.max_body_bytes
     app.config.RESPONSE_TIMEOUT = 24 * 3600  # generations end on their own terms
@@ -66,6 +67,14 @@ def create_app(plan: ServePlan) -> Sanic:
     async def connect(app: Sanic) -> None:
         app.ctx.broker = BrokerClient()
         app.ctx.broker.start()
+
+    if plan_file is not None:
+        @app.on_request
+        async def current_plan(request: Request) -> None:
+            # a stat per request: a model added to the catalog is served on the next one
+            replanned = plan_file.changed()
+            if replanned is not None:
+                request.app.ctx.plan = replanned
 
     @app.after_server_stop
     async def disconnect(app: Sanic) -> None:

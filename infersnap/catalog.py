@@ -81,6 +81,19 @@ def _found(config: Config, warn: Callable[[str], None]) -> list[tuple[Path, str,
     return found
 
 
+def signature(config: Config) -> tuple[tuple[str, int, int, int], ...]:
+    """What changes when a model file is added, removed or replaced: no header is read, so that a running
+    serve can look every few seconds."""
+    marks = []
+    for path, _, _ in _found(config, warn=lambda _: None):
+        try:
+            stat = path.stat()
+            marks.append((str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size))
+        except OSError:  # a dangling link: listed with its problem
+            marks.append((str(path), 0, 0, 0))
+    return tuple(marks)
+
+
 def _entry(path: Path, model_id: str, source: str, config: Config) -> ModelEntry:
     model_slug = slug(model_id)
     try:

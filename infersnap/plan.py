@@ -3,11 +3,16 @@
 The supervisor reads the config once, resolves it into a ServePlan and
 writes it into the runtime folder; the broker, the frontend and the
 workers read that file, so all of them (and any of them restarted later)
-agree on one snapshot of the configuration.
+agree on one snapshot of the configuration. The catalog is the one part
+that changes while serving: when a model file is added to or removed from
+the models folders, the supervisor writes the plan again with that model
+added or removed (every other model's spec as it was), and the broker and
+the frontend read it again (PlanFile).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import msgspec
@@ -108,11 +113,39 @@ class ServePlan(msgspec.Struct, frozen=True):
 
 
 def write(plan: ServePlan, path: Path) -> None:
-    path.write_bytes(msgspec.json.encode(plan))
+    """Whole or not at all: a process reading the plan while it changes reads the old or the new one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_bytes(msgspec.json.encode(plan))
+    os.replace(partial, path)
 
 
 def read(path: Path) -> ServePlan:
     return msgspec.json.decode(path.read_bytes(), type=ServePlan)
+
+
+class PlanFile:
+    """The plan file as the broker and the frontend hold it: they outlive a change of it (a model added to
+    or removed from the catalog while serving; the supervisor writes the new plan) and read it again."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.stamp = self._stamp()
+        self.plan = read(path)
+
+    def _stamp(self) -> tuple[int, int, int]:
+        stat = self.path.stat()  # write() replaces the file: a new inode each time
+        return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+    def changed(self) -> ServePlan | None:
+        """The plan as the file says now, if it changed since it was last read; else None."""
+        try:
+            stamp = self._stamp()
+        except OSError:
+            return None  # being replaced this instant, or the serve is ending: the next look sees it
+        if stamp == self.stamp:
+            return None
+        self.stamp, self.plan = stamp, read(self.path)
+        return self.plan
 
 
 def announced(plan: ServePlan, spec: WorkerSpec, state: str = "loading", error: str = "",

@@ -12,6 +12,7 @@ import msgspec
 import pytest
 import zmq
 
+from infersnap import plan as serve_plan
 from infersnap import wire
 from infersnap.broker.broker import Broker
 from infersnap.plan import ModelSpec, ServePlan, WorkerSpec
@@ -217,3 +218,40 @@ def test_a_model_waits_longer_for_a_busy_llamacpp_model_on_its_cores_before_comp
     time.sleep(1.3)
     three.pump()
     assert dispatched(worker) == ["other"]  # no starving
+
+
+def test_a_model_added_to_the_plan_file_is_served_and_a_removed_one_ends_its_requests_then_is_forgotten(
+        three, tmp_path):
+    """What the supervisor does when a model file appears and another goes: it writes the plan anew."""
+    path = tmp_path / "plan.json"
+    serve_plan.write(three.broker.plan, path)
+    three.broker.plan_file = serve_plan.PlanFile(path)
+    app = three.client()
+    submit(app, wire.Generate(id="on-a", model="a", params=wire.SamplingParams(), prompt="x"))
+    worker_a = start(three, "a")
+    assert dispatched(worker_a) == ["on-a"]
+    plan = three.broker.plan
+    added = model("c", 50)
+    serve_plan.write(msgspec.structs.replace(
+        plan, models=[*(m for m in plan.models if m.name != "a"), added],
+        workers=[*(w for w in plan.workers if w.model != "a"),
+                 WorkerSpec("cpu@c", "cpu", "cpu", "llamacpp", [0], 1, 1, model="c")]), path)
+    three.pump()
+    assert states(three) == {"main": "loading", "a": "loaded", "b": "unloaded", "c": "unloaded"}
+    submit(app, wire.Generate(id="late", model="a", params=wire.SamplingParams(), prompt="x"))
+    [refused] = outputs(app)
+    assert refused.failure.status == 404 and "'a' does not exist" in refused.failure.message
+    assert "c" in refused.failure.message and ", a," not in refused.failure.message
+    finish(worker_a, b"app", "on-a")  # the request it accepted ends with its answer
+    assert [o.id for o in outputs(app)] == ["on-a"]
+    three.pump()
+    assert states(three)["a"] == "unloading" and "a" not in wanted(three)
+    stop(three, "a")
+    three.pump()
+    assert set(states(three)) == {"main", "b", "c"}
+    assert b"cpu@a" not in three.broker.workers
+    worker_a.send(wire.WorkerStatus(info=worker_a.info))  # its last heartbeat does not bring it back
+    assert b"cpu@a" not in three.broker.workers
+    submit(app, wire.Generate(id="on-c", model="c", params=wire.SamplingParams(), prompt="x"))
+    assert "c" in wanted(three)
+    assert dispatched(start(three, "c")) == ["on-c"]

@@ -5,6 +5,7 @@ needs the memory, and a corrupt file that fails with its reason while the others
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -151,3 +152,23 @@ def test_a_corrupt_model_is_failed_with_its_reason_not_retried_and_the_others_se
         assert complete(server, DEFAULT).status_code == 200
     finally:
         assert server.stop() == 0, server.log.read_text()
+
+
+def test_a_model_added_while_serving_is_served_within_seconds_and_one_removed_is_refused(two, tmp_path):
+    copy = tmp_path / "smol-copy.gguf"
+    shutil.copyfile(default_model_path(), copy)
+    added = cli(two.env, "models", "add", str(copy), "--name", "live-smol")
+    assert "within seconds" in added.stdout, added.stdout
+    wait_until(lambda: "live-smol" in models(two), 15, "a model added while serving was not listed")
+    reply = complete(two, "live-smol", keep_alive="5m")  # loads it, as any model not loaded, and keeps it
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["model"] == "live-smol"
+    pid = worker_pid(two, "live-smol")
+    cli(two.env, "models", "remove", "live-smol")  # loaded: unloaded at once, as it is idle
+    wait_until(lambda: "live-smol" not in models(two), 15, "a model removed while serving is still listed")
+    gone = complete(two, "live-smol")
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found", gone.text
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), 30, "the removed model's worker process lives on")
+    assert "live-smol" not in {w["model"] for w in two.status()["workers"]}
+    assert list(models(two)) == [DEFAULT, GEMMA]
+    assert complete(two, DEFAULT).status_code == 200

@@ -86,10 +86,11 @@ def test_a_worker_that_cannot_load_is_reported_and_requests_get_503(tmp_path):
 # `infersnap serve` as it is, with one more worker in its plan: OpenVINO on an Intel GPU this machine lacks.
 SERVE_WITH_A_MISSING_GPU = """
 import sys, msgspec
+from infersnap.cli.engines import detect
 from infersnap.cli.supervisor import Supervisor, build_plan
 from infersnap.config import Config
 from infersnap.plan import WorkerSpec
-plan = build_plan(Config())
+plan = build_plan(Config(), detect("/"))
 gpu = WorkerSpec("GPU.0", "GPU.0", "intel-gpu", "openvino", [0], 1, slots=4, model=plan.default_model.name)
 sys.exit(Supervisor(msgspec.structs.replace(plan, workers=[*plan.workers, gpu])).run())
 """
