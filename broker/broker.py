@@ -720,8 +720,10 @@ class Broker:
             if model is None:
                 log.info("model %s was added to the catalog", spec.name)
                 self.models[spec.name.lower()] = Model(spec, spec.keep_alive)
-            elif model.removed:  # back before it was forgotten
-                model.spec, model.removed, model.keep_alive = spec, False, spec.keep_alive
+            else:  # the same spec; or its file moved (a new path); or it is back before it was forgotten
+                if model.removed:
+                    model.keep_alive = spec.keep_alive
+                model.spec, model.removed = spec, False
         for spec in plan.workers:
             identity = spec.worker_id.encode()
             if identity not in self.workers:
