@@ -55,7 +55,7 @@ def test_codex_exec_runs_a_turn_over_the_responses_api(agents, agent_server, tmp
     before = served_by(agent_server, "responses")
     # Codex samples at its own temperature and takes a turn cut at max_output_tokens (status incomplete) for an
     # error, which is the protocol working too: at least one of a few turns must end on its own.
-    for _ in range(4):
+    for _ in range(6):
         done = subprocess.run([agents["codex"], "exec", "--skip-git-repo-check", "Say hello."], env=env,
                               cwd=tmp_path, capture_output=True, text=True, timeout=300)
         if done.returncode == 0:
@@ -71,14 +71,17 @@ def test_claude_print_runs_a_turn_over_the_messages_api(agents, agent_server, tm
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "ANTHROPIC_BASE_URL": agent_server.base,
            "ANTHROPIC_API_KEY": "sk-local", "DISABLE_TELEMETRY": "1", "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
     before = served_by(agent_server, "messages")
-    # --bare and one tool: Claude Code's whole default toolset alone is about 19,000 tokens, past this model's context.
-    # Claude Code samples at its own temperature and takes an answer cut at max_tokens for an error ("exceeded the
-    # output token maximum"), which is the protocol working too; at least one of a few turns must end on its own.
+    # --bare and no tools: Claude Code's default toolset alone is about 19,000 tokens, past this model's context.
+    # Claude Code samples at its own temperature (1) and takes an answer cut at max_tokens for an error ("exceeded
+    # the output token maximum"), which is the protocol working too; at least one of a few turns must end on its own.
+    # This 135M model echoes long prompts: with one tool's schema and "Say hello." it ended 2 turns in 10 (4 cuts in a
+    # row failed CI); with no tool, "Be brief." and a short question 9 in 12 (replayed over /v1/messages).
     answers = []
-    for _ in range(4):
+    for _ in range(6):
         done = subprocess.run(
-            [agents["claude"], "-p", "--bare", "--max-turns", "1", "--tools", "Bash", "--model",
-             model_of(agent_server), "Say hello."], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+            [agents["claude"], "-p", "--bare", "--max-turns", "1", "--tools", "", "--system-prompt", "Be brief.",
+             "--model", model_of(agent_server), "What is 2+2?"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         # Claude Code exits 0 or 1 on a cut answer, by version; a cut answer is the only failure allowed.
         if "API Error" in done.stdout:
             assert "output token maximum" in done.stdout, done.stdout + done.stderr

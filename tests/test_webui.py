@@ -565,5 +565,14 @@ def test_the_picker_switches_models_and_the_one_picked_loads_and_answers(browser
     page.reload()
     expect(page.locator("#model option")).to_have_count(3)
     assert page.input_value("#model") == "smol-copy"  # the choice is kept
+    # a model added while the server runs is in the picker the next time it is opened, without a reload
+    cli(guarded.env, "models", "add", str(default_model_path()), "--name", "smol-late", "--copy")
+    wait_until(lambda: "smol-late" in [m["id"] for m in httpx.get(
+        f"{guarded.url}/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]], 15,
+        "a model added while serving was not listed")
+    page.focus("#model")
+    expect(page.locator("#model option")).to_have_count(4)
+    assert page.locator("#model option").last.text_content() == "smol-late (unloaded)"
+    assert page.input_value("#model") == "smol-copy"
     assert page.errors == []
     page.context.close()

@@ -58,7 +58,8 @@ function useKey(key) {
 
 // --- models ----------------------------------------------------------------------------------
 
-async function loadModels() {
+// quiet: a refresh (the picker about to open) that keeps the list it has and says nothing if it fails
+async function loadModels({ quiet = false } = {}) {
   const select = $("model");
   try {
     const models = (await getJSON("/v1/models", apiKey)).data;
@@ -66,8 +67,9 @@ async function loadModels() {
     // the one chosen before if it can still chat, else the first listed (the server's default)
     const usable = models.filter((model) => !modelOption(model).disabled).map((model) => model.id);
     select.value = usable.includes(settings.model) ? settings.model : (usable[0] ?? "");
-    hideNotice();
+    if (!quiet) hideNotice();
   } catch (error) {
+    if (quiet) return;
     const problem = describeError(error, Boolean(apiKey));
     showNotice(problem, loadModels);
     if (problem.key) askForKey(problem.title);
@@ -413,6 +415,8 @@ $("import").addEventListener("change", (event) => {
   if (file) importChats(file);
   event.target.value = "";
 });
+// models come and go while the server runs (added to its folders, loaded, unloaded): fresh states on each look
+$("model").addEventListener("focus", () => loadModels({ quiet: true }));
 $("model").addEventListener("change", () => {
   settings = { ...settings, model: $("model").value };
   saveSettings(localStorage, settings);
