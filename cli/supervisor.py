@@ -100,17 +100,22 @@ def build_plan(config: Config, machine: Machine) -> ServePlan:
     )
 
 
-def replan(plan: ServePlan, config: Config, machine: Machine) -> ServePlan:
-    """The plan with the catalog as it is now: each model found since planned as at start, each model whose
-    file is gone left out; the others, and the default model, keep their specs and workers."""
+def replan(plan: ServePlan, config: Config, machine: Machine, steady: set[str]) -> tuple[ServePlan, bool]:
+    """The plan with the catalog as it is now, and whether a new file waits: each model found since is planned
+    as at start once its file is `steady` (unchanged since the last look: not still being copied), each model
+    whose file is gone is left out; the others, and the default model, keep their specs and workers."""
     entries = catalog.scan(config, warn=_say)
     found = {(e.id.lower(), e.path) for e in entries}
     default = plan.default_model
     kept = [m for m in plan.models if m is default or (m.name.lower(), m.path) in found]
     names = {m.name.lower() for m in kept}
     models, workers = list(kept), [w for w in plan.workers if w.model.lower() in names]
+    waiting = False
     for entry in entries:
         if entry.id.lower() in names:
+            continue
+        if entry.path not in steady:
+            waiting = True  # its header may not be whole yet: planned at the next look if it stays as it is
             continue
         try:
             model, specs = model_plan(catalog.model_config(config, entry), machine, entry, default=False)
@@ -123,7 +128,7 @@ def replan(plan: ServePlan, config: Config, machine: Machine) -> ServePlan:
     for model in plan.models:
         if model.name.lower() not in {m.name.lower() for m in models}:
             _say(f"the model {model.name} was removed ({model.path} is gone); it is unloaded once its requests end")
-    return msgspec.structs.replace(plan, models=models, workers=workers)
+    return msgspec.structs.replace(plan, models=models, workers=workers), waiting
 
 
 def model_plan(config: Config, machine: Machine, entry: ModelEntry, default: bool) -> tuple[ModelSpec, list[WorkerSpec]]:
@@ -324,6 +329,7 @@ class Supervisor:
         self.config, self.machine = config, machine
         self.catalog_at = 0.0  # when the models folders were last looked at
         self.catalog_mark = catalog_mark
+        self.catalog_waits = False  # a new model file was not steady yet at the last look
         self.runtime = paths.runtime_dir(create=True)
         self.plan_file = self.runtime / "plan.json"
         module = [sys.executable, "-m"]
@@ -432,9 +438,10 @@ class Supervisor:
             return
         self.catalog_at = now
         mark = catalog.signature(self.config)
-        if mark != self.catalog_mark:
+        if mark != self.catalog_mark or self.catalog_waits:
+            steady = {path for path, *_ in set(mark) & set(self.catalog_mark)}  # the same stat at both looks
             self.catalog_mark = mark
-            plan = replan(self.plan, self.config, self.machine)
+            plan, self.catalog_waits = replan(self.plan, self.config, self.machine, steady)
             if plan != self.plan:
                 serve_plan.write(plan, self.plan_file)
                 self.plan = plan

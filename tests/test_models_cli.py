@@ -303,3 +303,38 @@ def test_the_state_comes_from_the_servers_models(tmp_path, monkeypatch):
     assert model_views.state(entry, model_views.server_models(before_issue_14)) == ("unloaded", "")
     failed = SimpleNamespace(models=[SimpleNamespace(name=DEFAULT_ID.lower(), state="failed", error="out of memory")])
     assert model_views.state(entry, model_views.server_models(failed)) == ("failed", "out of memory")
+
+
+def test_a_model_file_still_being_copied_is_served_once_it_holds_still_and_one_gone_is_left_out(tmp_path, monkeypatch):
+    """What a running serve does at each look at the models folders (cli/supervisor.py, replan)."""
+    from infersnap.cli.engines import detect
+    from infersnap.cli.supervisor import build_plan, replan
+
+    monkeypatch.setenv("INFERSNAP_DATA", str(tmp_path / "data"))
+    config = Config()
+    config.set_many({"engines": "cpu", "engines-measure": "false", "worker.embeddings": "false"})
+    machine = detect("/")
+    plan = build_plan(config, machine)
+    marks = [catalog.signature(config)]
+
+    def look(plan):
+        marks.append(catalog.signature(config))
+        return replan(plan, config, machine, {path for path, *_ in set(marks[-1]) & set(marks[-2])})
+
+    late = tmp_path / "data" / "models" / "late.gguf"
+    late.parent.mkdir(parents=True)
+    late.write_bytes(DEFAULT.read_bytes()[:200_000])  # a copy under way: not even its header is whole
+    plan, waits = look(plan)
+    assert waits and [m.name for m in plan.models] == [DEFAULT_ID]
+    shutil.copyfile(DEFAULT, late)  # the copy ends: it changed since the last look
+    plan, waits = look(plan)
+    assert waits and [m.name for m in plan.models] == [DEFAULT_ID]
+    kept = plan
+    plan, waits = look(plan)  # as it was: planned now, and the default model's spec and workers as they were
+    assert not waits and [m.name for m in plan.models] == [DEFAULT_ID, "late"]
+    assert plan.models[0] == kept.models[0] and plan.workers_of(DEFAULT_ID) == kept.workers_of(DEFAULT_ID)
+    assert [w.worker_id for w in plan.workers_of("late")] == ["cpu@late"]
+    assert plan.models[1].path == str(late) and plan.models[1].memory["cpu"] > DEFAULT.stat().st_size
+    late.unlink()
+    plan, waits = look(plan)
+    assert not waits and [m.name for m in plan.models] == [DEFAULT_ID] and plan.workers == kept.workers
