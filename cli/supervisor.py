@@ -27,6 +27,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
+from typing import Iterable
 
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def build_plan(config: Config, machine: Machine) -> ServePlan:
         raise ModelNotFound(f"model file not found: {default.path}")
     models: list[ModelSpec] = []
     workers: list[WorkerSpec] = []
-    for entry in [default, *(e for e in entries if e is not default)]:
+    for entry in [default, *servable(e for e in entries if e is not default)]:
         model, specs = model_plan(catalog.model_config(config, entry), machine, entry, entry is default)
         models.append(model)
         workers += specs
@@ -100,11 +101,23 @@ def build_plan(config: Config, machine: Machine) -> ServePlan:
     )
 
 
+def servable(entries: Iterable[ModelEntry]) -> list[ModelEntry]:
+    """The entries whose file is there: a link to a file since deleted (`models add` links) is said and left
+    out, as a file that is gone; a damaged file is planned, and fails with its reason when it loads."""
+    there = []
+    for entry in entries:
+        if Path(entry.path).is_file():
+            there.append(entry)
+        else:
+            _say(f"the model {entry.id} is left out: {entry.path} is not a file (a link to a file since deleted?)")
+    return there
+
+
 def replan(plan: ServePlan, config: Config, machine: Machine, steady: set[str]) -> tuple[ServePlan, bool]:
     """The plan with the catalog as it is now, and whether a new file waits: each model found since is planned
     as at start once its file is `steady` (unchanged since the last look: not still being copied), each model
     whose file is gone is left out; the others, and the default model, keep their specs and workers."""
-    entries = catalog.scan(config, warn=_say)
+    entries = servable(catalog.scan(config, warn=_say))
     found = {(e.id.lower(), e.path) for e in entries}
     default = plan.default_model
     kept = [m for m in plan.models if m is default or (m.name.lower(), m.path) in found]
@@ -441,7 +454,11 @@ class Supervisor:
         if mark != self.catalog_mark or self.catalog_waits:
             steady = {path for path, *_ in set(mark) & set(self.catalog_mark)}  # the same stat at both looks
             self.catalog_mark = mark
-            plan, self.catalog_waits = replan(self.plan, self.config, self.machine, steady)
+            try:
+                plan, self.catalog_waits = replan(self.plan, self.config, self.machine, steady)
+            except Exception as exc:  # serving goes on with the plan it has; the next change tries again
+                _say(f"the models folders changed, but the plan could not be made anew: {exc!r}")
+                plan = self.plan
             if plan != self.plan:
                 serve_plan.write(plan, self.plan_file)
                 self.plan = plan

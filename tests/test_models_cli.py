@@ -305,7 +305,8 @@ def test_the_state_comes_from_the_servers_models(tmp_path, monkeypatch):
     assert model_views.state(entry, model_views.server_models(failed)) == ("failed", "out of memory")
 
 
-def test_a_model_file_still_being_copied_is_served_once_it_holds_still_and_one_gone_is_left_out(tmp_path, monkeypatch):
+def test_a_model_file_still_being_copied_is_served_once_it_holds_still_and_one_gone_is_left_out(
+        tmp_path, monkeypatch, capsys):
     """What a running serve does at each look at the models folders (cli/supervisor.py, replan)."""
     from infersnap.cli.engines import detect
     from infersnap.cli.supervisor import build_plan, replan
@@ -314,15 +315,19 @@ def test_a_model_file_still_being_copied_is_served_once_it_holds_still_and_one_g
     config = Config()
     config.set_many({"engines": "cpu", "engines-measure": "false", "worker.embeddings": "false"})
     machine = detect("/")
-    plan = build_plan(config, machine)
+    folder = tmp_path / "data" / "models"
+    folder.mkdir(parents=True)
+    (folder / "dangling.gguf").symlink_to(tmp_path / "deleted.gguf")  # `models add` linked a file since deleted
+    plan = build_plan(config, machine)  # serves, without it
+    assert [m.name for m in plan.models] == [DEFAULT_ID]
+    assert "dangling is left out" in capsys.readouterr().err
     marks = [catalog.signature(config)]
 
     def look(plan):
         marks.append(catalog.signature(config))
         return replan(plan, config, machine, {path for path, *_ in set(marks[-1]) & set(marks[-2])})
 
-    late = tmp_path / "data" / "models" / "late.gguf"
-    late.parent.mkdir(parents=True)
+    late = folder / "late.gguf"
     late.write_bytes(DEFAULT.read_bytes()[:200_000])  # a copy under way: not even its header is whole
     plan, waits = look(plan)
     assert waits and [m.name for m in plan.models] == [DEFAULT_ID]
