@@ -138,8 +138,9 @@ def replan(plan: ServePlan, config: Config, machine: Machine, steady: set[str]) 
         _say(f"the model {entry.id} was added ({entry.path})")
         models.append(model)
         workers += specs
+    planned = {m.name.lower() for m in models}
     for model in plan.models:
-        if model.name.lower() not in {m.name.lower() for m in models}:
+        if model.name.lower() not in planned:
             _say(f"the model {model.name} was removed ({model.path} is gone); it is unloaded once its requests end")
     return msgspec.structs.replace(plan, models=models, workers=workers), waiting
 

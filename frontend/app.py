@@ -71,7 +71,7 @@ def create_app(plan: ServePlan, plan_file: PlanFile | None = None) -> Sanic:
     if plan_file is not None:
         @app.on_request
         async def current_plan(request: Request) -> None:
-            # a stat per request: a model added to the catalog is served on the next one
+            # at most a stat each PlanFile.look_seconds: a model added to the catalog is served within a second
             replanned = plan_file.changed()
             if replanned is not None:
                 request.app.ctx.plan = replanned

@@ -89,7 +89,7 @@ def signature(config: Config) -> tuple[tuple[str, int, int, int], ...]:
         try:
             stat = path.stat()
             marks.append((str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size))
-        except OSError:  # a dangling link: listed with its problem
+        except OSError:  # a dangling link: `models` lists it with its problem, `serve` leaves it out
             marks.append((str(path), 0, 0, 0))
     return tuple(marks)
 

@@ -13,6 +13,7 @@ the frontend read it again (PlanFile).
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import msgspec
@@ -127,8 +128,10 @@ class PlanFile:
     """The plan file as the broker and the frontend hold it: they outlive a change of it (a model added to
     or removed from the catalog while serving; the supervisor writes the new plan) and read it again."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, look_seconds: float = 0.5) -> None:
         self.path = path
+        self.look_seconds = look_seconds  # the file is looked at no oftener: the broker asks on every message
+        self.looked_at = time.monotonic()
         self.stamp = self._stamp()
         self.plan = read(path)
 
@@ -138,6 +141,10 @@ class PlanFile:
 
     def changed(self) -> ServePlan | None:
         """The plan as the file says now, if it changed since it was last read; else None."""
+        now = time.monotonic()
+        if now - self.looked_at < self.look_seconds:
+            return None
+        self.looked_at = now
         try:
             stamp = self._stamp()
         except OSError:
