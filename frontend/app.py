@@ -72,9 +72,7 @@ def create_app(plan: ServePlan, plan_file: PlanFile | None = None) -> Sanic:
         @app.on_request
         async def current_plan(request: Request) -> None:
             # at most a stat each PlanFile.look_seconds: a model added to the catalog is served within a second
-            replanned = plan_file.changed()
-            if replanned is not None:
-                request.app.ctx.plan = replanned
+            read_plan(request.app)
 
     @app.after_server_stop
     async def disconnect(app: Sanic) -> None:
@@ -135,6 +133,7 @@ def create_app(plan: ServePlan, plan_file: PlanFile | None = None) -> Sanic:
     app.blueprint(openai_routes())
     app.ctx.started = schema.now()
     app.ctx.plan = plan
+    app.ctx.plan_file = plan_file
     app.ctx.metrics = metrics.Metrics()
     app.ctx.responses = responses.Store()
     access.install(app, plan)
@@ -229,6 +228,14 @@ def openai_routes() -> Blueprint:
     return v1
 
 
+def read_plan(app: Sanic, at_once: bool = False) -> bool:
+    """Take the plan file's newer plan, if it has one; whether it had."""
+    replanned = app.ctx.plan_file.changed(at_once) if app.ctx.plan_file else None
+    if replanned is not None:
+        app.ctx.plan = replanned
+    return replanned is not None
+
+
 async def model_cards(request: Request) -> dict[str, schema.ModelCard]:
     """Every model of the plan (the default first) with its state from the broker, by lowercase id."""
     plan: ServePlan = request.app.ctx.plan
@@ -245,6 +252,8 @@ async def model_cards(request: Request) -> dict[str, schema.ModelCard]:
 
 async def model_card(request: Request, model_id: str) -> schema.ModelCard:
     cards = await model_cards(request)
+    if model_id.lower() not in cards and read_plan(request.app, at_once=True):  # written since the last look?
+        cards = await model_cards(request)
     card = cards.get(model_id.lower())
     if card is None:
         known = ", ".join(c.id for c in cards.values())

@@ -139,10 +139,11 @@ class PlanFile:
         stat = self.path.stat()  # write() replaces the file: a new inode each time
         return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
-    def changed(self) -> ServePlan | None:
-        """The plan as the file says now, if it changed since it was last read; else None."""
+    def changed(self, at_once: bool = False) -> ServePlan | None:
+        """The plan as the file says now, if it changed since it was last read; else None. `at_once` looks
+        even within look_seconds: a name this reader does not know may be in a plan written since."""
         now = time.monotonic()
-        if now - self.looked_at < self.look_seconds:
+        if not at_once and now - self.looked_at < self.look_seconds:
             return None
         self.looked_at = now
         try:

@@ -255,3 +255,21 @@ def test_a_model_added_to_the_plan_file_is_served_and_a_removed_one_ends_its_req
     submit(app, wire.Generate(id="on-c", model="c", params=wire.SamplingParams(), prompt="x"))
     assert "c" in wanted(three)
     assert dispatched(start(three, "c")) == ["on-c"]
+
+
+def test_a_request_for_a_model_written_into_the_plan_since_the_last_look_is_served_not_refused(three, tmp_path):
+    """The frontend may read the new plan (and list the model) before the broker's next look at the file."""
+    path = tmp_path / "plan.json"
+    plan = three.broker.plan
+    serve_plan.write(plan, path)
+    three.broker.plan_file = serve_plan.PlanFile(path, look_seconds=3600)  # no look of its own in this test
+    serve_plan.write(msgspec.structs.replace(
+        plan, models=[*plan.models, model("c", 50)],
+        workers=[*plan.workers, WorkerSpec("cpu@c", "cpu", "cpu", "llamacpp", [0], 1, 1, model="c")]), path)
+    app = three.client()
+    submit(app, wire.Generate(id="on-c", model="c", params=wire.SamplingParams(), prompt="x"))
+    assert "c" in wanted(three)
+    assert dispatched(start(three, "c")) == ["on-c"]
+    submit(app, wire.Generate(id="none", model="nowhere", params=wire.SamplingParams(), prompt="x"))
+    [refused] = outputs(app)
+    assert refused.failure.status == 404 and "'nowhere' does not exist" in refused.failure.message
