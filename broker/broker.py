@@ -487,7 +487,8 @@ class Broker:
             routed=[*self.routes, *self.queue],
             queued=len(self.queue),
             draining=self.drain_deadline is not None,
-            models=[self._model_state(m, time.monotonic()) for m in self.models.values()],
+            # a removed model is not served (404) even while its processes end: not listed
+            models=[self._model_state(m, time.monotonic()) for m in self.models.values() if not m.removed],
         )
 
     def _model_state(self, model: Model, now: float) -> wire.ModelState:

@@ -237,23 +237,27 @@ def read_plan(app: Sanic, at_once: bool = False) -> bool:
 
 
 async def model_cards(request: Request) -> dict[str, schema.ModelCard]:
-    """Every model of the plan (the default first) with its state from the broker, by lowercase id."""
-    plan: ServePlan = request.app.ctx.plan
+    """Every model of the plan (the default first) with its state from the broker, by lowercase id. Only
+    models the broker serves too: the two read a new plan at moments of their own, and a model listed here
+    must not then be refused, nor one left out served."""
     states = {m.name.lower(): m for m in (await request.app.ctx.broker.status()).models}
+    if not states.keys() <= {spec.name.lower() for spec in request.app.ctx.plan.models}:
+        read_plan(request.app, at_once=True)  # the broker has read a newer plan
+    plan: ServePlan = request.app.ctx.plan
     cards = {}
     for spec in plan.models:
         state = states.get(spec.name.lower())
+        if state is None:
+            continue
         can = [*(["chat", "tools"] if spec.chat else []), "completions", *(["embeddings"] if plan.embeddings(spec.name) else [])]
         cards[spec.name.lower()] = schema.ModelCard(
-            id=spec.name, created=request.app.ctx.started, state=state.state if state else "unloaded",
-            error=(state.error or None) if state else None, capabilities=can, context_length=spec.context)
+            id=spec.name, created=request.app.ctx.started, state=state.state,
+            error=state.error or None, capabilities=can, context_length=spec.context)
     return cards
 
 
 async def model_card(request: Request, model_id: str) -> schema.ModelCard:
     cards = await model_cards(request)
-    if model_id.lower() not in cards and read_plan(request.app, at_once=True):  # written since the last look?
-        cards = await model_cards(request)
     card = cards.get(model_id.lower())
     if card is None:
         known = ", ".join(c.id for c in cards.values())
