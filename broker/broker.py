@@ -258,6 +258,9 @@ class Broker:
     # --- clients -----------------------------------------------------------
 
     def _on_client(self, client: bytes, message: wire.Message, body: bytes) -> None:
+        replanned = self.plan_file.changed(at_once=True) if self.plan_file else None
+        if replanned is not None:  # the frontend read the file as the request arrived: no older view here
+            self._replan(replanned)
         if isinstance(message, wire.Submit):
             refusal = self._refusal(message)
             if refusal is not None:
@@ -294,12 +297,6 @@ class Broker:
             return wire.failed(submit.id, 503, "the server is shutting down", code="shutting_down")
         needs = submit.needs
         model = self.models.get(submit.model.lower())
-        if (model is None or model.removed) and self.plan_file:
-            # the frontend may have read a newer plan than this broker's last look: look before a 404
-            replanned = self.plan_file.changed(at_once=True)
-            if replanned is not None:
-                self._replan(replanned)
-                model = self.models.get(submit.model.lower())
         if model is None or model.removed:
             return self._not_found(submit.id, submit.model)
         serving = [w for w in self.workers.values() if w.serves(submit.model, needs.task)]

@@ -71,8 +71,11 @@ def create_app(plan: ServePlan, plan_file: PlanFile | None = None) -> Sanic:
     if plan_file is not None:
         @app.on_request
         async def current_plan(request: Request) -> None:
-            # at most a stat each PlanFile.look_seconds: a model added to the catalog is served within a second
-            read_plan(request.app)
+            # a stat per request: each request meets the plan as the file is when it arrives, as the broker
+            # does its Submit, so that a model listed is served and one no longer listed is refused
+            replanned = plan_file.changed(at_once=True)
+            if replanned is not None:
+                request.app.ctx.plan = replanned
 
     @app.after_server_stop
     async def disconnect(app: Sanic) -> None:
@@ -133,7 +136,6 @@ def create_app(plan: ServePlan, plan_file: PlanFile | None = None) -> Sanic:
     app.blueprint(openai_routes())
     app.ctx.started = schema.now()
     app.ctx.plan = plan
-    app.ctx.plan_file = plan_file
     app.ctx.metrics = metrics.Metrics()
     app.ctx.responses = responses.Store()
     access.install(app, plan)
@@ -228,31 +230,17 @@ def openai_routes() -> Blueprint:
     return v1
 
 
-def read_plan(app: Sanic, at_once: bool = False) -> bool:
-    """Take the plan file's newer plan, if it has one; whether it had."""
-    replanned = app.ctx.plan_file.changed(at_once) if app.ctx.plan_file else None
-    if replanned is not None:
-        app.ctx.plan = replanned
-    return replanned is not None
-
-
 async def model_cards(request: Request) -> dict[str, schema.ModelCard]:
-    """Every model of the plan (the default first) with its state from the broker, by lowercase id. Only
-    models the broker serves too: the two read a new plan at moments of their own, and a model listed here
-    must not then be refused, nor one left out served."""
-    states = {m.name.lower(): m for m in (await request.app.ctx.broker.status()).models}
-    if not states.keys() <= {spec.name.lower() for spec in request.app.ctx.plan.models}:
-        read_plan(request.app, at_once=True)  # the broker has read a newer plan
+    """Every model of the plan (the default first) with its state from the broker, by lowercase id."""
     plan: ServePlan = request.app.ctx.plan
+    states = {m.name.lower(): m for m in (await request.app.ctx.broker.status()).models}
     cards = {}
     for spec in plan.models:
         state = states.get(spec.name.lower())
-        if state is None:
-            continue
         can = [*(["chat", "tools"] if spec.chat else []), "completions", *(["embeddings"] if plan.embeddings(spec.name) else [])]
         cards[spec.name.lower()] = schema.ModelCard(
-            id=spec.name, created=request.app.ctx.started, state=state.state,
-            error=state.error or None, capabilities=can, context_length=spec.context)
+            id=spec.name, created=request.app.ctx.started, state=state.state if state else "unloaded",
+            error=(state.error or None) if state else None, capabilities=can, context_length=spec.context)
     return cards
 
 

@@ -259,8 +259,9 @@ def test_a_model_added_to_the_plan_file_is_served_and_a_removed_one_ends_its_req
     assert dispatched(start(three, "c")) == ["on-c"]
 
 
-def test_a_request_for_a_model_written_into_the_plan_since_the_last_look_is_served_not_refused(three, tmp_path):
-    """The frontend may read the new plan (and list the model) before the broker's next look at the file."""
+def test_each_request_meets_the_plan_as_the_file_is_when_it_arrives(three, tmp_path):
+    """The frontend reads the file as a request arrives, and lists or refuses by it: the broker, whose own
+    look comes at moments of its own, must agree on a model added and on one removed."""
     path = tmp_path / "plan.json"
     plan = three.broker.plan
     serve_plan.write(plan, path)
@@ -275,3 +276,9 @@ def test_a_request_for_a_model_written_into_the_plan_since_the_last_look_is_serv
     submit(app, wire.Generate(id="none", model="nowhere", params=wire.SamplingParams(), prompt="x"))
     [refused] = outputs(app)
     assert refused.failure.status == 404 and "'nowhere' does not exist" in refused.failure.message
+    serve_plan.write(msgspec.structs.replace(  # "b" removed
+        three.broker.plan, models=[m for m in three.broker.plan.models if m.name != "b"],
+        workers=[w for w in three.broker.plan.workers if w.model != "b"]), path)
+    submit(app, wire.Generate(id="on-b", model="b", params=wire.SamplingParams(), prompt="x"))
+    [refused] = outputs(app)
+    assert refused.failure.status == 404 and "'b' does not exist" in refused.failure.message
