@@ -529,6 +529,8 @@ class Broker:
             if worker is None or worker.info.state != info.state:
                 log.info("worker %s (%s) is %s%s", info.worker_id, info.device, info.state,
                          f": {info.error}" if info.error else "")
+                if info.state == "ready":
+                    self._used(info.model)  # keep-alive counts from when it could serve, not from the load's start
             if worker is None:
                 worker = self.workers[identity] = Worker(identity, info, now)
             worker.info, worker.last_seen = info, now

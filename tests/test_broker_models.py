@@ -187,6 +187,19 @@ def test_model_control_loads_now_and_unloads_once_idle(three):
     assert unknown.failure.status == 404 and "main, a, b" in unknown.failure.message
 
 
+def test_keep_alive_counts_from_when_the_model_is_ready_not_from_when_its_load_was_asked(three):
+    cli = three.client(b"cli")
+    cli.send(wire.ModelControl("c1", "b", load=True, keep_alive=1))
+    assert outputs(cli)[0].finish_reason == "stop"
+    time.sleep(1.2)  # a load slower than the keep-alive
+    start(three, "b")
+    three.pump()
+    assert states(three)["b"] == "loaded"  # not unloaded the moment it could serve
+    time.sleep(1.1)
+    three.pump()
+    assert "b" not in wanted(three)  # idle for its keep-alive since then
+
+
 def test_a_model_asked_for_while_its_processes_end_loads_again_once_they_have(three):
     # its processes must be seen unwanted and end; wanting it back at once would leave them unloading forever
     app = three.client()

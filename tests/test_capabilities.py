@@ -13,8 +13,8 @@ import pytest
 from conftest import served_by, start_server
 
 MESSAGES = [{"role": "user", "content": "Name a colour."}]
-LONG = {"messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 400,
-        "logit_bias": {"2": -100, "1000": -1}, "stream": True}  # never stops early; -1 is no ban: llama.cpp only
+LONG = {"messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 1500,
+        "logit_bias": {"0": -100, "2": -100, "1000": -1}, "stream": True}  # never stops early; -1 is no ban: llama.cpp only
 
 
 @pytest.fixture(scope="module")

@@ -200,7 +200,7 @@ def test_curl_as_in_the_guide(server, model):
 
 
 def test_a_client_that_goes_away_stops_its_generation(server):
-    body = {"messages": STORY, "max_tokens": 1500, "stream": True, "temperature": 1.0, "logit_bias": {"2": -100}}
+    body = {"messages": STORY, "max_tokens": 1500, "stream": True, "temperature": 1.0, "logit_bias": {"0": -100, "2": -100}}
     with httpx.Client(base_url=server.base, timeout=60) as client:
         with client.stream("POST", "/v1/chat/completions", json=body) as response:
             lines = response.iter_lines()

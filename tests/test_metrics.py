@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-SAY_HI = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "logit_bias": {"2": -100}}
+SAY_HI = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "logit_bias": {"0": -100, "2": -100}}
 # The format gives labels no order (prometheus-client writes them sorted by name); sample keys here list them in this one.
 LABEL_ORDER = ("endpoint", "worker", "device", "engine", "state", "status", "le")
 

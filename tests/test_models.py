@@ -80,7 +80,7 @@ def test_a_cold_model_loads_on_its_first_request_and_two_serve_side_by_side(two)
 
 
 def test_an_idle_model_is_unloaded_after_its_keep_alive_and_its_memory_freed(two):
-    assert complete(two, GEMMA).status_code == 200
+    assert complete(two, GEMMA, keep_alive="10s").status_code == 200  # loaded still while it is measured
     pid = worker_pid(two, GEMMA)
     loaded_kib = tree_rss_kib(two.process.pid)
     wait_until(lambda: models(two)[GEMMA]["state"] == "unloaded", 30, "Gemma 3 was not unloaded when idle")
@@ -100,7 +100,7 @@ def test_models_load_and_unload_from_the_cli(two):
     done = cli(two.env, "models", "unload", GEMMA, timeout=60)
     assert "unloaded" in done.stdout, done.stdout
     assert models(two)[GEMMA]["state"] == "unloaded"
-    done = cli(two.env, "models", "load", GEMMA, timeout=120)
+    done = cli(two.env, "models", "load", GEMMA, "--keep-alive", "1m", timeout=120)  # loaded still when listed
     assert "loaded" in done.stdout, done.stdout
     assert models(two)[GEMMA]["state"] == "loaded"
     listed = cli(two.env, "models", "--format", "json").stdout

@@ -17,7 +17,7 @@ from conftest import process_tree, start_server, tree_rss_kib, wait_until
 LONG = {
     "messages": [{"role": "user", "content": "Write a long story."}],
     "max_tokens": 100,
-    "logit_bias": {"2": -100},  # never stop early
+    "logit_bias": {"0": -100, "2": -100},  # never stop early
 }
 
 

@@ -18,7 +18,7 @@ from infersnap.hwdetect import detect
 LONG = {
     "messages": [{"role": "user", "content": "Write a very long story."}],
     "max_tokens": 1500,
-    "logit_bias": {"2": -100},  # never stop early
+    "logit_bias": {"0": -100, "2": -100},  # never stop early
 }
 
 

@@ -10,7 +10,7 @@ from conftest import start_server, wait_until
 ENDLESS = {
     "messages": [{"role": "user", "content": "Write a very long story."}],
     "max_tokens": 1500,
-    "logit_bias": {"2": -100},  # never stop early
+    "logit_bias": {"0": -100, "2": -100},  # never stop early
     "stream": True,
 }
 

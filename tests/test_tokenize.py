@@ -16,7 +16,7 @@ VOCAB = 49152  # SmolLM2's
 STREAMED = {  # runs until stopped
     "messages": [{"role": "user", "content": "Write a long story."}],
     "max_tokens": 1500,
-    "logit_bias": {"2": -100},
+    "logit_bias": {"0": -100, "2": -100},
     "stream": True,
 }
 

@@ -513,7 +513,8 @@ def test_the_page_asks_for_a_key_keeps_it_and_says_when_it_is_wrong(browser, gua
 def test_a_full_server_is_told_as_busy_and_retry_works_once_it_has_room(browser, guarded):
     page = open_page(browser, guarded.base, SHORT, key=KEY)
     expect(page.locator("#model option")).to_have_count(3)
-    body = {"messages": [{"role": "user", "content": "Count from 1 to 3000."}], "max_tokens": 4000, "stream": True}
+    body = {"messages": [{"role": "user", "content": "Count from 1 to 3000."}], "max_tokens": 4000, "stream": True,
+            "logit_bias": {"0": -100, "2": -100}}  # no end-of-text: it holds the slot until released
     started, release = threading.Event(), threading.Event()
 
     def occupy() -> None:  # the one slot, until released
