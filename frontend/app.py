@@ -71,8 +71,8 @@ def create_app(plan: ServePlan, plan_file: PlanFile | None = None) -> Sanic:
     if plan_file is not None:
         @app.on_request
         async def current_plan(request: Request) -> None:
-            # a stat per request: each request meets the plan as the file is when it arrives, as the broker
-            # does its Submit, so that a model listed is served and one no longer listed is refused
+            # a stat per request: each request meets the plan as the file is when it arrives, as at the
+            # broker, so that a model listed is served and one no longer listed is refused
             replanned = plan_file.changed(at_once=True)
             if replanned is not None:
                 request.app.ctx.plan = replanned

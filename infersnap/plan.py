@@ -141,7 +141,7 @@ class PlanFile:
 
     def changed(self, at_once: bool = False) -> ServePlan | None:
         """The plan as the file says now, if it changed since it was last read; else None. `at_once` looks
-        even within look_seconds: a name this reader does not know may be in a plan written since."""
+        even within look_seconds: as a request arrives, so that the frontend and the broker agree on it."""
         now = time.monotonic()
         if not at_once and now - self.looked_at < self.look_seconds:
             return None
