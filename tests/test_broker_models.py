@@ -89,8 +89,7 @@ def test_an_idle_model_is_unloaded_after_its_keep_alive_and_loads_again_when_ask
     assert states(three)["a"] == "loaded"  # busy: never unloaded under a running request
     finish(worker, b"app", "g1")
     three.pump()
-    [a_worker] = [w for w in three.broker.status("q").workers if w.model == "a"]
-    assert a_worker.state == "unloading"  # its process is asked to end
+    assert states(three)["a"] == "unloading" and "a" not in wanted(three)
     stop(three, "a")
     assert states(three)["a"] == "unloaded"
     submit(app, msgspec.structs.replace(request, id="g2"))
@@ -260,7 +259,7 @@ def test_a_model_added_to_the_plan_file_is_served_and_a_removed_one_ends_its_req
     assert [o.id for o in outputs(app)] == ["on-a"]
     three.pump()
     [a_worker] = [w for w in three.broker.status("q").workers if w.model == "a"]
-    assert a_worker.state == "unloading"  # its process is asked to end
+    assert a_worker.state == "unloading" and "a" not in wanted(three)  # its process is asked to end
     stop(three, "a")
     three.pump()
     assert set(states(three)) == {"main", "b", "c"}
