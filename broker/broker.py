@@ -17,12 +17,16 @@ rest wait here, in arrival order. A request that no worker serving its model
 can ever serve is refused at once with the 400 naming its parameter,
 whatever the load. That keeps the queue in the one process that outlives a
 worker: when a worker dies (the supervisor reports its exit at once; a new
-pid or a heartbeat missed for WORKER_TIMEOUT tell too) the requests it was
-generating end with a 503, and the queued ones, which it never saw, go to
-the next worker that can take them. The queue is bounded per device: a
-request that can neither run nor wait within `max_waiting` per slot set of
-a device is refused with 503 at once. Tokenizer lookups are requests that
-take no slot: each goes at once to the least busy worker that can.
+pid or a heartbeat missed for WORKER_TIMEOUT tell too) a request it had sent
+no output for yet (Deliver.first says when one has; its route keeps the
+body until then) goes back to its place in the queue, once, for another
+worker if one may serve it (a seeded one: the next lane in plan order); one
+that had output ends with a 503 naming the crash. The queued ones, which it
+never saw, go to the next worker that can take them. The queue is bounded
+per device: a request that can neither run nor wait within `max_waiting`
+per slot set of a device is refused with 503 at once. Tokenizer lookups are
+requests that take no slot: each goes at once to the least busy worker that
+can.
 
 Lanes: the generating workers of one device (llama.cpp and OpenVINO on the
 CPU) compute on the same cores, so they take turns. A request goes to the
@@ -64,6 +68,7 @@ may finish until the grace period ends, then end with a 503 too.
 from __future__ import annotations
 
 import logging
+import signal
 import time
 import uuid
 from collections import Counter, OrderedDict
@@ -104,24 +109,38 @@ def takes_slot(needs: wire.Needs) -> bool:
     return needs.task != "tokenize"
 
 
+def exit_reason(code: int) -> str:
+    """How a worker's process ended, from its return code (negative: the signal that killed it)."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
 @dataclass
 class Queued:
     client: bytes
     submit: wire.Submit
     body: bytes
     since: float = field(default_factory=time.monotonic)
-    kind: bytes = b""  # requests of one kind (model, needs, seeded) can go to the same workers
+    kind: bytes = b""  # requests of one kind (model, needs, seeded, workers avoided) can go to the same workers
+    avoid: frozenset[bytes] = frozenset()  # a retry: the worker that died running it (each is retried once)
 
     def __post_init__(self) -> None:  # once, not on every dispatch pass
         submit = self.submit
         self.kind = b"\0".join([submit.model.lower().encode(), msgspec.msgpack.encode(submit.needs),
-                                 b"s" if submit.work.seeded else b""])
+                                 b"s" if submit.work.seeded else b"", *sorted(self.avoid)])
 
 
 @dataclass
 class Route:
     client: bytes
     worker: bytes
+    # until its first output passes: the request as queued, to retry it if its worker dies before any output
+    pending: Queued | None = None
+    task: str = "generate"  # what it asks (wire.Needs.task): said when its worker is quarantined
 
 
 @dataclass
@@ -133,6 +152,7 @@ class Worker:
     lookups: set[str] = field(default_factory=set)  # tokenizer lookups dispatched to it
     # the prompt beginnings (wire.Work.prefix) last sent to it, oldest first: what its prompt cache may hold
     prefixes: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    last_ran: str = ""  # what it was running when its process last died ("2 generate requests"), for a failure's reason
 
     def remember(self, prefix: list[int]) -> None:
         for block in prefix:
@@ -283,7 +303,7 @@ class Broker:
             if worker is not None and (worker.info.state == UNLOADING or not self._wanted(worker)):
                 self._gone(worker)
             elif worker is not None and worker.info.state not in (RESTARTING, "failed"):
-                self._lost(worker, f"exited with code {message.code}")
+                self._lost(worker, exit_reason(message.code))
             if message.why:
                 self._failed(message.worker_id, message.why)
         elif isinstance(message, wire.Drain) and self.drain_deadline is None:
@@ -364,6 +384,9 @@ class Broker:
                 why = self._load_failure(submit.model) or "no worker can serve this model any more"
                 self._fail({request_id: self.queue.pop(request_id)}, why)
                 continue
+            if queued.avoid and not submit.work.seeded:  # a retry: not where it died, unless no other may serve it
+                others = [w for w in serving if w.identity not in queued.avoid and w.may_serve(submit.needs)]
+                serving = others or serving
             if not takes_slot(submit.needs):  # a lookup is answered between two steps, by the least busy
                 free = [w for w in serving if w.can_take(submit.needs)]
                 if free:
@@ -371,8 +394,8 @@ class Broker:
                 else:
                     blocked.add(kind)
                 continue
-            if submit.work.seeded:  # always the same lane: the first in plan order that may serve it
-                serving = [next(w for w in self._in_plan_order(serving) if w.may_serve(submit.needs))]
+            if submit.work.seeded:
+                serving = [self._seeded_lane(serving, queued)]
             able = [w for w in serving if w.able(submit.needs)]
             if not able:
                 blocked.add(kind)
@@ -387,6 +410,15 @@ class Broker:
             awaited.setdefault(lane.info.device, []).append(lane.identity)
             if all(w.free_slots <= 0 for w in able):
                 blocked.add(kind)
+
+    def _seeded_lane(self, serving: list[Worker], queued: Queued) -> Worker:
+        """A seeded request's one lane, so that the same seed gives the same text: the first in plan order
+        that may serve it; for a retry, the next after the one that died running it (that one last)."""
+        ordered = self._in_plan_order(serving)
+        died = [i for i, w in enumerate(ordered) if w.identity in queued.avoid]
+        if died:
+            ordered = ordered[died[-1] + 1:] + ordered[:died[-1] + 1]
+        return next(w for w in ordered if w.may_serve(queued.submit.needs))
 
     def _soonest(self, lanes: list[Worker], work: wire.Work, demand: Counter[str]) -> Worker:
         """The lane that would end this request first, by the lanes' profiles at their device's load
@@ -440,7 +472,8 @@ class Broker:
     def _send_to(self, worker: Worker, request_id: str) -> None:
         queued = self.queue.pop(request_id)
         submit = queued.submit
-        self.routes[request_id] = Route(client=queued.client, worker=worker.identity)
+        self.routes[request_id] = Route(client=queued.client, worker=worker.identity, pending=queued,
+                                        task=submit.needs.task)
         worker.remember(submit.work.prefix)
         (worker.running if takes_slot(submit.needs) else worker.lookups).add(request_id)
         self._used(worker.info.model)
@@ -518,7 +551,7 @@ class Broker:
         if isinstance(message, wire.WorkerStatus):
             info = message.info
             if worker is not None and worker.info.pid not in (0, info.pid) and worker.info.state != RESTARTING:
-                self._lost(worker, "restarted")  # back faster than its heartbeat could be missed
+                self._lost(worker, "restarted (it announced a new pid)")  # back faster than a heartbeat is missed
             model = self.models.get(info.model.lower())
             if worker is None and model is None:
                 return  # the last heartbeat of a worker whose model was removed from the catalog and forgotten
@@ -531,6 +564,8 @@ class Broker:
                          f": {info.error}" if info.error else "")
                 if info.state == "ready":
                     self._used(info.model)  # keep-alive counts from when it could serve, not from the load's start
+                    if worker is not None:
+                        worker.last_ran = ""
             if worker is None:
                 worker = self.workers[identity] = Worker(identity, info, now)
             worker.info, worker.last_seen = info, now
@@ -538,15 +573,31 @@ class Broker:
             self._dispatch()
         elif isinstance(message, wire.Deliver) and worker is not None:
             worker.last_seen = now
+            stale = []
+            for request_id in message.first:
+                route = self.routes.get(request_id)
+                if route is not None and route.worker == identity:
+                    route.pending = None  # it has output now, so it is not retried: its body is not needed
+                elif route is not None or request_id in self.queue:
+                    stale.append(request_id)  # retried since this worker was counted lost: that output is late
             for request_id in message.ended:
                 route = self.routes.get(request_id)
                 if route is not None and route.worker == identity:
                     del self.routes[request_id]
                 self._unassign(identity, request_id)
-            self._send(self.clients, message.client, body)
+            body = self._without(body, stale) if stale else body
+            if body:
+                self._send(self.clients, message.client, body)
             if message.ended:
                 self._used(worker.info.model)
                 self._dispatch()
+
+    @staticmethod
+    def _without(body: bytes, ids: list[str]) -> bytes:
+        """A Results less these requests' outputs (opened only for this); empty if none is left."""
+        results = wire.decode(body)
+        kept = [o for o in results.outputs if o.id not in ids]
+        return wire.encode(wire.Results(outputs=kept)) if kept else b""
 
     def _reconcile(self, worker: Worker) -> None:
         """Abort what the worker runs that nobody here waits for (a broker restart, a client gone)."""
@@ -556,12 +607,25 @@ class Broker:
             self._send(self.workers_socket, worker.identity, wire.Abort(ids=strays))
 
     def _lost(self, worker: Worker, why: str) -> None:
-        """The worker's process is gone: end what it was generating; what waits here goes elsewhere."""
-        log.warning("worker %s %s; %d requests it was generating end with an error",
-                    worker.info.worker_id, why, len(worker.running))
-        message = f"worker {worker.info.worker_id} stopped while generating this request; please retry"
+        """The worker's process is gone (`why`: how). A request it had sent no output for goes back to its
+        place in the queue, once, for another worker; one that had output ends with an error naming the
+        crash. What waits here goes elsewhere."""
         ids = [*worker.running, *worker.lookups]
-        self._fail({i: self.routes.pop(i) for i in ids if i in self.routes}, message)
+        routes = {i: self.routes.pop(i) for i in ids if i in self.routes}
+        tasks = Counter(r.task for r in routes.values())
+        worker.last_ran = ", ".join(f"{n} {task} request{'s' if n > 1 else ''}" for task, n in tasks.items())
+        retry = {i: r.pending for i, r in routes.items() if r.pending is not None and not r.pending.avoid}
+        log.warning("worker %s %s; of the %d requests it was running, %d with no output yet are retried, "
+                    "the rest end with an error", worker.info.worker_id, why, len(routes), len(retry))
+        message = f"worker {worker.info.worker_id} stopped while generating this request: its process {why}"
+        self._fail({i: r for i, r in routes.items() if i not in retry}, message)
+        for request_id, pending in retry.items():  # its wait counts from its arrival, as before
+            self.queue[request_id] = Queued(pending.client, pending.submit, pending.body, pending.since,
+                                            avoid=frozenset([worker.identity]))
+        if retry:  # each at its place by arrival, ahead of later requests
+            ordered = sorted(self.queue.items(), key=lambda item: item[1].since)
+            self.queue.clear()
+            self.queue.update(ordered)
         if ids:  # in case it is alive after all (stalled, not dead): stop its work
             self._send(self.workers_socket, worker.identity, wire.Abort(ids=ids))
         worker.running.clear()
@@ -571,7 +635,24 @@ class Broker:
             worker.info, state=RESTARTING, error=f"the worker process {why}; waiting for it to come back",
             running=[], waiting=0,
         )
+        for request_id in retry:
+            self._log_retry(request_id, worker)
         self._dispatch()  # what waited here goes to another worker, or fails if none is left
+
+    def _log_retry(self, request_id: str, dead: Worker) -> None:
+        """One line per retried request: where it may go now."""
+        queued = self.queue[request_id]
+        needs = queued.submit.needs
+        serving = [w for w in self.workers.values() if w.serves(queued.submit.model, needs.task) and w.may_serve(needs)]
+        if not serving:
+            where = "nowhere (no worker may serve it now)"
+        elif queued.submit.work.seeded:
+            where = f"{self._seeded_lane(serving, queued).info.worker_id} (seeded: next lane in plan order)"
+        else:
+            others = [w.info.worker_id for w in serving if w is not dead]
+            where = " or ".join(others) if others else f"{dead.info.worker_id} once restarted (no other may serve it)"
+        log.info("request %s had no output when worker %s stopped: retried once, on %s",
+                 request_id, dead.info.worker_id, where)
 
     def _failed(self, worker_id: str, why: str) -> None:
         """The worker could not load and is not restarted: it counts as failed, even if it never announced itself
@@ -581,6 +662,8 @@ class Broker:
             return
         identity = worker_id.encode()
         worker = self.workers.setdefault(identity, Worker(identity, announced(self.plan, spec), time.monotonic()))
+        if worker.last_ran:  # it died serving: what it ran is part of why
+            why = f"{why} (it was running {worker.last_ran})"
         worker.info = msgspec.structs.replace(worker.info, state="failed", error=why)
         log.error("worker %s failed: %s", worker_id, why)
         self._dispatch()
@@ -760,6 +843,10 @@ class Broker:
                 for worker in self._workers_of(model):
                     worker.info = msgspec.structs.replace(worker.info, state=UNLOADED, error="", pid=0)
             model.requested = True
+        else:  # loaded: a lane failed or quarantined beside the others is tried again (the supervisor starts it)
+            for worker in self._workers_of(model):
+                if worker.info.state == "failed":
+                    worker.info = msgspec.structs.replace(worker.info, state="loading", error="", pid=0)
         model.last_used = time.monotonic()
         self._dispatch()
         return wire.Output(control.id, finish_reason="stop")
@@ -775,7 +862,7 @@ class Broker:
                 if worker.info.state == UNLOADING:
                     self._gone(worker)
                 else:
-                    self._lost(worker, "went silent")
+                    self._lost(worker, f"went silent (no heartbeat for {WORKER_TIMEOUT:g} s)")
         self._schedule(now)  # an idle model's keep-alive may have run out; a model may fit now
         if self.drain_deadline is not None and now >= self.drain_deadline and (self.routes or self.queue):
             self._end_all("the server shut down before this request finished")

@@ -9,6 +9,7 @@ from infersnap.config import Config
 from infersnap.engines import (AUTO, Assignment, EngineChoiceError, Verdict, choose_lanes, manifests, parse_choice,
                                select, verdicts)
 from infersnap.hwdetect import Machine
+from infersnap.probes import Probe
 from infersnap.profiles import Profile
 
 
@@ -20,20 +21,23 @@ class Lineup(msgspec.Struct):
     left_out: list[str] = []  # lanes auto would run but did not, and why
 
 
-def serving_assignments(config: Config, machine: Machine, profiles: dict[Assignment, Profile] | None = None) -> Lineup:
+def serving_assignments(config: Config, machine: Machine, profiles: dict[Assignment, Profile] | None = None,
+                        crashed: dict[Assignment, str] | None = None) -> Lineup:
     """The (engine, device) pairs `serve` runs: the configured engines; the automatic choice, with the
-    reason, when they cannot run on this machine (the config itself is kept). With profiles, auto runs
-    the lanes they say are worth it."""
+    reason, when they cannot run on this machine (the config itself is kept), or crash here (`crashed`:
+    what the probes found). With profiles, auto runs the lanes they say are worth it."""
     try:
-        return Lineup(*choose_lanes(machine, parse_choice(config.get("engines")), profiles))
+        return Lineup(*choose_lanes(machine, parse_choice(config.get("engines")), profiles, crashed))
     except EngineChoiceError as exc:
-        assignments, left_out = choose_lanes(machine, None, profiles)
+        assignments, left_out = choose_lanes(machine, None, profiles, crashed)
         return Lineup(assignments, f"{exc}; serving with the automatic choice instead", left_out)
 
 
-def active_engines(config: Config, machine: Machine) -> set[str]:
-    """The engines `serve` would start with this config on this machine."""
-    return {a.engine for a in serving_assignments(config, machine).assignments}
+def active_engines(config: Config, machine: Machine, measured: Measured | None = None,
+                   probed: Probed | None = None) -> set[str]:
+    """The engines `serve` would start with this config on this machine, by the profiles and probes stored."""
+    crashed = {lane: p.crashed for lane, p in (probed or {}).items() if p.crashed}
+    return {a.engine for a in serving_assignments(config, machine, measured, crashed).assignments}
 
 
 def compat_word(verdict: Verdict) -> str:
@@ -43,19 +47,23 @@ def compat_word(verdict: Verdict) -> str:
 
 
 Measured = dict[Assignment, Profile]  # (engine, device) -> its stored profile
+Probed = dict[Assignment, Probe]  # (engine, device) -> its stored probe: which settings run (infersnap/probes.py)
 
 
-def _of(engine: str, measured: Measured) -> list[Profile]:
-    return [profile for lane, profile in measured.items() if lane.engine == engine]
+def _of(engine: str, measured: dict) -> list:
+    return [found for lane, found in measured.items() if lane.engine == engine]
 
 
-def engines_table(machine: Machine, active: set[str], measured: Measured | None = None) -> list[list[str]]:
+def engines_table(machine: Machine, active: set[str], measured: Measured | None = None,
+                  probed: Probed | None = None) -> list[list[str]]:
     rows = [["engine", "vendor", "compat", "measured", "summary"]]
     for verdict in verdicts(machine):
         manifest = manifests()[verdict.engine]
         marked = verdict.engine + ("*" if verdict.engine in active else "")
         found = _of(verdict.engine, measured or {})
-        shown = "; ".join((f"{p.device}: " if len(found) > 1 else "") + _short(p) for p in found) or "-"
+        crashes = [p for p in _of(verdict.engine, probed or {}) if p.crashed]
+        shown = "; ".join([*((f"{p.device}: " if len(found) > 1 else "") + _short(p) for p in found),
+                           *(f"{p.device}: crashes" for p in crashes)]) or "-"
         rows.append([marked, manifest.vendor, compat_word(verdict), shown, manifest.summary])
     return rows
 
@@ -73,7 +81,8 @@ def format_table(rows: list[list[str]]) -> str:
     )
 
 
-def engines_document(machine: Machine, active: set[str], measured: Measured | None = None) -> list[dict]:
+def engines_document(machine: Machine, active: set[str], measured: Measured | None = None,
+                     probed: Probed | None = None) -> list[dict]:
     return [
         {
             "name": v.engine,
@@ -83,12 +92,14 @@ def engines_document(machine: Machine, active: set[str], measured: Measured | No
             "active": v.engine in active,
             "score": v.score,
             "measured": [figures(p) for p in _of(v.engine, measured or {})],
+            "settings": [settings_shown(p) for p in _of(v.engine, probed or {})],
         }
         for v in verdicts(machine)
     ]
 
 
-def engine_document(name: str, machine: Machine, active: set[str], measured: Measured | None = None) -> dict:
+def engine_document(name: str, machine: Machine, active: set[str], measured: Measured | None = None,
+                    probed: Probed | None = None) -> dict:
     manifest = manifests()[name]
     verdict = next(v for v in verdicts(machine) if v.engine == name)
     return {
@@ -99,7 +110,24 @@ def engine_document(name: str, machine: Machine, active: set[str], measured: Mea
         "devices-found": verdict.devices,
         "reasons": verdict.reasons,
         "measured": [figures(p) for p in _of(name, measured or {})],
+        "settings": [settings_shown(p) for p in _of(name, probed or {})],
     }
+
+
+def settings_shown(probe: Probe) -> dict:
+    """What the probe found on a device: the settings that run, or that every one crashed, and how each
+    variant tried crashed (signal, and where when known)."""
+    shown: dict = {"device": probe.device, "probed-at": probe.probed_at}
+    if probe.options is not None:
+        shown["runs-with"] = probe.options.label
+    else:
+        shown["crashes"] = True
+    crashed = {a.options.label: a.crash for a in probe.attempts if a.crash}
+    if crashed:
+        shown["crashed"] = crashed
+    if probe.refused:
+        shown["refused"] = probe.refused
+    return shown
 
 
 def use_engines(config: Config, machine: Machine, names: list[str]) -> str:

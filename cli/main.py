@@ -168,19 +168,19 @@ def engines(root: str, fmt: str) -> None:
     """Every engine, whether it can run on this machine, and (*) the ones that serve."""
     found = engine_views.detect(root)
     config = _config_for_reading("using the defaults in its place")
-    active = engine_views.active_engines(config, found)
-    measured = _measured(config, found, root)
+    measured, probed = _measured(config, found, root)
+    active = engine_views.active_engines(config, found, measured, probed)
     if fmt == "json":
-        _emit(engine_views.engines_document(found, active, measured), "json")
+        _emit(engine_views.engines_document(found, active, measured, probed), "json")
     else:
-        click.echo(engine_views.format_table(engine_views.engines_table(found, active, measured)))
+        click.echo(engine_views.format_table(engine_views.engines_table(found, active, measured, probed)))
 
 
-def _measured(config: Config, machine: Machine, root: str) -> dict:
-    """The stored profiles to show beside the verdicts: only this machine has any."""
+def _measured(config: Config, machine: Machine, root: str) -> tuple[dict, dict]:
+    """The stored profiles and probes to show beside the verdicts: only this machine has any."""
     from infersnap.cli.profiling import shown
 
-    return shown(config, machine) if root == "/" else {}
+    return shown(config, machine) if root == "/" else ({}, {})
 
 
 @main.command()
@@ -191,17 +191,17 @@ def engine(name: str | None, root: str, fmt: str) -> None:
     """An engine's manifest and its verdict on this machine (the active one when NAME is left out)."""
     found = engine_views.detect(root)
     config = _config_for_reading("using the defaults in its place")
-    active = engine_views.active_engines(config, found)
     if name is not None and name not in manifests():
         raise click.ClickException(f"unknown engine {name!r}; known engines: {', '.join(manifests())}")
-    measured = _measured(config, found, root)
+    measured, probed = _measured(config, found, root)
+    active = engine_views.active_engines(config, found, measured, probed)
     if name is None:
         if not active:
             raise click.ClickException("no engine can serve on this machine; see `infersnap engines`")
-        documents = [engine_views.engine_document(n, found, active, measured) for n in sorted(active)]
+        documents = [engine_views.engine_document(n, found, active, measured, probed) for n in sorted(active)]
         _emit(documents[0] if len(documents) == 1 else documents, fmt)
         return
-    _emit(engine_views.engine_document(name, found, active, measured), fmt)
+    _emit(engine_views.engine_document(name, found, active, measured, probed), fmt)
 
 
 @main.command("use-engine")
@@ -249,10 +249,14 @@ def _measure_for_auto(config: Config, machine: Machine, root: str, again: bool, 
         click.echo("infersnap: warning: the server is running; what it serves meanwhile lowers the figures", err=True)
     except NotRunning:
         pass
-    measured = profiling.measure_missing(found, machine, again=again, quick=quick,
-                                         say=lambda text: click.echo(text, err=True))
+    say = lambda text: click.echo(text, err=True)  # noqa: E731
+    probed = profiling.probe_all(found, machine, config, say=say)  # the settings that run; none that crash
+    measured = profiling.measure_missing(profiling.with_options(found, probed), machine, again=again, quick=quick,
+                                         say=say)
     for lane, profile in measured.items():
         click.echo(f"{lane.engine} on {lane.device}: {engine_views.summary(profile)}")
+    for lane, why in profiling.crashed_lanes(probed).items():
+        click.echo(f"{lane.engine} on {lane.device}: not measured, it crashes here: {why}")
 
 
 def _catalog(config: Config) -> list[ModelEntry]:

@@ -8,7 +8,6 @@ both): in `infersnap use-engine --auto` and at the start of `infersnap serve` wh
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -16,17 +15,18 @@ from typing import Callable, Iterable
 
 import msgspec
 
-from infersnap import profiles
+from infersnap import probes, profiles
 from infersnap.cli.engines import detect, serving_assignments, summary
 from infersnap.cli.status import NotRunning, query_status
-from infersnap.config import Config
+from infersnap.config import Config, engine_settings
 from infersnap.context import ContextChoice, Pool
 from infersnap.context import choose as choose_context
-from infersnap.engines import MEMORY_SHARE, Assignment, EngineChoiceError, parse_choice, verdicts
+from infersnap.engines import MEMORY_SHARE, Assignment, EngineChoiceError, embedding_engine, parse_choice, verdicts
 from infersnap.engines import candidates as auto_candidates
 from infersnap.hwdetect import Machine
 from infersnap.hwdetect.cpu import physical_core_cpus
 from infersnap.models import ModelNotFound, model_shape, resolve
+from infersnap.probes import Probe
 from infersnap.profiles import Profile, Subject
 
 MEASURE_TIMEOUT = {False: 900, True: 180}  # seconds, full and quick: a hung runtime is given up on
@@ -102,25 +102,82 @@ def subjects(wanted: Iterable[Assignment], serving: list[Assignment], config: Co
     return found
 
 
-def stored_profiles(config: Config, machine: Machine, context: int | None = None) -> dict[Assignment, Profile]:
+def probe_all(found: Iterable[Subject], machine: Machine, config: Config, say: Say = _stderr, run: bool = True,
+              like: str = "") -> dict[Assignment, Probe]:
+    """Each subject's probe (infersnap/probes.py): which settings run, or that none does. Stored ones are
+    read; missing ones are run now (`run`), else taken from the model file `like` (the default model's:
+    what crashes is the machine's, mostly), else left out (the subject keeps the defaults)."""
+    probed: dict[Assignment, Probe] = {}
+    for subject in found:
+        lane = Assignment(subject.engine, subject.device)
+        if lane in probed:
+            continue
+        fixed = probes.fixed_settings(engine_settings(config, subject.engine))
+        probe = probes.stored(subject, machine, fixed)
+        if probe is None and run:
+            say(f"infersnap: checking that {subject.engine} runs on {subject.device} with this model "
+                "(once for this machine and model)")
+            probe = probes.find(subject, machine, fixed, say)
+            say(f"  {subject.engine} on {subject.device}: " + (f"settings {probe.note}" if probe.options else probe.crashed)
+                + f" ({probe.seconds:.0f} s)")
+        elif probe is None and like:
+            probe = probes.stored(msgspec.structs.replace(subject, model_path=like), machine, fixed)
+        if probe is not None:
+            probed[lane] = probe
+    return probed
+
+
+def crashed_lanes(probed: dict[Assignment, Probe]) -> dict[Assignment, str]:
+    """The lanes none of whose settings ran, and why."""
+    return {lane: probe.crashed for lane, probe in probed.items() if probe.crashed}
+
+
+def with_options(found: Iterable[Subject], probed: dict[Assignment, Probe]) -> list[Subject]:
+    """The subjects that run, each with the settings its probe found (the defaults where none was probed)."""
+    runs = []
+    for subject in found:
+        probe = probed.get(Assignment(subject.engine, subject.device))
+        if probe is None:
+            runs.append(subject)
+        elif probe.options is not None:
+            runs.append(msgspec.structs.replace(subject, options=probe.options))
+    return runs
+
+
+def probe_subjects(config: Config, machine: Machine, context: int) -> list[Subject]:
+    """What `serve` may run with this config, as probed: the candidates (and with named engines, auto's
+    too, which serve in their place if one crashes) and the embedding worker's engine."""
+    wanted, serving = _wanted(config, machine)
+    lanes = list(dict.fromkeys([*wanted, *auto_candidates(machine)]))
+    embedder = embedding_engine(machine)
+    if config.get("worker.embeddings") and embedder is not None:
+        lanes = list(dict.fromkeys([*lanes, Assignment(embedder, "cpu")]))
+    return subjects(lanes, serving, config, context)
+
+
+def stored_profiles(config: Config, machine: Machine, context: int | None = None,
+                    probed: dict[Assignment, Probe] | None = None) -> dict[Assignment, Profile]:
     """For the supervisor (what `select` and the lanes take): the stored profiles of every candidate that
-    `serve` may run with this config, by Assignment; those never measured are left out, and none at all
-    where the model cannot be found. Reads files only: `before_serving` has measured what was missing."""
+    `serve` may run with this config, by Assignment, measured with the settings `probed` found; those
+    never measured are left out, and none at all where the model cannot be found. Reads files only:
+    `before_serving` has measured what was missing."""
     try:
-        return profiles_for(candidates(config, machine, context), machine)
+        return profiles_for(with_options(candidates(config, machine, context), probed or {}), machine)
     except ModelNotFound:
         return {}
 
 
-def shown(config: Config, machine: Machine) -> dict[Assignment, Profile]:
-    """The stored profiles of every compatible engine (experimental ones too, measured by hand), for
-    `infersnap engines` and `infersnap engine`; none where the model cannot be found."""
+def shown(config: Config, machine: Machine) -> tuple[dict[Assignment, Profile], dict[Assignment, Probe]]:
+    """The stored profiles and probes of every compatible engine (experimental ones too, measured by
+    hand), for `infersnap engines` and `infersnap engine`; none where the model cannot be found."""
     every = [Assignment(v.engine, d) for v in verdicts(machine) if v.compatible for d in v.devices]
     try:
         serving = serving_assignments(config, machine).assignments
-        return profiles_for(subjects(every, serving, config, serve_context(config, machine).tokens), machine)
+        found = subjects(every, serving, config, serve_context(config, machine).tokens)
     except ModelNotFound:
-        return {}
+        return {}, {}
+    probed = probe_all(found, machine, config, run=False)
+    return profiles_for(with_options(found, probed), machine), probed
 
 
 def profiles_for(found: Iterable[Subject], machine: Machine) -> dict[Assignment, Profile]:
@@ -139,7 +196,8 @@ def measure(subject: Subject, key: str, quick: bool = False) -> Profile:
     when the process fails, crashes or hangs."""
     argv = [sys.executable, "-m", "infersnap.workers.profile", "--engine", subject.engine, "--device", subject.device,
             "--threads", str(subject.threads), "--context", str(subject.context), "--model", subject.model_path,
-            "--cpus", ",".join(map(str, subject.cpus)), "--key", key, *(["--quick"] if quick else [])]
+            "--cpus", ",".join(map(str, subject.cpus)), "--key", key, "--options",
+            msgspec.json.encode(subject.options).decode(), *(["--quick"] if quick else [])]
     failed = Profile(engine=subject.engine, device=subject.device, key=key, measured_at=profiles.now(),
                      threads=subject.threads, context=subject.context, quick=quick)
     # cwd "/": from a source checkout, `-m infersnap...` would otherwise import the checkout's folder
@@ -161,17 +219,9 @@ def measure(subject: Subject, key: str, quick: bool = False) -> Profile:
             return msgspec.json.decode(lines[-1], type=Profile)
         except (msgspec.DecodeError, msgspec.ValidationError):
             pass
-    code = process.returncode
-    how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
-    failed.error = f"the measuring process {how}: the engine crashed"
+    failed.error = f"the measuring process {probes.exit_description(process.returncode)}: the engine crashed"
+    failed.crashed = process.returncode < 0  # a signal: native code died, as the probe's did not
     return failed
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
 
 
 def measure_missing(found: list[Subject], machine: Machine, again: bool = False, quick: bool = False,
@@ -203,21 +253,21 @@ def measure_missing(found: list[Subject], machine: Machine, again: bool = False,
 
 
 def before_serving(config: Config, machine: Machine | None = None, say: Say = _stderr,
-                   context: int | None = None) -> dict[Assignment, Profile]:
+                   context: int | None = None, probed: dict[Assignment, Probe] | None = None) -> dict[Assignment, Profile]:
     """What `serve` does before it starts anything: measure the engines it may run that have no profile
-    yet (only when engines-measure is on), and return the profiles of all of them (stored_profiles), at
-    `context` (serve_context's, if None). Anything that stops serving (no model, a server already
-    running) is left for the supervisor to report."""
+    yet (only when engines-measure is on), with the settings `probed` found (none that crashed), and
+    return the profiles of all of them (stored_profiles), at `context` (serve_context's, if None).
+    Anything that stops serving (no model, a server already running) is left for the supervisor to report."""
     machine = machine or detect("/")
     if not config.get("engines-measure"):
-        return stored_profiles(config, machine, context)
+        return stored_profiles(config, machine, context, probed)
     try:
         query_status(timeout=0.5)
-        return stored_profiles(config, machine, context)  # a server runs here: measuring now would spoil its figures and ours
+        return stored_profiles(config, machine, context, probed)  # a server runs here: measuring now would spoil its figures and ours
     except NotRunning:
         pass
     try:
-        found = candidates(config, machine, context)
+        found = with_options(candidates(config, machine, context), probed or {})
     except ModelNotFound:
         return {}
     stored = profiles_for(found, machine)

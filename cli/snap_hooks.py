@@ -31,7 +31,7 @@ from typing import Any
 
 from infersnap import paths
 from infersnap.cli import engines as engine_views
-from infersnap.config import KEYS, PER_MODEL, Config, ConfigError, known, lookup, parse_value
+from infersnap.config import KEYS, NAMESPACES, Config, ConfigError, known, lookup, parse_value
 from infersnap.engines import select
 
 RECORD_NAME = "snap-config.json"
@@ -68,7 +68,7 @@ def snap_values() -> dict[str, Any]:
 
     snapctl cannot list every key, so keys outside the groups (e.g. `snap set infersnap foo=1`)
     are not seen; unknown keys inside them (`http.prot`) are, and are refused."""
-    groups = sorted({name.split(".")[0] for name in KEYS} | {PER_MODEL})
+    groups = sorted({name.split(".")[0] for name in KEYS} | set(NAMESPACES))
     text = snapctl("get", "-d", *groups).strip()
     return flatten(json.loads(text) if text else {})
 

@@ -33,25 +33,28 @@ from pathlib import Path
 
 import msgspec
 
-from infersnap import catalog, paths, wire
+from infersnap import catalog, paths, probes, wire
 from infersnap import plan as serve_plan
 from infersnap.catalog import ModelEntry
 from infersnap.cli import access_keys
 from infersnap.cli.status import NotRunning, query_status, tell_broker
-from infersnap.config import Config
+from infersnap.config import Config, engine_settings
 from infersnap.cli.engines import detect, serving_assignments
 from infersnap.engines import MEMORY_SHARE, Assignment, embedding_engine, manifests
 from infersnap.engines import candidates as auto_candidates
 from infersnap.hwdetect import Machine
 from infersnap.hwdetect.cpu import physical_core_cpus
-from infersnap.cli.profiling import before_serving, serve_context, stored_profiles
+from infersnap.cli.profiling import (before_serving, crashed_lanes, probe_all, probe_subjects, serve_context,
+                                     stored_profiles)
 from infersnap.models import ModelNotFound, ModelShape, model_shape
 from infersnap.plan import RESTARTS_VARIABLE, ModelSpec, ServePlan, WorkerSpec
+from infersnap.probes import Probe
 from infersnap.profiles import Profile, Speed
 
 STOP_GRACE_SECONDS = 10
 MAX_BACKOFF_SECONDS = 30
 CATALOG_LOOK_SECONDS = 2.0  # how often the models folders are looked at (a stat of each file) while serving
+SOON_AFTER_READY = 60.0  # a worker that dies twice in a row this soon after becoming ready is not restarted
 
 
 class ServeError(Exception):
@@ -77,7 +80,7 @@ def build_plan(config: Config, machine: Machine) -> ServePlan:
     models: list[ModelSpec] = []
     workers: list[WorkerSpec] = []
     for entry in [default, *servable(e for e in entries if e is not default)]:
-        model, specs = model_plan(catalog.model_config(config, entry), machine, entry, entry is default)
+        model, specs = model_plan(catalog.model_config(config, entry), machine, entry, entry is default, default.path)
         models.append(model)
         workers += specs
     return ServePlan(
@@ -131,7 +134,7 @@ def replan(plan: ServePlan, config: Config, machine: Machine, steady: set[str]) 
             waiting = True  # its header may not be whole yet: planned at the next look if it stays as it is
             continue
         try:
-            model, specs = model_plan(catalog.model_config(config, entry), machine, entry, default=False)
+            model, specs = model_plan(catalog.model_config(config, entry), machine, entry, False, default.path)
         except ServeError as exc:
             _say(f"{entry.id} is not served: {exc}")
             continue
@@ -145,20 +148,25 @@ def replan(plan: ServePlan, config: Config, machine: Machine, steady: set[str]) 
     return msgspec.structs.replace(plan, models=models, workers=workers), waiting
 
 
-def model_plan(config: Config, machine: Machine, entry: ModelEntry, default: bool) -> tuple[ModelSpec, list[WorkerSpec]]:
+def model_plan(config: Config, machine: Machine, entry: ModelEntry, default: bool,
+               default_path: str = "") -> tuple[ModelSpec, list[WorkerSpec]]:
     """One model's workers and what they cost, from the config as its workers see it (catalog.model_config).
-    The default model's engines are measured first where they have no profile; another model's use the
-    profiles stored (`infersnap use-engine --auto` with it as model.default measures them), so that its
-    first request never waits for a measurement."""
+    The default model's engines are probed (which settings run: infersnap/probes.py), then measured,
+    first where they have neither yet; another model's use the probes and profiles stored (or the
+    default model's probes), so that its first request never waits for either."""
     context = serve_context(config, machine)  # once: the profiles are keyed by it
+    probed = probe_all(probe_subjects(config, machine, context.tokens), machine, config, run=default, like=default_path)
+    crashed = crashed_lanes(probed)
     if default:
-        measured = before_serving(config, machine, context=context.tokens)  # measures what has no profile yet
+        measured = before_serving(config, machine, context=context.tokens, probed=probed)  # measures what has no profile yet
     else:
-        measured = stored_profiles(config, machine, context.tokens)
-    lineup = serving_assignments(config, machine, measured)
+        measured = stored_profiles(config, machine, context.tokens, probed)
+    lineup = serving_assignments(config, machine, measured, crashed)
     assignments = lineup.assignments
     if lineup.warning or config.get("engines").strip() in ("", "auto"):  # auto: engines that can read this model
-        assignments = runnable(assignments, entry.runtimes, machine)
+        assignments = runnable(assignments, entry.runtimes, machine, crashed)
+    if not assignments:  # every engine that can read it crashes here: planned failed, so requests get why
+        assignments = [a for a in auto_candidates(machine) if manifests()[a.engine].runtime in entry.runtimes][:1]
     label = "" if default else f" ({entry.id})"
     for note in [lineup.warning, *lineup.left_out]:
         if note:
@@ -166,9 +174,9 @@ def model_plan(config: Config, machine: Machine, entry: ModelEntry, default: boo
     cores = physical_core_cpus()
     # worker.slots as set; left at its default, each lane's profile picks its own
     specs = worker_specs(assignments, cores, config.get("worker.threads"), config.get("worker.slots"),
-                         measured, choose_slots="worker.slots" not in config.user)
+                         measured, choose_slots="worker.slots" not in config.user, probed=probed)
     if config.get("worker.embeddings"):
-        specs += embedding_specs(specs, cores, embedding_engine(machine), config.get("worker.embedding-slots"))
+        specs += embedding_specs(specs, cores, embedding_engine(machine), config.get("worker.embedding-slots"), probed)
     # worker ids are ZeroMQ identities, unique across models: the default model's keep the plain ones
     specs = [msgspec.structs.replace(w, model=entry.id, worker_id=w.worker_id if default else f"{w.worker_id}@{entry.slug}")
              for w in specs]
@@ -214,25 +222,39 @@ def memory_budgets(config: Config, machine: Machine) -> dict[str, int]:
     return budgets
 
 
-def runnable(assignments: list[Assignment], runtimes: list[str], machine: Machine) -> list[Assignment]:
-    """The lanes whose runtime can read the model; a device left with none gets its best candidate that can."""
+def runnable(assignments: list[Assignment], runtimes: list[str], machine: Machine,
+             crashed: dict[Assignment, str] | None = None) -> list[Assignment]:
+    """The lanes whose runtime can read the model; a device left with none gets its best candidate that
+    can, and does not crash here."""
     kept = [a for a in assignments if manifests()[a.engine].runtime in runtimes]
     for device in dict.fromkeys(a.device for a in assignments):
         if not any(a.device == device for a in kept):
-            kept += [a for a in auto_candidates(machine) if a.device == device
+            kept += [a for a in auto_candidates(machine) if a.device == device and a not in (crashed or {})
                      and manifests()[a.engine].runtime in runtimes][:1]
     return kept
 
 
+def _probed_fields(probe: Probe | None) -> dict:
+    """A WorkerSpec's settings from its engine's probe: the options that run, or why none does."""
+    if probe is None:
+        return {}
+    if probe.options is None:
+        return {"settings": probe.crashed, "crashes": probe.crashed}
+    return {"options": probe.options, "settings": probe.note}
+
+
 def worker_specs(assignments: list[Assignment], cores: list[int], cpu_threads: int, slots: int,
-                 profiles: dict[Assignment, Profile] | None = None, choose_slots: bool = False) -> list[WorkerSpec]:
+                 profiles: dict[Assignment, Profile] | None = None, choose_slots: bool = False,
+                 probed: dict[Assignment, Probe] | None = None) -> list[WorkerSpec]:
     """One worker per (engine, device), named after its device, or `device/engine` where two engines
     (of two runtimes) share one device: a worker id is its ZeroMQ identity, so it must be unique. A GPU
     or NPU worker takes the cores its host threads need from the end of the list, while the CPU
     workers keep one at least; two CPU engines share the CPU's cores. Each carries its engine's measured
-    speed, and with `choose_slots` the slots its profile says serve most (else `slots`)."""
+    speed, the settings its probe found, and with `choose_slots` the slots its profile says serve most
+    (else `slots`)."""
     per_device = Counter(a.device for a in assignments)
     profiles = profiles or {}
+    probed = probed or {}
 
     def speed(assignment: Assignment) -> Speed | None:
         profile = profiles.get(assignment)
@@ -256,11 +278,12 @@ def worker_specs(assignments: list[Assignment], cores: list[int], cpu_threads: i
             own = list(cores)
         accelerators.append(
             WorkerSpec(worker_id(assignment), assignment.device, assignment.engine, manifest.runtime, own,
-                       max(wanted, 1), slots_of(assignment), manifest.settings.gpu_layers, speed=speed(assignment))
+                       max(wanted, 1), slots_of(assignment), manifest.settings.gpu_layers, speed=speed(assignment),
+                       **_probed_fields(probed.get(assignment)))
         )
     cpu = [
         WorkerSpec(worker_id(a), "cpu", a.engine, manifests()[a.engine].runtime, cpu_cores,
-                   cpu_threads or len(cpu_cores), slots_of(a), speed=speed(a))
+                   cpu_threads or len(cpu_cores), slots_of(a), speed=speed(a), **_probed_fields(probed.get(a)))
         for a in assignments
         if a.device == "cpu"
     ]
@@ -282,19 +305,22 @@ def best_slots(speed: Speed, default: int) -> int:
 
 
 def embedding_specs(
-    workers: list[WorkerSpec], cores: list[int], best_llamacpp: str | None, slots: int = 1
+    workers: list[WorkerSpec], cores: list[int], best_llamacpp: str | None, slots: int = 1,
+    probed: dict[Assignment, Probe] | None = None,
 ) -> list[WorkerSpec]:
     """The embedding worker: llama.cpp on the CPU workers' cores (or all of them without one), with
     a CPU worker's engine if that is llama.cpp, else the best llama.cpp CPU engine; none where no
     llama.cpp CPU engine can run. Its threads share those cores with the CPU worker's, which is
-    cheap while one of the two is idle."""
+    cheap while one of the two is idle. It runs with the settings its engine's probe found (the probe
+    embeds too), or fails at once where every one crashed."""
     cpu = [w for w in workers if w.device == "cpu"]
     llamacpp = next((w for w in cpu if w.runtime == "llamacpp"), None)
     engine = llamacpp.engine if llamacpp is not None else best_llamacpp
     if engine is None:
         return []
     cpus, threads = (cpu[0].cpus, cpu[0].threads) if cpu else (cores, len(cores))
-    return [WorkerSpec("embed", "cpu", engine, manifests()[engine].runtime, cpus, threads, slots, task="embed")]
+    return [WorkerSpec("embed", "cpu", engine, manifests()[engine].runtime, cpus, threads, slots, task="embed",
+                       **_probed_fields((probed or {}).get(Assignment(engine, "cpu"))))]
 
 
 def _die_with_parent() -> None:
@@ -313,9 +339,15 @@ class Child:
     restarts: int = 0
     restart_at: float = 0.0
     started_at: float = 0.0
-    given_up: bool = False  # a worker that exited while loading: failed, not restarted
+    given_up: str = ""  # why a worker is failed, not restarted: it died while loading, or soon after ready twice
     stopping: bool = False  # its model was unloaded: its process is ending, not to be restarted
     seen_ready: bool = False  # since it last started, by the supervisor's own asking: for when the broker cannot say
+    ready_at: float = 0.0  # when it was first seen ready since it last started
+    early_deaths: int = 0  # in a row, each within SOON_AFTER_READY of becoming ready
+
+    def saw(self, ready: bool, now: float) -> None:
+        if ready and not self.seen_ready:
+            self.seen_ready, self.ready_at = True, now
 
     def start(self) -> None:
         # the data and runtime folders as absolute paths: the children run in "/" (below)
@@ -354,6 +386,7 @@ class Supervisor:
         self.children.append(Child("frontend", [*module, "infersnap.frontend", plan_arg]))
         self.at_start = {w.worker_id for w in plan.workers_of(plan.default_model.name)}
         self.asked_at = 0.0  # when the broker was last asked which models it wants
+        self.boot, self.boot_seen_at = "", 0.0  # the broker's, as last seen: a new one is told the failures again
         self.wanted = {plan.default_model.name.lower()}  # the models whose workers run, as the broker last said
         self.stopping = False
         self.hurry = False  # a second signal: stop without waiting for running requests
@@ -436,7 +469,7 @@ class Supervisor:
                 workers = []
             ready = {w.worker_id for w in workers if w.state == "ready"}
             for child in self.children:
-                child.seen_ready = child.seen_ready or child.worker_id in ready
+                child.saw(child.worker_id in ready, time.monotonic())
             settled = len(workers) == len(self.at_start) and all(w.state in ("ready", "failed") for w in workers)
             if settled and self._frontend_answers():
                 for worker in workers:
@@ -486,20 +519,33 @@ class Supervisor:
             return  # nothing changes while the broker cannot say (it is restarted meanwhile)
         self.wanted = {m.name.lower() for m in status.models if m.wanted}
         ready = {w.worker_id for w in status.workers if w.state == "ready"}
+        loading = {w.worker_id for w in status.workers if w.state == "loading"}
+        if status.boot != self.boot:  # a broker started anew knows no failures: tell it again
+            self.boot, self.boot_seen_at = status.boot, now
+            for child in self.children:
+                if child.given_up:
+                    tell_broker(wire.WorkerExited(child.worker_id, child.process.returncode if child.process else 0,
+                                                  child.given_up))
+        settled = now - self.boot_seen_at > 1.0  # what it was told again has reached it
         for child in self.children:
             if not child.worker_id:
                 continue
-            child.seen_ready = child.seen_ready or child.worker_id in ready
+            child.saw(child.worker_id in ready, now)
             running = child.process is not None and child.process.poll() is None
             if child.model in self.wanted:
-                if child.process is None:  # never started, or stopped when its model was unloaded
+                if child.given_up and settled and child.worker_id in loading:
+                    # `infersnap models load` lifted its quarantine: tried afresh
+                    _say(f"worker {child.worker_id} is tried again (its model was loaded by name)")
+                    child.given_up, child.early_deaths, child.failures = "", 0, 0
+                    child.start()
+                elif child.process is None:  # never started, or stopped when its model was unloaded
                     child.failures = 0
                     child.start()  # a load, not a restart
             elif running and not child.stopping:
                 child.stopping = True
                 child.process.terminate()
             elif not running and child.given_up:
-                child.given_up, child.process = False, None  # unloaded: the next load tries it afresh
+                child.given_up, child.process = "", None  # unloaded: the next load tries it afresh
 
     def _watch(self) -> None:
         now = time.monotonic()
@@ -519,13 +565,17 @@ class Supervisor:
                 continue
             if not child.restart_at:
                 code = child.process.returncode
-                if child.worker_id and not self._had_loaded(child):
-                    # Loading again would crash again (a damaged model, an engine that cannot run here):
+                why = self._quarantine(child, code, now) if child.worker_id else ""
+                if why and self._next_settings(child, why):
+                    tell_broker(wire.WorkerExited(child.worker_id, code))
+                    child.start()
+                    continue
+                if why:
+                    # Starting it again would crash again (a damaged model, an engine that cannot run here):
                     # the worker is failed, with why, instead of restarted in a loop.
-                    why = f"its process exited with {_exit_reason(code)} while loading the model; it is not restarted"
                     print(f"infersnap: worker {child.worker_id} failed: {why}", file=sys.stderr, flush=True)
                     tell_broker(wire.WorkerExited(child.worker_id, code, why))
-                    child.given_up = True
+                    child.given_up = why
                     continue
                 if child.worker_id:  # the broker ends its requests now, not after a missed heartbeat
                     tell_broker(wire.WorkerExited(child.worker_id, code))
@@ -542,6 +592,44 @@ class Supervisor:
                 child.restart_at = 0.0
                 child.restarts += 1
                 child.start()
+
+    def _quarantine(self, child: Child, code: int, now: float) -> str:
+        """Why a worker whose process just ended is not to be restarted: it died while loading, or twice
+        in a row within SOON_AFTER_READY of becoming ready (an engine that crashes on what it runs); "" if
+        it is restarted."""
+        if not self._had_loaded(child):
+            return f"its process exited with {_exit_reason(code)} while loading the model; it is not restarted"
+        child.early_deaths = child.early_deaths + 1 if now - child.ready_at < SOON_AFTER_READY else 0
+        if child.early_deaths < 2:
+            return ""
+        return (f"its process exited with {_exit_reason(code)} twice within {SOON_AFTER_READY:.0f} s of becoming ready; "
+                f"it is not restarted until `infersnap models load {self.plan.model(child.model).name if self.plan.model(child.model) else child.model}` "
+                "or serve starts again")
+
+    def _next_settings(self, child: Child, why: str) -> bool:
+        """Where the worker's device has no other lane for its model, plan it with its runtime's next settings
+        variant (infersnap/probes.py) instead of failing it: whether one was left to try."""
+        spec = next((w for w in self.plan.workers if w.worker_id == child.worker_id), None)
+        if spec is None or spec.crashes:
+            return False
+        others = [c for c in self.children if c is not child and c.worker_id and c.model == child.model
+                  and not c.given_up and any(w.worker_id == c.worker_id and w.device == spec.device
+                                              and w.task == spec.task for w in self.plan.workers)]
+        if others:
+            return False  # the device's other lanes serve the model
+        fixed = probes.fixed_settings(engine_settings(self.config, spec.engine)) if self.config else {}
+        tried = probes.variants(spec.runtime, fixed)
+        later = tried[tried.index(spec.options) + 1:] if spec.options in tried else []
+        if not later:
+            return False
+        crashed = f"{spec.options.label}: {why.split(';')[0].removeprefix('its process ')}"
+        new = msgspec.structs.replace(spec, options=later[0], settings=f"{later[0].label} ({crashed})")
+        self.plan = msgspec.structs.replace(self.plan, workers=[new if w is spec else w for w in self.plan.workers])
+        serve_plan.write(self.plan, self.plan_file)
+        _say(f"worker {child.worker_id} {crashed}; it runs on with the settings {later[0].label}")
+        child.early_deaths = 0
+        child.restarts += 1
+        return True
 
     @staticmethod
     def _had_loaded(child: Child) -> bool:

@@ -101,8 +101,12 @@ def create_app(plan: ServePlan, plan_file: PlanFile | None = None) -> Sanic:
         status = await request.app.ctx.broker.status()
         if status.draining:
             raise APIError(503, "Shutting down", type="unavailable_error", headers={"Retry-After": "1"})
-        if any(w.state == "ready" and "generate" in w.capabilities.tasks for w in status.workers):
+        generating = [w for w in status.workers if "generate" in w.capabilities.tasks]
+        if any(w.state == "ready" for w in generating):
             return json_response(b'{"status":"ok"}')
+        if generating and all(w.state == "failed" for w in generating):  # nothing to wait for: say why
+            reasons = "; ".join(f"{w.worker_id}: {w.error}" for w in generating)
+            raise APIError(503, f"No worker can serve: {reasons}", type="unavailable_error", headers={"Retry-After": "60"})
         raise APIError(503, "Loading model", type="unavailable_error", headers={"Retry-After": "1"})
 
     @app.get("/metrics")

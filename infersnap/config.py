@@ -119,6 +119,31 @@ PER_MODEL_FORM = (
 )
 
 
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+# Per-engine keys, `engine-settings.<engine>.<setting>`: runtime settings the probe otherwise finds
+# (infersnap/probes.py); one set by hand is the only one tried (llama-server's --no-repack, --no-mmap).
+PER_ENGINE = "engine-settings"
+ENGINE_SETTINGS: dict[str, Key] = {
+    "repack": Key("repack", str, "auto", "llama.cpp: repack weights for the CPU's own kernels (AMX, ...); auto: as the probe finds", _one_of(("auto", "on", "off"))),
+    "mmap": Key("mmap", str, "auto", "llama.cpp: map the weights from the file; auto: as the probe finds", _one_of(("auto", "on", "off"))),
+    "precision": Key("precision", str, "auto", "OpenVINO: inference precision; auto: the plugin's, else f32 where that crashes", _one_of(("auto", "f32", "bf16", "f16"))),
+}
+PER_ENGINE_FORM = f"{PER_ENGINE}.<engine>.<setting>, where <engine> is one of `infersnap engines` and <setting> one of {', '.join(ENGINE_SETTINGS)}"
+NAMESPACES = (PER_MODEL, PER_ENGINE)  # groups of keys named after a model or an engine
+
+
+def engine_settings(config: "Config", engine: str) -> dict[str, str]:
+    """The `engine-settings.<engine>.*` values a user set, by setting."""
+    return {setting: config.get(f"{PER_ENGINE}.{engine}.{setting}") for setting in ENGINE_SETTINGS
+            if f"{PER_ENGINE}.{engine}.{setting}" in config.user}
+
+
 def parse_value(key: Key, text: str) -> Any:
     """Turn the text a user typed into the key's type, or raise ConfigError naming the problem."""
     if key.kind is bool:
@@ -151,13 +176,27 @@ def _per_model_key(name: str) -> Key:
     return replace(MODEL_SETTINGS[setting], name=name)
 
 
+def _per_engine_key(name: str) -> Key:
+    """The Key of `engine-settings.<engine>.<setting>`, or ConfigError saying the form."""
+    from infersnap.engines import manifests
+
+    _, _, rest = name.partition(".")
+    engine, _, setting = rest.rpartition(".")
+    if engine not in manifests() or setting not in ENGINE_SETTINGS:
+        raise ConfigError(f"unknown key {name!r}; per-engine keys are {PER_ENGINE_FORM}")
+    return replace(ENGINE_SETTINGS[setting], name=name)
+
+
 def lookup(name: str) -> Key:
     if name.startswith(PER_MODEL + "."):
         return _per_model_key(name)
+    if name.startswith(PER_ENGINE + "."):
+        return _per_engine_key(name)
     try:
         return KEYS[name]
     except KeyError:
-        raise ConfigError(f"unknown key {name!r}; known keys: {', '.join(KEYS)}, and {PER_MODEL_FORM}") from None
+        raise ConfigError(f"unknown key {name!r}; known keys: {', '.join(KEYS)}, {PER_MODEL_FORM}, "
+                          f"and {PER_ENGINE_FORM}") from None
 
 
 def known(name: str) -> bool:
@@ -255,14 +294,14 @@ class Config:
             return not prefix or name == prefix or name.startswith(prefix + ".")
 
         names = [n for n in KEYS if under(n)]
-        names += sorted(n for n in self.user if n.startswith(PER_MODEL + ".") and under(n) and known(n))
-        if prefix.startswith(PER_MODEL + ".") and prefix not in names and known(prefix):
+        names += sorted(n for n in self.user if n.split(".")[0] in NAMESPACES and under(n) and known(n))
+        if prefix.split(".")[0] in NAMESPACES and prefix not in names and known(prefix):
             names.append(prefix)
-        # a per-model prefix (`model-settings`, `model-settings.<slug>`) with nothing set under it is still good
-        model_prefix = prefix == PER_MODEL or (
-            prefix.startswith(PER_MODEL + ".") and SLUG_FORM.fullmatch(prefix.removeprefix(PER_MODEL + "."))
-        )
-        if not names and not model_prefix:
+        # a per-model or per-engine prefix (`model-settings`, `model-settings.<slug>`) with nothing set under it is still good
+        group, _, rest = prefix.partition(".")
+        named_prefix = group in NAMESPACES and (not rest or "." not in rest) and (
+            not rest or (SLUG_FORM.fullmatch(rest) if group == PER_MODEL else known(f"{prefix}.repack")))
+        if not names and not named_prefix:
             lookup(prefix)  # raises, saying what the keys are
         return {n: self.get(n) for n in names}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 
 from infersnap import wire
-from infersnap.profiles import Speed
+from infersnap.profiles import EngineOptions, Speed
 
 RESTARTS_VARIABLE = "INFERSNAP_RESTARTS"  # in a restarted child's environment: how often it was restarted
 # What a worker of each task takes before its engine says more (its features come once it is loaded).
@@ -38,6 +38,9 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     task: str = "generate"  # "generate" | "embed" (the model in embedding mode, for /v1/embeddings)
     speed: Speed | None = None  # its engine's measured profile, for the broker to route by
     model: str = ""  # the id of the model it serves (a ModelSpec's name)
+    options: EngineOptions = EngineOptions()  # the runtime settings found to run here (infersnap/probes.py)
+    settings: str = ""  # those settings and why, as status shows them
+    crashes: str = ""  # set: every setting of its engine crashed here; it fails at once with this reason
 
 
 class ModelSpec(msgspec.Struct, frozen=True):
@@ -175,4 +178,5 @@ def announced(plan: ServePlan, spec: WorkerSpec, state: str = "loading", error: 
         restarts=restarts,
         capabilities=wire.Capabilities(tasks=SPEC_TASKS[spec.task]),
         speed=spec.speed,
+        settings=spec.settings,
     )

@@ -79,6 +79,7 @@ class Profile(msgspec.Struct, kw_only=True):
     memory_bytes: int = 0  # the worker process's PSS once loaded with its most streams
     speed: Speed | None = None
     error: str | None = None  # why it could not be measured; then the static score decides
+    crashed: bool = False  # the measuring process died (a signal): the engine is never planned here
     quick: bool = False  # a short measurement (tests): rougher figures
     contention: float = 0.0  # share of its cores' time other processes took while it was measured (0-1)
 
@@ -106,6 +107,21 @@ def _interpolate(points: list[tuple[int, float]], x: int) -> float:
 RUNTIME_PACKAGES = {"llamacpp": "llama_cpp_python", "openvino": "openvino-genai"}
 
 
+class EngineOptions(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Settings of a runtime that its native code may crash on, on some machines: the probe
+    (infersnap/probes.py) finds ones that run, and every engine of that runtime is built with them."""
+
+    repack: bool = True  # llama.cpp: weights repacked for the CPU's own kernels (extra buffer types: AMX, ...)
+    mmap: bool = True  # llama.cpp: weights mapped from the file (off: read into memory)
+    precision: str = ""  # OpenVINO: INFERENCE_PRECISION_HINT ("f32", "bf16", "f16"); "": the plugin's choice
+
+    @property
+    def label(self) -> str:
+        """Its name: "default", or what it turns off or sets ("no-repack", "no-repack-no-mmap", "f32")."""
+        words = ([] if self.repack else ["no-repack"]) + ([] if self.mmap else ["no-mmap"]) + [self.precision]
+        return "-".join(w for w in words if w) or "default"
+
+
 class Subject(msgspec.Struct, frozen=True):
     """One engine on one device, as a worker would run it: what a profile is measured for."""
 
@@ -117,6 +133,7 @@ class Subject(msgspec.Struct, frozen=True):
     context: int
     cpus: list[int] = []  # the worker's CPU affinity (measured there too); not in the key
     gpu_layers: int = 0
+    options: EngineOptions = EngineOptions()  # the settings it runs with (probed)
 
 
 def device_identity(machine: Machine, device: str) -> str:
@@ -143,14 +160,22 @@ def key(subject: Subject, machine: Machine) -> str:
     """A hash of what changes the figures: the machine, the model file (path, size, mtime), the engine
     and its build (and infersnap's, which drives it), threads and context. Not the slots: a profile
     measured up to N streams serves any slot count."""
+    parts = [device_identity(machine, subject.device), subject.device, model_stamp(subject.model_path),
+             subject.engine, subject.runtime, runtime_build(subject.runtime), __version__, subject.threads,
+             subject.context, subject.gpu_layers, msgspec.to_builtins(subject.options)]
+    return hashed(parts)
+
+
+def model_stamp(path: str) -> list:
+    """What names a model file's content cheaply: its path, size and mtime."""
     try:
-        stat = os.stat(subject.model_path)
-        model = [subject.model_path, stat.st_size, stat.st_mtime_ns]
+        stat = os.stat(path)
+        return [path, stat.st_size, stat.st_mtime_ns]
     except OSError:
-        model = [subject.model_path, None, None]
-    parts = [device_identity(machine, subject.device), subject.device, model, subject.engine,
-             subject.runtime, runtime_build(subject.runtime), __version__, subject.threads, subject.context,
-             subject.gpu_layers]
+        return [path, None, None]
+
+
+def hashed(parts: list) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
@@ -163,18 +188,26 @@ def profiles_dir() -> Path:
 
 def load(profile_key: str) -> Profile | None:
     """The stored profile of this key; None if there is none or it cannot be read (it is measured again)."""
+    return read_stored(profiles_dir(), profile_key, Profile)
+
+
+def save(profile: Profile) -> Path:
+    return store(profiles_dir(), profile.key, profile)
+
+
+def read_stored(folder: Path, name: str, kind: type):
+    """The stored `kind` named `name` in the folder; None if there is none or it cannot be read."""
     try:
-        return msgspec.json.decode((profiles_dir() / f"{profile_key}.json").read_bytes(), type=Profile)
+        return msgspec.json.decode((folder / f"{name}.json").read_bytes(), type=kind)
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return None
 
 
-def save(profile: Profile) -> Path:
-    """Store a profile under its key, atomically (a reader never sees half a file)."""
-    folder = profiles_dir()
+def store(folder: Path, name: str, value: msgspec.Struct) -> Path:
+    """Store a value as `name`.json in the folder, atomically (a reader never sees half a file)."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{profile.key}.json"
+    path = folder / f"{name}.json"
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(profile)) + b"\n")
+    tmp.write_bytes(msgspec.json.format(msgspec.json.encode(value)) + b"\n")
     os.replace(tmp, path)
     return path

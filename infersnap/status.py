@@ -40,6 +40,8 @@ def status_document(status: wire.Status) -> dict:
                 "model": w.model,
                 "state": w.state,
                 **({"error": w.error} if w.error else {}),
+                # the runtime settings it runs with, and why (what crashed with others: infersnap/probes.py)
+                **({"settings": w.settings} if w.settings else {}),
                 "slots": w.slots,
                 "context": w.context,
                 "running": len(w.running),

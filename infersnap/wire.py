@@ -354,6 +354,9 @@ class Deliver(Message):
 
     client: bytes
     ended: list[str]
+    # the requests whose first output that Results carries: until then the broker may retry one on
+    # another worker if this one dies, without opening the Results
+    first: list[str] = []
 
 
 # --- worker <-> broker -------------------------------------------------------
@@ -381,6 +384,7 @@ class WorkerInfo(msgspec.Struct, array_like=True, frozen=True):
     # its tasks from the start; its features once loaded (a loading worker may still gain some)
     capabilities: Capabilities = Capabilities(tasks=[])
     speed: Speed | None = None  # its engine's measured profile on this machine; None: not measured
+    settings: str = ""  # the runtime settings it runs with, and why (infersnap/probes.py): "no-repack (default: ...)"
 
 
 class WorkerStatus(Message):

@@ -111,6 +111,12 @@ def finish(worker: Peer, client: bytes, *ids: str) -> None:
     worker.send(wire.Deliver(client=client, ended=list(ids)), results)
 
 
+def started(worker: Peer, client: bytes, *ids: str) -> None:
+    """The worker sends each request's first output, not its last."""
+    worker.send(wire.Deliver(client=client, ended=[], first=list(ids)),
+                wire.Results(outputs=[wire.Output(i, text="so") for i in ids]))
+
+
 def test_requests_wait_for_a_free_slot_in_arrival_order_and_answers_pass_through(net):
     worker, app = net.worker("cpu", slots=1), net.client()
     for i in range(3):
@@ -207,38 +213,134 @@ def test_a_lost_worker_ends_what_it_ran_with_503_and_its_queue_goes_to_the_next(
     submit(app, generate("g3"))  # waits
     on_a = dispatched(a)
     dispatched(b)
+    started(a, b"app", *on_a)  # it had output: not retried
+    outputs(app)
     net.client(b"supervisor").send(wire.WorkerExited(worker_id="a", code=-9))
     [lost] = outputs(app)
     assert lost.id == on_a[0] and lost.failure.status == 503
+    assert "worker a stopped while generating this request: its process was killed by SIGKILL" in lost.failure.message
     assert [w.state for w in net.broker.status("q").workers if w.worker_id == "a"] == ["restarting"]
     assert dispatched(a) == [] and net.broker.status("q").queued == 1
     finish(b, b"app", next(iter(net.broker.workers[b"b"].running)))
     assert dispatched(b) == ["g3"]
 
 
-def test_a_lookup_on_a_lost_worker_ends_with_503(net):
-    net.worker("cpu")
-    app = net.client()
+def test_a_lookup_on_a_lost_worker_is_retried_on_another(net):
+    a, b, app = net.worker("a"), net.worker("b"), net.client()
     submit(app, wire.Detokenize(id="d1", model="m", tokens=[1]))
-    net.client(b"supervisor").send(wire.WorkerExited(worker_id="cpu", code=-9))
-    assert [(o.id, o.failure.status) for o in outputs(app)] == [("d1", 503)]
+    assert dispatched(a) == ["d1"]
+    net.client(b"supervisor").send(wire.WorkerExited(worker_id="a", code=-9))
+    assert outputs(app) == [] and dispatched(b) == ["d1"]
+    b.send(wire.Deliver(client=b"app", ended=["d1"], first=["d1"]), wire.Results([wire.Output("d1", "x", "stop")]))
+    assert [(o.id, o.text) for o in outputs(app)] == [("d1", "x")]
     assert net.broker.status("q").routed == []
 
 
 def test_a_silent_worker_is_lost(net, monkeypatch):
     worker, app = net.worker("cpu"), net.client()
     submit(app, generate("g1"))
+    started(worker, b"app", "g1")
+    outputs(app)
     monkeypatch.setattr(broker_module, "WORKER_TIMEOUT", 0.0)
     net.pump()
-    assert [o.failure.status for o in outputs(app)] == [503]
+    [lost] = outputs(app)
+    assert lost.failure.status == 503 and "went silent" in lost.failure.message
     assert aborted(worker)[-1:] == ["g1"]  # in case it is alive after all
 
 
 def test_a_worker_restarted_with_a_new_pid_loses_its_requests(net):
     worker, app = net.worker("cpu"), net.client()
     submit(app, generate("g1"))
+    started(worker, b"app", "g1")
+    outputs(app)
     worker.send(wire.WorkerStatus(info=msgspec.structs.replace(worker.info, pid=2, state="loading")))
-    assert [o.failure.status for o in outputs(app)] == [503]
+    [lost] = outputs(app)
+    assert lost.failure.status == 503 and "restarted" in lost.failure.message
+
+
+def test_a_request_with_no_output_when_its_worker_dies_is_retried_on_another_at_its_place(net):
+    a, b, app = net.worker("a", slots=1), net.worker("b", slots=1), net.client()
+    for i in range(3):
+        submit(app, generate(f"g{i}"))
+    assert dispatched(a) == ["g0"] and dispatched(b) == ["g1"]  # g2 waits
+    net.client(b"supervisor").send(wire.WorkerExited(worker_id="a", code=-11))
+    assert outputs(app) == [] and list(net.broker.queue) == ["g0", "g2"]  # ahead of what came later
+    a.send(wire.WorkerStatus(info=msgspec.structs.replace(a.info, pid=2)))  # a is back: g0 still avoids it
+    assert dispatched(a) == ["g2"]
+    finish(b, b"app", "g1")
+    assert dispatched(b) == ["g0"]
+    finish(b, b"app", "g0")
+    assert [(o.id, o.text, o.worker, o.failure) for o in outputs(app)] == [("g1", "done", "b", None),
+                                                                           ("g0", "done", "b", None)]
+
+
+def test_a_request_that_had_output_ends_with_an_error_naming_the_crash(net):
+    worker, app = net.worker("cpu"), net.client()
+    submit(app, generate("g1"))
+    started(worker, b"app", "g1")
+    assert [o.text for o in outputs(app)] == ["so"]
+    net.client(b"supervisor").send(wire.WorkerExited(worker_id="cpu", code=-11))
+    [lost] = outputs(app)
+    assert lost.id == "g1" and lost.failure.status == 503
+    assert lost.failure.message == "worker cpu stopped while generating this request: its process was killed by SIGSEGV"
+    assert "retry" not in lost.failure.message and net.broker.queue == {}
+    assert broker_module.exit_reason(1) == "exited with code 1"
+    assert broker_module.exit_reason(-9) == "was killed by SIGKILL"
+
+
+def test_a_request_is_retried_once_only(net):
+    a, b, c, app = net.worker("a"), net.worker("b"), net.worker("c"), net.client()
+    submit(app, generate("g1"))
+    assert dispatched(a) == ["g1"]
+    net.client(b"supervisor").send(wire.WorkerExited(worker_id="a", code=-11))
+    second = b if dispatched(b) == ["g1"] else c
+    assert net.broker.routes["g1"].worker == second.identity
+    net.client(b"supervisor").send(wire.WorkerExited(worker_id=second.info.worker_id, code=-11))
+    [lost] = outputs(app)
+    assert lost.id == "g1" and "SIGSEGV" in lost.failure.message
+    assert dispatched(a) + dispatched(b) + dispatched(c) == [] and net.broker.queue == {}
+
+
+def test_a_late_first_output_from_a_lost_worker_is_not_passed_on(net):
+    a, b, app = net.worker("a"), net.worker("b"), net.client()
+    submit(app, generate("g1"))
+    submit(app, generate("g2"))
+    assert dispatched(a) == ["g1"] and dispatched(b) == ["g2"]
+    net.client(b"supervisor").send(wire.WorkerExited(worker_id="a", code=-11))
+    finish(b, b"app", "g2")
+    assert dispatched(b) == ["g1"]
+    a.send(wire.Deliver(client=b"app", ended=[], first=["g1"]), wire.Results([wire.Output("g1", text="late")]))
+    started(b, b"app", "g1")
+    assert [(o.id, o.text) for o in outputs(app)] == [("g2", "done"), ("g1", "so")]
+
+
+def test_the_body_is_dropped_once_the_first_output_passes(net):
+    worker, app = net.worker("cpu"), net.client()
+    request = generate("g1")
+    submit(app, request)
+    assert net.broker.routes["g1"].pending.body == wire.encode(request)
+    started(worker, b"app", "g1")
+    assert net.broker.routes["g1"].pending is None
+
+
+def test_the_worker_names_each_request_s_first_output(net):
+    from infersnap.workers.worker import Held, _deliver
+
+    pull, push = net.zctx.socket(zmq.PULL), net.zctx.socket(zmq.PUSH)
+    pull.bind("inproc://first-outputs")
+    push.connect("inproc://first-outputs")
+    held, clients = Held(), {"a": b"app", "b": b"app"}
+
+    def deliver(*outputs: wire.Output) -> wire.Deliver:
+        held.add(list(outputs))
+        first = held.unsent()
+        _deliver(held.take(), clients, push, "cpu", first)
+        return wire.decode(pull.recv_multipart()[0])
+
+    assert deliver(wire.Output("a", text="x")).first == ["a"]
+    # a's second output is not its first; b's first is also its last
+    header = deliver(wire.Output("a", text="y"), wire.Output("b", text="z", finish_reason="stop"))
+    assert (header.first, header.ended) == (["b"], ["b"])
 
 
 def test_reconciliation_aborts_what_a_worker_runs_that_nobody_waits_for(net):
@@ -352,6 +454,15 @@ def test_a_seeded_request_always_goes_to_the_same_lane(net):
         submit(app, wire.Generate(id=f"s{i}", model="m", params=wire.SamplingParams(max_tokens=128, seed=7),
                                   prompt="word " * (1 + 400 * (i % 2))))
     assert len(dispatched(llama)) == 6 and dispatched(openvino) == []
+
+
+def test_a_retried_seeded_request_goes_to_the_next_lane_in_plan_order(net):
+    llama, openvino = lanes(net)
+    app = net.client()
+    submit(app, wire.Generate(id="s", model="m", params=wire.SamplingParams(max_tokens=128, seed=7), prompt="x"))
+    assert dispatched(llama) == ["s"]
+    net.client(b"supervisor").send(wire.WorkerExited(worker_id="cpu/cpu", code=-11))
+    assert dispatched(openvino) == ["s"] and outputs(app) == []
 
 
 def test_queue_room_is_per_device_not_per_lane(net):

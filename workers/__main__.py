@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import sys
@@ -12,6 +13,7 @@ from infersnap.workers.worker import run
 
 
 def main() -> None:
+    faulthandler.enable()  # a crash in a runtime's native code says where, in the serve log
     plan_file, worker_id = sys.argv[1], sys.argv[2]
     plan = serve_plan.read(Path(plan_file))
     logging.basicConfig(level=logging.DEBUG if plan.verbose else logging.INFO, format="%(name)s: %(message)s")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from infersnap import wire
+from infersnap.profiles import EngineOptions
 from infersnap.workers.text import TextStream
 from infersnap.workers.thinking import ThinkingSplit, opens_thinking
 
@@ -44,6 +45,7 @@ class EngineSettings:
     gpu_layers: int = 0  # llama.cpp layers offloaded to the device
     verbose: bool = False
     chat_template: str = ""  # a Jinja chat template instead of the model's own (ModelSpec.chat_template)
+    options: EngineOptions = EngineOptions()  # runtime settings found to run on this machine (infersnap/probes.py)
 
 
 class Engine:

@@ -46,7 +46,7 @@ class LlamaCppEmbedder(Engine):
         llama_cpp.llama_backend_init()
         self.slots = settings.slots
         # on the CPU, even with a GPU build: the GPU is the generating worker's
-        self.model = load_model(settings.model_path, 0)
+        self.model = load_model(settings.model_path, 0, settings.options)
         self.vocab = self.model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = self.model.n_embd()

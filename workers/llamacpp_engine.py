@@ -22,6 +22,7 @@ from llama_cpp import _internals, _logger
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from infersnap import wire
+from infersnap.profiles import EngineOptions
 from infersnap.workers.engine_base import (
     BATCH_TOKENS,
     NO_CHAT_TEMPLATE,
@@ -54,10 +55,15 @@ class LlamaSequence(Sequence):
     prompt_logprobs: list[wire.TokenLogprob] = field(default_factory=list)  # not yet sent (echo with logprobs)
 
 
-def load_model(model_path: str, gpu_layers: int) -> _internals.LlamaModel:
-    """The GGUF with `gpu_layers` layers offloaded to the GPU; EngineError if it cannot be loaded."""
+def load_model(model_path: str, gpu_layers: int, options: EngineOptions) -> _internals.LlamaModel:
+    """The GGUF with `gpu_layers` layers offloaded to the GPU; EngineError if it cannot be loaded.
+    `options.repack` off keeps the weights as the file has them: ggml's repacked "extra buffer types"
+    (AMX on Sapphire Rapids) crash on some machines (llama-server's --no-repack)."""
     params = llama_cpp.llama_model_default_params()
     params.n_gpu_layers = gpu_layers
+    params.use_extra_bufts = options.repack
+    if not options.mmap:
+        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE  # read into memory (llama-server's --no-mmap)
     try:
         return _internals.LlamaModel(path_model=model_path, params=params, verbose=False)
     except ValueError as exc:
@@ -88,7 +94,7 @@ class LlamaCppEngine(BatchingEngine):
         _logger.set_verbose(settings.verbose)  # llama.cpp's own log: errors only unless asked
         llama_cpp.llama_backend_init()
         slots, threads, gpu_layers = settings.slots, settings.threads, settings.gpu_layers
-        self.model = load_model(settings.model_path, gpu_layers)  # 0 on the CPU; a GPU engine offloads them all
+        self.model = load_model(settings.model_path, gpu_layers, settings.options)  # 0 on the CPU; a GPU engine offloads them all
         self.vocab = self.model.vocab
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._candidates = _internals.LlamaTokenDataArray(n_vocab=self.n_vocab)  # for constrained sampling

@@ -82,6 +82,8 @@ class OpenVinoEngine(BatchingEngine):
                 # mask, so they are left to the OS inside it instead of being pinned one per core
                 "ENABLE_CPU_PINNING": False,
             }
+        if settings.options.precision:  # e.g. f32 where the plugin's own choice (bf16 on AMX) crashes or errs
+            properties["INFERENCE_PRECISION_HINT"] = settings.options.precision
         try:
             self.pipe = openvino_genai.ContinuousBatchingPipeline(
                 model_path, scheduler, self.device, properties, properties if self.device == "CPU" else {}

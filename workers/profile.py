@@ -22,6 +22,7 @@ It builds the engine as a worker does (pinned to the worker's CPUs, seeing only 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import random
 import resource
@@ -34,7 +35,7 @@ import msgspec
 
 from infersnap import profiles, wire
 from infersnap.engines import manifests
-from infersnap.profiles import Level, Profile, PromptRead, Speed, Subject
+from infersnap.profiles import EngineOptions, Level, Profile, PromptRead, Speed, Subject
 from infersnap.workers.engine_base import Engine, EngineSettings
 from infersnap.workers.worker import engine_class, only_device, pin_to
 
@@ -222,7 +223,7 @@ def measure(subject: Subject, profile_key: str, streams: list[int], tokens: int,
     pin_to(subject.cpus)
     only_device(subject.device)  # before the runtime starts
     settings = EngineSettings(subject.model_path, subject.device, max(streams), subject.context, subject.threads,
-                              subject.gpu_layers)
+                              subject.gpu_layers, options=subject.options)
     start = time.perf_counter()
     try:
         engine = engine_class(subject.runtime, "generate")(settings)
@@ -271,16 +272,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", help="comma-separated concurrency levels  [default: 1,2,4,8,16; quick: 1,4]")
     parser.add_argument("--quick", action="store_true", help="a short measurement (seconds), for tests")
     parser.add_argument("--key", help="the profile's key as the caller computed it  [default: computed here]")
+    parser.add_argument("--options", default="{}", help="the runtime settings to run with (EngineOptions as JSON, as "
+                        "infersnap/probes.py found them)")
     args = parser.parse_args(argv)
     # stdout carries the Profile alone: whatever a runtime prints goes to stderr
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
+    faulthandler.enable()  # a crash in native code says where, on stderr
 
     manifest = manifests()[args.engine]
     subject = Subject(engine=args.engine, runtime=manifest.runtime, device=args.device,
                       model_path=str(Path(args.model).absolute()), threads=args.threads, context=args.context,
                       cpus=[int(c) for c in args.cpus.split(",") if c.strip()],
-                      gpu_layers=manifest.settings.gpu_layers)
+                      gpu_layers=manifest.settings.gpu_layers,
+                      options=msgspec.json.decode(args.options, type=EngineOptions))
     plan = QUICK if args.quick else FULL
     streams = sorted({int(s) for s in args.streams.split(",")}) if args.streams else plan["streams"]
     if args.key:

@@ -22,7 +22,8 @@ import zmq
 
 from infersnap import paths, wire
 from infersnap.plan import RESTARTS_VARIABLE, ServePlan, WorkerSpec, announced
-from infersnap.workers.engine_base import Engine, EngineSettings, Unloaded
+from infersnap.workers.engine_base import Engine, EngineError, EngineSettings, Unloaded
+from infersnap.workers.faults import Fault
 
 HEARTBEAT_SECONDS = 0.25
 OUTBOX = "inproc://outbox"
@@ -114,18 +115,24 @@ def run(plan: ServePlan, spec: WorkerSpec) -> None:
     outbox.setsockopt(zmq.LINGER, 0)
     outbox.connect(OUTBOX)
 
+    model = plan.model(spec.model)
+    fault = Fault("worker", spec.engine, spec.options.label, model.path if model else "", spec.task)
     try:
+        if spec.crashes:  # planned only to say why its model cannot be served here
+            raise EngineError(f"{spec.engine} crashes here: {spec.crashes}")
+        fault.loading()
         engine = load_engine(plan, spec)
         io.info = msgspec.structs.replace(info, state="ready", context=engine.context, capabilities=engine.capabilities)
     except Exception as exc:  # the worker stays up to report why
         log.error("worker %s failed to load: %s", spec.worker_id, exc)
         io.info = msgspec.structs.replace(info, state="failed", error=str(exc))
         engine = Unloaded(info.capabilities, f"worker {spec.worker_id} failed to load: {exc}")
-    serve(engine, inbox, outbox, io)
+    serve(engine, inbox, outbox, io, fault)
 
 
-def serve(engine: Engine, inbox: queue.Queue, outbox: zmq.Socket, io: WorkerIO) -> None:
-    """The engine loop: take what came between two steps, step, send each client its outputs."""
+def serve(engine: Engine, inbox: queue.Queue, outbox: zmq.Socket, io: WorkerIO, fault: Fault | None = None) -> None:
+    """The engine loop: take what came between two steps, step, send each client its outputs. `fault`:
+    the test hook that crashes the process at a chosen point (workers/faults.py)."""
     clients: dict[str, bytes] = {}  # request id -> the client its outputs go to
     held = Held()
     while True:
@@ -140,13 +147,18 @@ def serve(engine: Engine, inbox: queue.Queue, outbox: zmq.Socket, io: WorkerIO) 
                     clients.pop(request_id, None)
             else:
                 clients[message.id] = client
+                if fault is not None and isinstance(message, (wire.Generate, wire.Embed)):
+                    fault.request()
                 refused = _add(engine, message)
                 if refused is not None:
                     outputs.append(refused)
             item = _next_or_none(inbox)
+        if fault is not None and engine.busy:
+            fault.step()
         outputs += _step(engine)
         if held.add(outputs) or (held.outputs and not engine.busy):
-            _deliver(held.take(), clients, outbox, io.info.worker_id)
+            first = held.unsent()
+            _deliver(held.take(), clients, outbox, io.info.worker_id, first)
         running = [s.request.id for s in engine.running]
         if running != io.info.running or len(engine.waiting) != io.info.waiting:
             io.info = msgspec.structs.replace(io.info, running=running, waiting=len(engine.waiting))
@@ -174,6 +186,10 @@ class Held:
             self.urgent |= output.finish_reason is not None or output.id not in self.sent
         return bool(self.outputs) and (self.urgent or time.monotonic() - self.last_send >= STREAM_INTERVAL)
 
+    def unsent(self) -> set[str]:
+        """The held requests that have had no output sent yet: what is sent next carries their first."""
+        return {request_id for request_id in self.outputs if request_id not in self.sent}
+
     def take(self) -> list[wire.Output]:
         outputs = list(self.outputs.values())
         for output in outputs:
@@ -189,21 +205,26 @@ class Held:
             self.outputs.pop(request_id, None)
 
 
-def _deliver(outputs: list[wire.Output], clients: dict[str, bytes], outbox: zmq.Socket, worker_id: str) -> None:
-    """One Deliver + Results per client; the last output of each request carries this worker's id."""
+def _deliver(outputs: list[wire.Output], clients: dict[str, bytes], outbox: zmq.Socket, worker_id: str,
+             first: set[str]) -> None:
+    """One Deliver + Results per client; the last output of each request carries this worker's id.
+    `first`: the requests whose first output this is (it may be their last too)."""
     by_client: dict[bytes, list[wire.Output]] = {}
     ended: dict[bytes, list[str]] = {}
+    firsts: dict[bytes, list[str]] = {}
     for output in outputs:
         client = clients.get(output.id)
         if client is None:  # aborted meanwhile
             continue
         by_client.setdefault(client, []).append(output)
+        if output.id in first:
+            firsts.setdefault(client, []).append(output.id)
         if output.finish_reason is not None:
             output.worker = worker_id
             ended.setdefault(client, []).append(output.id)
             del clients[output.id]
     for client, batch in by_client.items():
-        header = wire.Deliver(client=client, ended=ended.get(client, []))
+        header = wire.Deliver(client=client, ended=ended.get(client, []), first=firsts.get(client, []))
         outbox.send_multipart([wire.encode(header), wire.encode(wire.Results(outputs=batch))])
 
 
@@ -236,7 +257,7 @@ def load_engine(plan: ServePlan, spec: WorkerSpec) -> Engine:
     only_device(spec.device)  # before the engine's runtime starts
     model = plan.model(spec.model)
     settings = EngineSettings(model.path, spec.device, spec.slots, model.context, spec.threads,
-                              spec.gpu_layers, plan.verbose, model.chat_template)
+                              spec.gpu_layers, plan.verbose, model.chat_template, spec.options)
     return engine_class(spec.runtime, spec.task)(settings)
 
 

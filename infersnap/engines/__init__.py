@@ -23,7 +23,7 @@ LANE_MARGIN = 1.1  # a second lane must beat the first by this factor somewhere 
 MEMORY_SHARE = 0.8  # the share of the available memory that the lanes of a machine may use
 
 __all__ = ["AUTO", "Assignment", "EngineChoiceError", "Manifest", "Verdict", "evaluate", "manifests", "parse_size",
-           "parse_choice", "select", "choose_lanes", "verdicts", "embedding_engine", "candidates"]
+           "parse_choice", "select", "choose_lanes", "crashes", "verdicts", "embedding_engine", "candidates"]
 
 
 class EngineChoiceError(ValueError):
@@ -69,13 +69,22 @@ def select(machine: Machine, names: list[str] | None = None,
     return choose_lanes(machine, names, profiles)[0]
 
 
+def crashes(profiles: dict[Assignment, Profile]) -> dict[Assignment, str]:
+    """The lanes whose measuring process crashed, and how: a crash is a measurement too."""
+    return {lane: p.error or "crashed" for lane, p in profiles.items() if p.crashed}
+
+
 def choose_lanes(machine: Machine, names: list[str] | None = None,
-                 profiles: dict[Assignment, Profile] | None = None) -> tuple[list[Assignment], list[str]]:
+                 profiles: dict[Assignment, Profile] | None = None,
+                 crashed: dict[Assignment, str] | None = None) -> tuple[list[Assignment], list[str]]:
     """The (engine, device) pairs to run, each device's fastest lane first (the one a seeded request
     takes), and why any candidate is left out: the named engines, or for auto the lanes the profiles
-    say are worth it (the best-scoring engine per device where none is measured)."""
+    say are worth it (the best-scoring engine per device where none is measured). A lane in `crashed`
+    (every settings variant crashed in its probe: infersnap/probes.py) or whose measuring crashed is
+    never chosen: a named one is an EngineChoiceError, and auto takes the best of the others."""
+    crashed = {**crashes(profiles or {}), **(crashed or {})}
     if names is None:
-        return _auto(machine, profiles or {})
+        return _auto(machine, profiles or {}, crashed)
     ranked = verdicts(machine)
     by_name = {v.engine: v for v in ranked}
     chosen: dict[str, dict[str, str]] = {}  # device -> runtime -> engine
@@ -87,6 +96,8 @@ def choose_lanes(machine: Machine, names: list[str] | None = None,
             raise EngineChoiceError(f"engine {name} cannot run on this machine: {'; '.join(verdict.reasons)}")
         runtime = manifests()[name].runtime
         for device in verdict.devices:
+            if Assignment(name, device) in crashed:
+                raise EngineChoiceError(f"engine {name} crashes on {device} here: {crashed[Assignment(name, device)]}")
             engines = chosen.setdefault(device, {})
             # two engines of one runtime on a device would do the same work
             if runtime in engines:
@@ -96,15 +107,19 @@ def choose_lanes(machine: Machine, names: list[str] | None = None,
     return _fastest_first(lanes, profiles or {}), []
 
 
-def _auto(machine: Machine, profiles: dict[Assignment, Profile]) -> tuple[list[Assignment], list[str]]:
+def _auto(machine: Machine, profiles: dict[Assignment, Profile],
+          crashed: dict[Assignment, str]) -> tuple[list[Assignment], list[str]]:
     by_device: dict[str, list[Assignment]] = {}
-    for lane in candidates(machine):
-        by_device.setdefault(lane.device, []).append(lane)
     chosen, left_out = [], []
+    for lane in candidates(machine):
+        if lane in crashed:  # its runtime crashes here whatever its settings: no other engine of it is tried
+            left_out.append(f"{lane.engine} on {lane.device}: it crashes here ({crashed[lane]})")
+            continue
+        by_device.setdefault(lane.device, []).append(lane)
     budget = (machine.memory.available_bytes or 0) * MEMORY_SHARE
     for device, lanes in by_device.items():
         measured = [a for a in lanes if profiles.get(a) is not None and profiles[a].speed is not None]
-        if len(measured) < len(lanes):  # the static score decides: the first one is the best-scoring
+        if len(measured) < len(lanes):  # the static score decides among the lanes that run: the best-scoring
             chosen.append(lanes[0])
             continue
         lanes = _fastest_first(lanes, profiles)
