@@ -13,7 +13,9 @@ import argparse
 import statistics
 import time
 
-from infersnap import wire
+from infersnap import probes, wire
+from infersnap.hwdetect import detect
+from infersnap.profiles import Subject
 from infersnap.workers.engine_base import EngineSettings
 from infersnap.workers.worker import engine_class
 from infersnap.models import default_model_path
@@ -22,10 +24,18 @@ STORY = [wire.ChatMessage("user", "Write a short story about a dragon who learns
 NO_EOS = {2: -100.0}  # SmolLM2's <|im_end|>
 
 
+CPU_ENGINE = {"llamacpp": "cpu", "openvino": "intel-cpu"}  # each runtime's CPU engine, for its probe
+
+
 def build(name: str, threads: int, slots: int = 8, context: int = 2048):
     path = str(default_model_path())
+    # the settings that run here (a probe in its own process, stored in the data folder): the defaults crash on some CPUs
+    subject = Subject(engine=CPU_ENGINE[name], runtime=name, device="cpu", model_path=path, threads=threads, context=context)
+    options = probes.find(subject, detect("/")).options
+    if options is None:
+        raise SystemExit(f"{name} crashes on this machine whatever its settings")
     start = time.perf_counter()
-    engine = engine_class(name, "generate")(EngineSettings(path, "cpu", slots, context, threads))
+    engine = engine_class(name, "generate")(EngineSettings(path, "cpu", slots, context, threads, options=options))
     return engine, time.perf_counter() - start
 
 

@@ -330,6 +330,8 @@ class Broker:
             return wire.failed(submit.id, 503, failure)
         if not any(w.may_serve(needs) for w in serving):
             ready = [w for w in serving if w.info.state == "ready"]
+            if not ready:  # every worker of this task failed (the embedding worker, say) while others serve
+                return wire.failed(submit.id, 503, self._task_failure(serving, needs.task))
             feature = next(f for f in (wire.unmet(needs, w.info.capabilities) for w in ready) if f)
             runtimes = [w.info.runtime for w in serving if w.info.state != "failed"]
             return wire.refusal(submit.id, needs, feature, runtimes, ready[0].info.model)
@@ -366,6 +368,12 @@ class Broker:
             return f"no worker could load this model ({reasons})"
         return None
 
+    @staticmethod
+    def _task_failure(serving: list[Worker], task: str) -> str:
+        """Why no worker of a model can do this task any more: each one's reason."""
+        reasons = "; ".join(f"{w.info.worker_id}: {w.info.error}" for w in serving if w.info.error)
+        return f"no worker can do this ({task}) for this model any more" + (f" ({reasons})" if reasons else "")
+
     def _dispatch(self) -> None:
         """Hand queued requests, oldest first, to the lanes that end them soonest; end those no worker can serve."""
         now = time.monotonic()
@@ -381,7 +389,7 @@ class Broker:
             submit = queued.submit
             serving = [w for w in self.workers.values() if w.serves(submit.model, submit.needs.task)]
             if not any(w.may_serve(submit.needs) for w in serving):  # none left to wait for
-                why = self._load_failure(submit.model) or "no worker can serve this model any more"
+                why = self._load_failure(submit.model) or self._task_failure(serving, submit.needs.task)
                 self._fail({request_id: self.queue.pop(request_id)}, why)
                 continue
             if queued.avoid and not submit.work.seeded:  # a retry: not where it died, unless no other may serve it

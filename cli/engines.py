@@ -27,7 +27,8 @@ def serving_assignments(config: Config, machine: Machine, profiles: dict[Assignm
     reason, when they cannot run on this machine (the config itself is kept), or crash here (`crashed`:
     what the probes found). With profiles, auto runs the lanes they say are worth it."""
     try:
-        return Lineup(*choose_lanes(machine, parse_choice(config.get("engines")), profiles, crashed))
+        assignments, left_out = choose_lanes(machine, parse_choice(config.get("engines")), profiles, crashed)
+        return Lineup(assignments, left_out=left_out)
     except EngineChoiceError as exc:
         assignments, left_out = choose_lanes(machine, None, profiles, crashed)
         return Lineup(assignments, f"{exc}; serving with the automatic choice instead", left_out)

@@ -144,15 +144,19 @@ def with_options(found: Iterable[Subject], probed: dict[Assignment, Probe]) -> l
     return runs
 
 
-def probe_subjects(config: Config, machine: Machine, context: int) -> list[Subject]:
-    """What `serve` may run with this config, as probed: the candidates (and with named engines, auto's
-    too, which serve in their place if one crashes) and the embedding worker's engine."""
+def probe_lanes(config: Config, machine: Machine, context: int, run: bool = True, like: str = "",
+                say: Say = _stderr) -> dict[Assignment, Probe]:
+    """The probes of what `serve` may run with this config (probe_all): the candidates and the embedding
+    worker's engine; with named engines of which one crashes, auto's candidates too, which serve instead."""
     wanted, serving = _wanted(config, machine)
-    lanes = list(dict.fromkeys([*wanted, *auto_candidates(machine)]))
     embedder = embedding_engine(machine)
     if config.get("worker.embeddings") and embedder is not None:
-        lanes = list(dict.fromkeys([*lanes, Assignment(embedder, "cpu")]))
-    return subjects(lanes, serving, config, context)
+        wanted = list(dict.fromkeys([*wanted, Assignment(embedder, "cpu")]))
+    probed = probe_all(subjects(wanted, serving, config, context), machine, config, say, run, like)
+    if crashed_lanes(probed):
+        instead = [a for a in auto_candidates(machine) if a not in probed]
+        probed |= probe_all(subjects(instead, serving, config, context), machine, config, say, run, like)
+    return probed
 
 
 def stored_profiles(config: Config, machine: Machine, context: int | None = None,

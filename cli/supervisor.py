@@ -44,8 +44,7 @@ from infersnap.engines import MEMORY_SHARE, Assignment, embedding_engine, manife
 from infersnap.engines import candidates as auto_candidates
 from infersnap.hwdetect import Machine
 from infersnap.hwdetect.cpu import physical_core_cpus
-from infersnap.cli.profiling import (before_serving, crashed_lanes, probe_all, probe_subjects, serve_context,
-                                     stored_profiles)
+from infersnap.cli.profiling import before_serving, crashed_lanes, probe_lanes, serve_context, stored_profiles
 from infersnap.models import ModelNotFound, ModelShape, model_shape
 from infersnap.plan import RESTARTS_VARIABLE, ModelSpec, ServePlan, WorkerSpec
 from infersnap.probes import Probe
@@ -155,7 +154,7 @@ def model_plan(config: Config, machine: Machine, entry: ModelEntry, default: boo
     first where they have neither yet; another model's use the probes and profiles stored (or the
     default model's probes), so that its first request never waits for either."""
     context = serve_context(config, machine)  # once: the profiles are keyed by it
-    probed = probe_all(probe_subjects(config, machine, context.tokens), machine, config, run=default, like=default_path)
+    probed = probe_lanes(config, machine, context.tokens, run=default, like=default_path)
     crashed = crashed_lanes(probed)
     if default:
         measured = before_serving(config, machine, context=context.tokens, probed=probed)  # measures what has no profile yet
@@ -599,6 +598,7 @@ class Supervisor:
         it is restarted."""
         if not self._had_loaded(child):
             return f"its process exited with {_exit_reason(code)} while loading the model; it is not restarted"
+        child.saw(True, now)  # ready by the broker's word, if it died before the supervisor saw it so
         child.early_deaths = child.early_deaths + 1 if now - child.ready_at < SOON_AFTER_READY else 0
         if child.early_deaths < 2:
             return ""

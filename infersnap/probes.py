@@ -197,13 +197,12 @@ def exit_description(code: int) -> str:
 
 
 def crash_site(stderr: str) -> str:
-    """Where faulthandler saw the crash: the innermost Python frame of the thread that crashed."""
+    """Where faulthandler saw the crash: the innermost Python frame of the thread that crashed ("" if none)."""
     lines = stderr.splitlines()
     for i, line in enumerate(lines):
-        if line.startswith("Fatal Python error"):
-            frames = [f.strip() for f in lines[i + 1:] if f.strip().startswith("File ")]
-            if frames:  # File "/…/llamacpp_engine.py", line 312 in step
-                where = frames[0].split('"')
-                if len(where) >= 3:
-                    return f" in {Path(where[1]).name}{where[2].replace(', line ', ':').replace(' in ', ' ', 1)}"
+        if line.startswith(("Current thread", "Stack (most recent call first)")):
+            frame = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            where = frame.split('"')  # File "/…/llamacpp_engine.py", line 312 in step
+            if frame.startswith("File ") and len(where) >= 3:
+                return f" in {Path(where[1]).name}{where[2].replace(', line ', ':').replace(' in ', ' ', 1)}"
     return ""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 import yaml
 
@@ -24,6 +25,7 @@ from infersnap.config import Config
 from infersnap.hwdetect import detect
 from infersnap.hwdetect.cpu import physical_core_cpus
 from infersnap.models import default_model_path
+from infersnap.profiles import EngineOptions
 
 INFERSNAP = str(Path(sys.executable).parent / "infersnap")
 START_TIMEOUT = 120
@@ -129,16 +131,17 @@ def second_model() -> Path:
     return path
 
 
-_session_profiles: Path | None = None
+_session_data: Path | None = None
 
 
-def session_profiles() -> Path:
-    """A profiles folder measured once per test session, quickly: `use-engine --auto --quick` in a
-    throwaway data folder (every engine a default `serve` would measure), and the CPU engines the
-    served tests name (ENGINES) that auto does not measure. Test servers get copies, so that none
-    spends a minute measuring; only a server with other threads, context or model would."""
-    global _session_profiles
-    if _session_profiles is None:
+def session_data() -> Path:
+    """A data folder whose probes and profiles are made once per test session, quickly: `use-engine
+    --auto --quick` (every engine a default `serve` would probe and measure), and the CPU engines the
+    served tests name (ENGINES) that auto does not measure. Test servers get copies of its `probes`
+    and `profiles`, so that none spends seconds probing or a minute measuring; only a server with
+    another model (probes, profiles), threads or context (profiles) would."""
+    global _session_data
+    if _session_data is None:
         data = Path(tempfile.mkdtemp(prefix="infersnap-profiles-"))
         atexit.register(shutil.rmtree, data, True)
         cli(data_env(data), "use-engine", "--auto", "--quick", timeout=600)
@@ -146,28 +149,57 @@ def session_profiles() -> Path:
         measured = {json.loads(p.read_text())["engine"] for p in folder.glob("*.json")}
         context = serve_context(Config(data / "config.json"), detect("/")).tokens  # as serve chooses it
         for name in [n for n in ENGINES if n not in measured]:
-            # as serve would run it on the CPU: one thread per physical core, the context serve gives it, the default model
+            # as serve would run it on the CPU: one thread per physical core, the context serve gives it, the
+            # default model, and the settings its probe finds (the defaults crash on some CPUs)
+            options = probed_options(name, data)
             done = subprocess.run(
                 [sys.executable, "-m", "infersnap.workers.profile", "--engine", name, "--device", "cpu",
                  "--threads", str(len(physical_core_cpus())), "--context", str(context),
-                 "--model", str(default_model_path()), "--quick"],
+                 "--model", str(default_model_path()), "--quick", "--options", msgspec.json.encode(options).decode()],
                 capture_output=True, text=True, timeout=300, check=True, cwd="/",
             )
             profile = json.loads(done.stdout)
             (folder / f"{profile['key']}.json").write_text(done.stdout)
-        _session_profiles = folder
-    return _session_profiles
+        _session_data = data
+    return _session_data
+
+
+def probed_options(engine: str, data: Path | None = None, model: Path | None = None) -> EngineOptions:
+    """The settings `engine` runs with on this machine's CPU (infersnap/probes.py), probed once into the
+    session's data folder: what an engine built in the test process must use (on a Sapphire Rapids
+    Xeon, llama.cpp's defaults crash the process)."""
+    from infersnap import probes
+    from infersnap.engines import manifests
+    from infersnap.profiles import Subject
+
+    data = data or session_data()
+    subject = Subject(engine=engine, runtime=manifests()[engine].runtime, device="cpu",
+                      model_path=str(model or default_model_path()), threads=len(physical_core_cpus()), context=0)
+    before = os.environ.get("INFERSNAP_DATA")
+    os.environ["INFERSNAP_DATA"] = str(data)
+    try:
+        probe = probes.find(subject, detect("/"))
+    finally:
+        if before is None:
+            del os.environ["INFERSNAP_DATA"]
+        else:
+            os.environ["INFERSNAP_DATA"] = before
+    assert probe.options is not None, f"{engine} crashes on this machine whatever its settings: {probe.crashed}"
+    return probe.options
 
 
 def start_server(data: Path, command: list[str] | None = None, session_profiles_too: bool = True,
-                 **settings: str) -> Server:
+                 env: dict[str, str] | None = None, **settings: str) -> Server:
     """Configure a data folder through `infersnap set`, start `infersnap serve` (or `command`), wait until it answers.
-    Under pytest the data folder gets this session's quick profiles first; bench scripts, which import
-    this outside pytest, get none (their servers measure, or they set engines-measure=false)."""
-    env = data_env(data)
+    Under pytest the data folder gets this session's probes and quick profiles first; bench scripts, which
+    import this outside pytest, get none (their servers measure, or they set engines-measure=false).
+    `env`: more environment for the server (the fault hook, INFERSNAP_FAULT)."""
+    env = {**data_env(data), **(env or {})}
     port = int(settings.pop("http.port", free_port()))
-    if os.environ.get("PYTEST_CURRENT_TEST") and session_profiles_too and settings.get("engines-measure") != "false":
-        shutil.copytree(session_profiles(), data / "profiles", dirs_exist_ok=True)
+    if os.environ.get("PYTEST_CURRENT_TEST") and session_profiles_too:
+        if settings.get("engines-measure") != "false":
+            shutil.copytree(session_data() / "profiles", data / "profiles", dirs_exist_ok=True)
+        shutil.copytree(session_data() / "probes", data / "probes", dirs_exist_ok=True)  # probed even unmeasured
     cli(env, "set", f"http.port={port}", *(f"{k}={v}" for k, v in settings.items()))
     log = data / "serve.log"
     data.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import probed_options
 
 from infersnap import wire
 from infersnap.cli.profiling import serve_context
@@ -81,12 +82,15 @@ def test_worker_context_takes_0_or_128_and_more(tmp_path):
 CONTEXT = 256
 
 
-@pytest.fixture(scope="module", params=["llamacpp", "openvino"])
+@pytest.fixture(scope="module", params=["cpu", "intel-cpu"])
 def engine(request):
+    from infersnap.engines import manifests
     from infersnap.workers.engine_base import EngineSettings
     from infersnap.workers.worker import engine_class
 
-    return engine_class(request.param, "generate")(EngineSettings(str(default_model_path()), "cpu", 2, CONTEXT, 2))
+    # with the settings the probe found: llama.cpp's defaults crash this process on some CPUs (AMX)
+    settings = EngineSettings(str(default_model_path()), "cpu", 2, CONTEXT, 2, options=probed_options(request.param))
+    return engine_class(manifests()[request.param].runtime, "generate")(settings)
 
 
 def end_of_text_bans(engine) -> dict[int, float]:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import cli, data_env, start_server
 
-from infersnap import profiles
+from infersnap import probes, profiles
 from infersnap.cli import profiling
 from infersnap.config import Config
 from infersnap.engines import candidates
@@ -78,26 +78,36 @@ def test_no_measure_keeps_the_static_score_and_is_stored(tmp_path):
     assert cli(env, "use-engine", "cpu", "--again", check=False).returncode != 0  # --again goes with --auto
 
 
-def test_an_engine_that_cannot_load_gets_a_profile_with_why_and_keeps_its_verdict(tmp_path):
+def test_an_engine_that_cannot_load_gets_a_profile_with_why_and_one_that_crashes_a_probe_that_says_so(tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(default_model_path().read_bytes()[:200_000])  # a truncated copy of the real model
     env = data_env(tmp_path / "data")
     cli(env, "set", f"model.path={broken}")
     done = cli(env, "use-engine", "--auto", "--quick", timeout=600)
     found = stored(tmp_path / "data")
-    assert {p.engine for p in found.values()} == {a.engine for a in candidates(detect("/"))}
-    # llama.cpp refuses the file; OpenVINO 2026.4 dies of SIGSEGV reading it, which only the measuring process sees
-    why = ("the engine could not load", "the engine crashed")
-    assert all(p.speed is None and p.error and any(w in p.error for w in why) for p in found.values())
-    assert any(p.error.startswith("the engine could not load: ") for p in found.values())
+    probed = {p.engine: p for p in (msgspec.json.decode(f.read_bytes(), type=probes.Probe)
+                                    for f in (tmp_path / "data" / "probes").glob("*.json"))}
+    lanes = {a.engine for a in candidates(detect("/"))}
+    assert set(probed) == lanes
+    # llama.cpp refuses the file (its probe runs, as any settings would refuse it), and is measured failing;
+    # OpenVINO 2026.4 dies of SIGSEGV reading it on some machines: its probe's every variant crashed, and
+    # it is not measured (elsewhere it refuses the file too, and is measured failing)
+    crashed = {name for name, p in probed.items() if p.crashed}
+    assert all("SIGSEGV" in probed[name].crashed and name in done.stdout for name in crashed)
+    assert {p.engine for p in found.values()} == lanes - crashed and lanes - crashed
+    assert all(probed[p.engine].refused for p in found.values())
+    assert all(p.speed is None and p.error.startswith("the engine could not load: ") for p in found.values())
     assert "failed: the engine could not load" in done.stdout
     shown = {e["name"]: e for e in json.loads(cli(env, "engines", "--format", "json").stdout)}
     for profile in found.values():
         entry = shown[profile.engine]
         assert entry["compat"] == "yes" and entry["measured"][0]["error"] == profile.error
+    for name in crashed:
+        assert shown[name]["settings"][0]["crashes"] and not shown[name]["measured"]
     assert any("failed: the engine could not load" in line for line in cli(env, "engines").stdout.splitlines())
     # stored: the next run says the same without loading anything again
-    assert measured_lines(cli(env, "use-engine", "--auto", "--quick").stderr) == []
+    again = cli(env, "use-engine", "--auto", "--quick").stderr
+    assert measured_lines(again) == [] and "checking that" not in again
 
 
 def test_a_test_server_uses_the_session_profiles_and_measures_nothing(tmp_path):

@@ -146,14 +146,16 @@ def test_a_killed_worker_is_noticed_at_once_what_it_ran_ends_with_an_error_what_
         detected = time.monotonic() - killed_at
         assert not streamer.is_alive(), "the running request hangs"
         assert detected < 2.0, f"the dead worker was noticed after {detected:.2f}s"
+        # it had streamed output: it ends with an error naming the crash (not retried, nor "please retry")
         assert '"error"' in running[-2] and "stopped" in running[-2] and running[-1] == "data: [DONE]"
+        assert "killed by SIGKILL" in running[-2] and "retry" not in running[-2]
 
         queued.join(60)  # served once the worker is back
         [reply] = waited
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 5
         worker = server.status()["workers"][0]
         assert worker["id"] == "cpu" and worker["state"] == "ready" and worker["restarts"] == 1
-        assert "1 requests it was generating end with an error" in server.log.read_text()
+        assert "of the 1 requests it was running, 0 with no output yet are retried" in server.log.read_text()
     finally:
         assert server.stop() == 0
 
