@@ -44,7 +44,8 @@ waits GATHER_SECONDS (50 ms) first: a burst's requests arrive one by one,
 and the first alone would pick the lane best for one. The embedding worker
 takes no turn: its batches are short, so computing alongside costs less
 than waiting would. A seeded request always goes to the first worker in
-plan order that can serve it, so the same seed gives the same text.
+plan order that can serve it, so the same seed gives the same text (one
+retried after its worker died: the next lane in plan order).
 
 Reconciliation: a worker's heartbeat lists the requests it runs; any the
 broker has no route for (after a broker restart, or a client that is gone)
@@ -68,7 +69,6 @@ may finish until the grace period ends, then end with a 503 too.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 import uuid
 from collections import Counter, OrderedDict
@@ -107,16 +107,6 @@ log = logging.getLogger("infersnap.broker")
 def takes_slot(needs: wire.Needs) -> bool:
     """Tokenizer lookups are answered between two engine steps and hold no slot."""
     return needs.task != "tokenize"
-
-
-def exit_reason(code: int) -> str:
-    """How a worker's process ended, from its return code (negative: the signal that killed it)."""
-    if code >= 0:
-        return f"exited with code {code}"
-    try:
-        return f"was killed by {signal.Signals(-code).name}"
-    except ValueError:
-        return f"was killed by signal {-code}"
 
 
 @dataclass
@@ -303,7 +293,7 @@ class Broker:
             if worker is not None and (worker.info.state == UNLOADING or not self._wanted(worker)):
                 self._gone(worker)
             elif worker is not None and worker.info.state not in (RESTARTING, "failed"):
-                self._lost(worker, exit_reason(message.code))
+                self._lost(worker, wire.exit_words(message.code))
             if message.why:
                 self._failed(message.worker_id, message.why)
         elif isinstance(message, wire.Drain) and self.drain_deadline is None:

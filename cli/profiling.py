@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 
 import msgspec
 
-from infersnap import probes, profiles
+from infersnap import probes, profiles, wire
 from infersnap.cli.engines import detect, serving_assignments, summary
 from infersnap.cli.status import NotRunning, query_status
 from infersnap.config import Config, engine_settings
@@ -206,24 +206,17 @@ def measure(subject: Subject, key: str, quick: bool = False) -> Profile:
                      threads=subject.threads, context=subject.context, quick=quick)
     # cwd "/": from a source checkout, `-m infersnap...` would otherwise import the checkout's folder
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd="/")
-    try:
-        out, _ = process.communicate(timeout=MEASURE_TIMEOUT[quick])
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    ended = probes.finish(process, MEASURE_TIMEOUT[quick])
+    if ended is None:
         failed.error = f"measuring took longer than {MEASURE_TIMEOUT[quick]} s and was stopped"
         return failed
-    except BaseException:  # Ctrl-C: the child goes too
-        process.kill()
-        process.wait()
-        raise
-    lines = out.decode(errors="replace").strip().splitlines()
+    lines = ended[0].decode(errors="replace").strip().splitlines()
     if process.returncode == 0 and lines:
         try:
             return msgspec.json.decode(lines[-1], type=Profile)
         except (msgspec.DecodeError, msgspec.ValidationError):
             pass
-    failed.error = f"the measuring process {probes.exit_description(process.returncode)}: the engine crashed"
+    failed.error = f"the measuring process {wire.exit_words(process.returncode)}: the engine crashed"
     failed.crashed = process.returncode < 0  # a signal: native code died, as the probe's did not
     return failed
 

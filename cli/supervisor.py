@@ -162,10 +162,12 @@ def model_plan(config: Config, machine: Machine, entry: ModelEntry, default: boo
         measured = stored_profiles(config, machine, context.tokens, probed)
     lineup = serving_assignments(config, machine, measured, crashed)
     assignments = lineup.assignments
+    # a header that cannot be read names no runtime: the engines chosen then say why they cannot load it
+    runtimes = entry.runtimes or [manifests()[a.engine].runtime for a in assignments]
     if lineup.warning or config.get("engines").strip() in ("", "auto"):  # auto: engines that can read this model
-        assignments = runnable(assignments, entry.runtimes, machine, crashed)
+        assignments = runnable(assignments, runtimes, machine, crashed)
     if not assignments:  # every engine that can read it crashes here: planned failed, so requests get why
-        assignments = [a for a in auto_candidates(machine) if manifests()[a.engine].runtime in entry.runtimes][:1]
+        assignments = [a for a in auto_candidates(machine) if manifests()[a.engine].runtime in runtimes][:1]
     label = "" if default else f" ({entry.id})"
     for note in [lineup.warning, *lineup.left_out]:
         if note:
@@ -597,12 +599,12 @@ class Supervisor:
         in a row within SOON_AFTER_READY of becoming ready (an engine that crashes on what it runs); "" if
         it is restarted."""
         if not self._had_loaded(child):
-            return f"its process exited with {_exit_reason(code)} while loading the model; it is not restarted"
+            return f"its process {wire.exit_words(code)} while loading the model; it is not restarted"
         child.saw(True, now)  # ready by the broker's word, if it died before the supervisor saw it so
         child.early_deaths = child.early_deaths + 1 if now - child.ready_at < SOON_AFTER_READY else 0
         if child.early_deaths < 2:
             return ""
-        return (f"its process exited with {_exit_reason(code)} twice within {SOON_AFTER_READY:.0f} s of becoming ready; "
+        return (f"its process {wire.exit_words(code)} twice within {SOON_AFTER_READY:.0f} s of becoming ready; "
                 f"it is not restarted until `infersnap models load {self.plan.model(child.model).name if self.plan.model(child.model) else child.model}` "
                 "or serve starts again")
 
@@ -656,15 +658,6 @@ class Supervisor:
                 process.wait()
         for leftover in self.runtime.glob("*.sock"):
             leftover.unlink(missing_ok=True)
-
-
-def _exit_reason(code: int) -> str:
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"code {code}"
 
 
 def serve(config: Config) -> int:

@@ -18,7 +18,6 @@ settings the user fixed, `engine-settings.<engine>.*`, narrow them), so later st
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Callable
 
 import msgspec
 
-from infersnap import __version__, paths, profiles
+from infersnap import __version__, paths, profiles, wire
 from infersnap.profiles import EngineOptions, Subject
 
 if TYPE_CHECKING:
@@ -166,16 +165,10 @@ def run(subject: Subject, options: EngineOptions) -> tuple[str, str]:
             "--cpus", ",".join(map(str, subject.cpus)), "--options", msgspec.json.encode(options).decode()]
     # cwd "/": from a source checkout, `-m infersnap...` would otherwise import the checkout's folder
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
-    try:
-        out, err = process.communicate(timeout=PROBE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
+    ended = finish(process, PROBE_TIMEOUT)
+    if ended is None:
         return f"it hung (stopped after {PROBE_TIMEOUT} s)", ""
-    except BaseException:  # Ctrl-C: the child goes too
-        process.kill()
-        process.wait()
-        raise
+    out, err = ended
     lines = out.decode(errors="replace").strip().splitlines()
     if process.returncode == 0 and lines:
         try:
@@ -183,17 +176,22 @@ def run(subject: Subject, options: EngineOptions) -> tuple[str, str]:
             return "", str(answer.get("refused", ""))
         except msgspec.DecodeError:
             pass
-    return exit_description(process.returncode) + crash_site(err.decode(errors="replace")), ""
+    return wire.exit_words(process.returncode) + crash_site(err.decode(errors="replace")), ""
 
 
-def exit_description(code: int) -> str:
-    """How a process ended, in words: "killed by SIGSEGV", "exited with code 1"."""
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
+def finish(process: subprocess.Popen, timeout: float) -> tuple[bytes, bytes] | None:
+    """A child's (stdout, stderr) once it ends; None when it ran past `timeout` and was killed. Ctrl-C
+    here kills it too."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        return None
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
 
 
 def crash_site(stderr: str) -> str:

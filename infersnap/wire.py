@@ -9,6 +9,7 @@ module; nothing else is shared between them.
 from __future__ import annotations
 
 import hashlib
+import signal
 from typing import Any
 
 import msgspec
@@ -288,6 +289,17 @@ class WorkerExited(Message):
     worker_id: str
     code: int
     why: str = ""
+
+
+def exit_words(code: int) -> str:
+    """How a process ended, from its exit status as subprocess gives it (WorkerExited.code; negative: the
+    signal that killed it): "was killed by SIGSEGV", "exited with code 1"."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
 
 
 class Drain(Message):

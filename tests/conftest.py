@@ -71,6 +71,19 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
+def child_pid(server, module: str) -> int:
+    """The pid of the server's child process running `module`, read from /proc."""
+    for proc in Path("/proc").iterdir():
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes().decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == server.process.pid and module in cmdline:
+            return int(proc.name)
+    raise AssertionError(f"no {module} process under the server")
+
+
 def tree_rss_kib(root: int) -> int:
     """The resident memory (VmRSS, KiB) of `root` and all its descendants."""
     total = 0

@@ -284,8 +284,8 @@ def test_a_request_that_had_output_ends_with_an_error_naming_the_crash(net):
     assert lost.id == "g1" and lost.failure.status == 503
     assert lost.failure.message == "worker cpu stopped while generating this request: its process was killed by SIGSEGV"
     assert "retry" not in lost.failure.message and net.broker.queue == {}
-    assert broker_module.exit_reason(1) == "exited with code 1"
-    assert broker_module.exit_reason(-9) == "was killed by SIGKILL"
+    assert wire.exit_words(1) == "exited with code 1"
+    assert wire.exit_words(-9) == "was killed by SIGKILL"
 
 
 def test_a_request_is_retried_once_only(net):

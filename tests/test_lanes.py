@@ -192,7 +192,7 @@ def test_a_lane_whose_process_dies_while_loading_is_failed_not_restarted_and_the
         assert killed, "the OpenVINO worker never started"
         workers = {w["id"]: w for w in server.status()["workers"]}
         assert workers[OPENVINO]["state"] == "failed", workers
-        assert "signal SIGKILL while loading the model; it is not restarted" in workers[OPENVINO]["error"], workers
+        assert "killed by SIGKILL while loading the model; it is not restarted" in workers[OPENVINO]["error"], workers
         assert workers[LLAMA]["state"] == "ready", workers
         long = " ".join(f"word{i}" for i in range(500))
         for _ in range(2):  # a long prompt, which would go to OpenVINO, has one lane to go to

@@ -113,8 +113,8 @@ def test_an_engine_that_cannot_load_gets_a_profile_with_why_and_one_that_crashes
 def test_a_test_server_uses_the_session_profiles_and_measures_nothing(tmp_path):
     server = start_server(tmp_path, **{"engines": "cpu", "worker.embeddings": "false"})
     try:
-        assert "measuring" not in server.log.read_text()
-        assert (tmp_path / "profiles").is_dir()
+        assert "measuring" not in server.log.read_text() and "checking that" not in server.log.read_text()
+        assert (tmp_path / "profiles").is_dir() and (tmp_path / "probes").is_dir()  # probed and measured once
     finally:
         assert server.stop() == 0
 

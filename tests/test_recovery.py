@@ -7,12 +7,11 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import start_server, wait_until
+from conftest import child_pid, start_server, wait_until
 from infersnap.hwdetect import detect
 
 LONG = {
@@ -20,19 +19,6 @@ LONG = {
     "max_tokens": 1500,
     "logit_bias": {"0": -100, "2": -100},  # never stop early
 }
-
-
-def child_pid(server, module: str) -> int:
-    """The pid of the server's child process running `module`, read from /proc."""
-    for proc in Path("/proc").iterdir():
-        try:
-            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            cmdline = (proc / "cmdline").read_bytes().decode()
-        except (OSError, ValueError, IndexError):
-            continue
-        if parent == server.process.pid and module in cmdline:
-            return int(proc.name)
-    raise AssertionError(f"no {module} process under the server")
 
 
 def test_a_request_caught_in_a_broker_crash_ends_with_an_error_and_service_resumes(tmp_path):

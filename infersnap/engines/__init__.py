@@ -80,8 +80,9 @@ def choose_lanes(machine: Machine, names: list[str] | None = None,
     """The (engine, device) pairs to run, each device's fastest lane first (the one a seeded request
     takes), and why any candidate is left out: the named engines, or for auto the lanes the profiles
     say are worth it (the best-scoring engine per device where none is measured). A lane in `crashed`
-    (every settings variant crashed in its probe: infersnap/probes.py) or whose measuring crashed is
-    never chosen: a named one is an EngineChoiceError, and auto takes the best of the others."""
+    (every settings variant crashed in its probe: infersnap/probes.py) or whose measuring crashed never
+    runs: auto takes the best of the others; a named one is kept beside a named lane of its device that
+    runs (its worker fails at once, saying why), and where none does it is an EngineChoiceError."""
     crashed = {**crashes(profiles or {}), **(crashed or {})}
     if names is None:
         return _auto(machine, profiles or {}, crashed)
@@ -96,14 +97,16 @@ def choose_lanes(machine: Machine, names: list[str] | None = None,
             raise EngineChoiceError(f"engine {name} cannot run on this machine: {'; '.join(verdict.reasons)}")
         runtime = manifests()[name].runtime
         for device in verdict.devices:
-            if Assignment(name, device) in crashed:
-                raise EngineChoiceError(f"engine {name} crashes on {device} here: {crashed[Assignment(name, device)]}")
             engines = chosen.setdefault(device, {})
             # two engines of one runtime on a device would do the same work
             if runtime in engines:
                 raise EngineChoiceError(f"engines {engines[runtime]} and {name} both run on {device}; pick one")
             engines[runtime] = name
     lanes = [Assignment(engine, device) for device, engines in chosen.items() for engine in engines.values()]
+    for device, engines in chosen.items():  # a named lane that crashes stays (failed, saying why) beside one that runs
+        if all(Assignment(engine, device) in crashed for engine in engines.values()):
+            why = "; ".join(f"{engine}: {crashed[Assignment(engine, device)]}" for engine in engines.values())
+            raise EngineChoiceError(f"the engines named for {device} crash here ({why})")
     return _fastest_first(lanes, profiles or {}), []
 
 
