@@ -48,7 +48,7 @@ from infersnap.cli.profiling import before_serving, crashed_lanes, probe_lanes, 
 from infersnap.models import ModelNotFound, ModelShape, model_shape
 from infersnap.plan import RESTARTS_VARIABLE, ModelSpec, ServePlan, WorkerSpec
 from infersnap.probes import Probe
-from infersnap.profiles import Profile, Speed
+from infersnap.profiles import Profile, Speed, Subject
 
 STOP_GRACE_SECONDS = 10
 MAX_BACKOFF_SECONDS = 30
@@ -567,7 +567,7 @@ class Supervisor:
             if not child.restart_at:
                 code = child.process.returncode
                 why = self._quarantine(child, code, now) if child.worker_id else ""
-                if why and self._next_settings(child, why):
+                if why and self._fall_back(child, why):
                     tell_broker(wire.WorkerExited(child.worker_id, code))
                     child.start()
                     continue
@@ -608,9 +608,10 @@ class Supervisor:
                 f"it is not restarted until `infersnap models load {self.plan.model(child.model).name if self.plan.model(child.model) else child.model}` "
                 "or serve starts again")
 
-    def _next_settings(self, child: Child, why: str) -> bool:
-        """Where the worker's device has no other lane for its model, plan it with its runtime's next settings
-        variant (infersnap/probes.py) instead of failing it: whether one was left to try."""
+    def _fall_back(self, child: Child, why: str) -> bool:
+        """Where the worker's device has no other lane for its model, plan it anew instead of failing it: with
+        its runtime's next settings variant (infersnap/probes.py), else as the device's engine of another
+        runtime that reads the model and runs here (by its stored probe). Whether one was left to try."""
         spec = next((w for w in self.plan.workers if w.worker_id == child.worker_id), None)
         if spec is None or spec.crashes:
             return False
@@ -619,19 +620,42 @@ class Supervisor:
                                               and w.task == spec.task for w in self.plan.workers)]
         if others:
             return False  # the device's other lanes serve the model
+        crashed = f"{spec.engine} {spec.options.label}: {why.split(';')[0].removeprefix('its process ')}"
         fixed = probes.fixed_settings(engine_settings(self.config, spec.engine)) if self.config else {}
         tried = probes.variants(spec.runtime, fixed)
         later = tried[tried.index(spec.options) + 1:] if spec.options in tried else []
-        if not later:
-            return False
-        crashed = f"{spec.options.label}: {why.split(';')[0].removeprefix('its process ')}"
-        new = msgspec.structs.replace(spec, options=later[0], settings=f"{later[0].label} ({crashed})")
+        if later:
+            new = msgspec.structs.replace(spec, options=later[0], settings=f"{later[0].label} (instead of {crashed})")
+        else:
+            new = self._other_runtime(spec, crashed)
+            if new is None:
+                return False
         self.plan = msgspec.structs.replace(self.plan, workers=[new if w is spec else w for w in self.plan.workers])
         serve_plan.write(self.plan, self.plan_file)
-        _say(f"worker {child.worker_id} {crashed}; it runs on with the settings {later[0].label}")
+        _say(f"worker {child.worker_id}: {crashed}; it runs on as {new.engine} with the settings {new.options.label}")
         child.early_deaths = 0
         child.restarts += 1
         return True
+
+    def _other_runtime(self, spec: WorkerSpec, crashed: str) -> WorkerSpec | None:
+        """The worker as its device's engine of another runtime, with the settings its stored probe found
+        for the model (none is probed while serving); None if there is none that reads the model and runs."""
+        model = self.plan.model(spec.model)
+        if self.machine is None or self.config is None or model is None or spec.task != "generate":
+            return None
+        for lane in auto_candidates(self.machine):
+            manifest = manifests()[lane.engine]
+            if lane.device != spec.device or manifest.runtime == spec.runtime:
+                continue
+            subject = Subject(engine=lane.engine, runtime=manifest.runtime, device=lane.device, model_path=model.path,
+                              threads=spec.threads, context=model.context, gpu_layers=manifest.settings.gpu_layers)
+            fixed = probes.fixed_settings(engine_settings(self.config, lane.engine))
+            probe = probes.stored(subject, self.machine, fixed)
+            if probe is not None and probe.options is not None and not probe.refused:
+                return msgspec.structs.replace(spec, engine=lane.engine, runtime=manifest.runtime, speed=None,
+                                               gpu_layers=manifest.settings.gpu_layers, options=probe.options,
+                                               settings=f"{probe.note} (instead of {crashed})")
+        return None
 
     @staticmethod
     def _had_loaded(child: Child) -> bool:

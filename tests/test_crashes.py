@@ -196,13 +196,34 @@ def test_an_engine_that_crashes_whatever_its_settings_is_left_out_and_the_next_s
         assert first.status_code == 503 and "SIGSEGV" in first.json()["error"]["message"]
         assert "retry" not in first.json()["error"]["message"]
         wait_until(lambda: workers(server)["cpu"]["state"] == "ready", 30, "the lane did not come back with f32")
-        assert workers(server)["cpu"]["settings"].startswith("f32 (default: was killed by SIGSEGV")
+        assert workers(server)["cpu"]["settings"].startswith("f32 (instead of intel-cpu default: was killed by SIGSEGV")
         assert chat(server).status_code == 200
 
         # a model only llama.cpp reads: none of its engines runs here, and it says so; the default serves on
         refused = chat(server, "gemma")
         assert refused.status_code == 503 and "crashes here" in refused.json()["error"]["message"]
         assert chat(server).status_code == 200
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_lane_alone_whose_every_setting_crashes_while_serving_runs_on_as_another_runtime(tmp_path):
+    """OpenVINO, the one lane named, probes fine with f32 (its defaults crash the probe) but dies at each
+    first request: after its second death it runs on as the CPU's llama.cpp engine, probed at start (for
+    the embedding worker), not quarantined while nothing else serves."""
+    llama = llamacpp_lane()
+    fault = "at=load engine=intel-cpu variant=default in=probe; at=request engine=intel-cpu task=generate in=worker"
+    server = start_server(tmp_path, session_profiles_too=False, env={"INFERSNAP_FAULT": fault},
+                          **{"engines": "intel-cpu", "engines-measure": "false"})
+    try:
+        assert workers(server)["cpu"]["settings"].startswith("f32 (default: was killed by SIGSEGV")
+        first = chat(server)  # its worker died of it twice: it ends with the error, never retried a third time
+        assert first.status_code == 503 and "was killed by SIGSEGV" in first.json()["error"]["message"]
+        wait_until(lambda: workers(server)["cpu"]["state"] == "ready", 30, "the lane did not come back")
+        lane = workers(server)["cpu"]
+        assert lane["engine"] == llama and "instead of intel-cpu f32: was killed by SIGSEGV twice" in lane["settings"]
+        assert chat(server).status_code == 200
+        assert f"it runs on as {llama} with the settings" in server.log.read_text()
     finally:
         assert server.stop() == 0
 
