@@ -9,7 +9,7 @@ from infersnap.config import Config
 from infersnap.engines import (AUTO, Assignment, EngineChoiceError, Verdict, choose_lanes, manifests, parse_choice,
                                select, verdicts)
 from infersnap.hwdetect import Machine
-from infersnap.probes import Probe
+from infersnap.probes import Probe, crashed_lanes
 from infersnap.profiles import Profile
 
 
@@ -37,8 +37,7 @@ def serving_assignments(config: Config, machine: Machine, profiles: dict[Assignm
 def active_engines(config: Config, machine: Machine, measured: Measured | None = None,
                    probed: Probed | None = None) -> set[str]:
     """The engines `serve` would start with this config on this machine, by the profiles and probes stored."""
-    crashed = {lane: p.crashed for lane, p in (probed or {}).items() if p.crashed}
-    return {a.engine for a in serving_assignments(config, machine, measured, crashed).assignments}
+    return {a.engine for a in serving_assignments(config, machine, measured, crashed_lanes(probed or {})).assignments}
 
 
 def compat_word(verdict: Verdict) -> str:

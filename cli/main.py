@@ -234,6 +234,7 @@ def use_engine(names: tuple[str, ...], auto: bool, no_measure: bool, again: bool
 
 
 def _measure_for_auto(config: Config, machine: Machine, root: str, again: bool, quick: bool) -> None:
+    from infersnap import probes
     from infersnap.cli import profiling
     from infersnap.cli.status import NotRunning, query_status
 
@@ -255,7 +256,7 @@ def _measure_for_auto(config: Config, machine: Machine, root: str, again: bool, 
                                          say=say)
     for lane, profile in measured.items():
         click.echo(f"{lane.engine} on {lane.device}: {engine_views.summary(profile)}")
-    for lane, why in profiling.crashed_lanes(probed).items():
+    for lane, why in probes.crashed_lanes(probed).items():
         click.echo(f"{lane.engine} on {lane.device}: not measured, it crashes here: {why}")
 
 

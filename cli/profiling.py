@@ -127,11 +127,6 @@ def probe_all(found: Iterable[Subject], machine: Machine, config: Config, say: S
     return probed
 
 
-def crashed_lanes(probed: dict[Assignment, Probe]) -> dict[Assignment, str]:
-    """The lanes none of whose settings ran, and why."""
-    return {lane: probe.crashed for lane, probe in probed.items() if probe.crashed}
-
-
 def with_options(found: Iterable[Subject], probed: dict[Assignment, Probe]) -> list[Subject]:
     """The subjects that run, each with the settings its probe found (the defaults where none was probed)."""
     runs = []
@@ -146,14 +141,17 @@ def with_options(found: Iterable[Subject], probed: dict[Assignment, Probe]) -> l
 
 def probe_lanes(config: Config, machine: Machine, context: int, run: bool = True, like: str = "",
                 say: Say = _stderr) -> dict[Assignment, Probe]:
-    """The probes of what `serve` may run with this config (probe_all): the candidates and the embedding
-    worker's engine; with named engines of which one crashes, auto's candidates too, which serve instead."""
+    """The probes of what `serve` may run with this config (probe_all): the candidates (with engines-measure
+    off, the engines that serve) and the embedding worker's engine; where one of those crashes, auto's
+    candidates too, which serve instead."""
     wanted, serving = _wanted(config, machine)
+    if not config.get("engines-measure"):  # nothing is measured: only what serves is probed (others if it crashes)
+        wanted = serving
     embedder = embedding_engine(machine)
     if config.get("worker.embeddings") and embedder is not None:
         wanted = list(dict.fromkeys([*wanted, Assignment(embedder, "cpu")]))
     probed = probe_all(subjects(wanted, serving, config, context), machine, config, say, run, like)
-    if crashed_lanes(probed):
+    if probes.crashed_lanes(probed):
         instead = [a for a in auto_candidates(machine) if a not in probed]
         probed |= probe_all(subjects(instead, serving, config, context), machine, config, say, run, like)
     return probed

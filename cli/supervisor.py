@@ -44,7 +44,7 @@ from infersnap.engines import MEMORY_SHARE, Assignment, embedding_engine, manife
 from infersnap.engines import candidates as auto_candidates
 from infersnap.hwdetect import Machine
 from infersnap.hwdetect.cpu import physical_core_cpus
-from infersnap.cli.profiling import before_serving, crashed_lanes, probe_lanes, serve_context, stored_profiles
+from infersnap.cli.profiling import before_serving, probe_lanes, serve_context, stored_profiles
 from infersnap.models import ModelNotFound, ModelShape, model_shape
 from infersnap.plan import RESTARTS_VARIABLE, ModelSpec, ServePlan, WorkerSpec
 from infersnap.probes import Probe
@@ -155,7 +155,7 @@ def model_plan(config: Config, machine: Machine, entry: ModelEntry, default: boo
     default model's probes), so that its first request never waits for either."""
     context = serve_context(config, machine)  # once: the profiles are keyed by it
     probed = probe_lanes(config, machine, context.tokens, run=default, like=default_path)
-    crashed = crashed_lanes(probed)
+    crashed = probes.crashed_lanes(probed)
     if default:
         measured = before_serving(config, machine, context=context.tokens, probed=probed)  # measures what has no profile yet
     else:
@@ -604,8 +604,9 @@ class Supervisor:
         child.early_deaths = child.early_deaths + 1 if now - child.ready_at < SOON_AFTER_READY else 0
         if child.early_deaths < 2:
             return ""
+        model = self.plan.model(child.model)
         return (f"its process {wire.exit_words(code)} twice within {SOON_AFTER_READY:.0f} s of becoming ready; "
-                f"it is not restarted until `infersnap models load {self.plan.model(child.model).name if self.plan.model(child.model) else child.model}` "
+                f"it is not restarted until `infersnap models load {model.name if model else child.model}` "
                 "or serve starts again")
 
     def _fall_back(self, child: Child, why: str) -> bool:
@@ -615,10 +616,8 @@ class Supervisor:
         spec = next((w for w in self.plan.workers if w.worker_id == child.worker_id), None)
         if spec is None or spec.crashes:
             return False
-        others = [c for c in self.children if c is not child and c.worker_id and c.model == child.model
-                  and not c.given_up and any(w.worker_id == c.worker_id and w.device == spec.device
-                                              and w.task == spec.task for w in self.plan.workers)]
-        if others:
+        lanes = {w.worker_id for w in self.plan.workers_of(spec.model) if (w.device, w.task) == (spec.device, spec.task)}
+        if any(c.worker_id in lanes and c is not child and not c.given_up for c in self.children):
             return False  # the device's other lanes serve the model
         crashed = f"{spec.engine} {spec.options.label}: {why.split(';')[0].removeprefix('its process ')}"
         fixed = probes.fixed_settings(engine_settings(self.config, spec.engine)) if self.config else {}

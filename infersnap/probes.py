@@ -30,6 +30,7 @@ from infersnap import __version__, paths, profiles, wire
 from infersnap.profiles import EngineOptions, Subject
 
 if TYPE_CHECKING:
+    from infersnap.engines import Assignment
     from infersnap.hwdetect import Machine
 
 # Each runtime's settings, in the order they are tried: the fastest first, then what works around the
@@ -38,8 +39,6 @@ VARIANTS = {
     "llamacpp": [EngineOptions(), EngineOptions(repack=False), EngineOptions(repack=False, mmap=False)],
     "openvino": [EngineOptions(), EngineOptions(precision="f32")],
 }
-# What a user may fix by hand (`engine-settings.<engine>.<setting>`): the values, "auto" leaving it to the probe.
-SETTINGS = {"repack": ("auto", "on", "off"), "mmap": ("auto", "on", "off"), "precision": ("auto", "f32", "bf16", "f16")}
 PROBE_TIMEOUT = 120  # seconds: a variant whose probe hangs this long counts as not running
 
 Say = Callable[[str], None]
@@ -82,6 +81,11 @@ class Probe(msgspec.Struct, kw_only=True):
             return self.crashed
         crashes = [f"{a.options.label}: {a.crash}" for a in self.attempts if a.crash]
         return self.options.label + (f" ({'; '.join(crashes)})" if crashes else "")
+
+
+def crashed_lanes(probed: dict[Assignment, Probe]) -> dict[Assignment, str]:
+    """The lanes none of whose settings ran, and why."""
+    return {lane: probe.crashed for lane, probe in probed.items() if probe.crashed}
 
 
 def variants(runtime: str, fixed: dict[str, object] | None = None) -> list[EngineOptions]:
