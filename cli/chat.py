@@ -19,8 +19,7 @@ from typing import Any, Callable, Iterator
 import click
 import httpx
 
-from infersnap import wire
-from infersnap.cli import access_keys
+from infersnap import access_keys
 from infersnap.cli.bench import error_text
 from infersnap.cli.status import NotRunning, query_status
 from infersnap.config import Config

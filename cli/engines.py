@@ -6,32 +6,12 @@ import msgspec
 
 from infersnap import hwdetect, paths
 from infersnap.config import Config
-from infersnap.engines import (AUTO, Assignment, EngineChoiceError, Verdict, choose_lanes, manifests, parse_choice,
+from infersnap.engines import (AUTO, Assignment, Verdict, manifests, parse_choice,
                                select, verdicts)
 from infersnap.hwdetect import Machine
 from infersnap.probes import Probe, crashed_lanes
-from infersnap.profiles import Profile
-
-
-class Lineup(msgspec.Struct):
-    """What `serve` runs: the (engine, device) pairs, each device's first lane its fastest for one request."""
-
-    assignments: list[Assignment]
-    warning: str | None = None  # the configured engines cannot run here: the automatic choice serves
-    left_out: list[str] = []  # lanes auto would run but did not, and why
-
-
-def serving_assignments(config: Config, machine: Machine, profiles: dict[Assignment, Profile] | None = None,
-                        crashed: dict[Assignment, str] | None = None) -> Lineup:
-    """The (engine, device) pairs `serve` runs: the configured engines; the automatic choice, with the
-    reason, when they cannot run on this machine (the config itself is kept), or crash here (`crashed`:
-    what the probes found). With profiles, auto runs the lanes they say are worth it."""
-    try:
-        assignments, left_out = choose_lanes(machine, parse_choice(config.get("engines")), profiles, crashed)
-        return Lineup(assignments, left_out=left_out)
-    except EngineChoiceError as exc:
-        assignments, left_out = choose_lanes(machine, None, profiles, crashed)
-        return Lineup(assignments, f"{exc}; serving with the automatic choice instead", left_out)
+from infersnap.planning import serving_assignments
+from infersnap.profiles import Profile, summary
 
 
 def active_engines(config: Config, machine: Machine, measured: Measured | None = None,
@@ -155,26 +135,6 @@ def figures(profile: Profile) -> dict:
     if profile.contention:
         shown["contention"] = profile.contention  # share of the cores other processes took meanwhile
     return shown
-
-
-def summary(profile: Profile) -> str:
-    """One line: tokens/s at 1 stream and at the best level, prompt tokens/s, memory; or why it failed."""
-    if profile.speed is None or not profile.speed.levels:
-        return f"failed: {profile.error}"
-    levels = profile.speed.levels
-    best = max(levels, key=lambda lv: lv.tokens_per_second)
-    parts = [f"{levels[0].tokens_per_second:.0f} tok/s x{levels[0].streams}"]
-    if best is not levels[0]:
-        parts.append(f"{best.tokens_per_second:.0f} x{best.streams}")
-    longest = profile.speed.prompts[-1] if profile.speed.prompts else None
-    if longest and longest.seconds > 0:
-        parts.append(f"prompt {longest.tokens / longest.seconds:.0f} tok/s")
-    parts.append(f"{profile.memory_bytes / 2**20:.0f} MiB")
-    if profile.error:
-        parts.append(f"(stopped: {profile.error})")
-    if profile.contention > 0.1:
-        parts.append(f"low: other processes took {profile.contention:.0%} of the cores")
-    return ", ".join(parts)
 
 
 def detect(root: str) -> Machine:

@@ -66,6 +66,7 @@ def main() -> None:
 def serve() -> None:
     """Serve the configured model until stopped (Ctrl-C)."""
     from infersnap.cli.supervisor import ServeError, serve as run_server
+    from infersnap.planning import PlanError
 
     config = _load_config()
     try:
@@ -74,7 +75,7 @@ def serve() -> None:
         raise click.ClickException(f"not starting: {exc}") from None
     try:
         sys.exit(run_server(config))
-    except (ServeError, ModelNotFound, PermissionError) as exc:
+    except (ServeError, PlanError, ModelNotFound, PermissionError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -178,7 +179,7 @@ def engines(root: str, fmt: str) -> None:
 
 def _measured(config: Config, machine: Machine, root: str) -> tuple[dict, dict]:
     """The stored profiles and probes to show beside the verdicts: only this machine has any."""
-    from infersnap.cli.profiling import shown
+    from infersnap.planning import shown
 
     return shown(config, machine) if root == "/" else ({}, {})
 
@@ -235,14 +236,14 @@ def use_engine(names: tuple[str, ...], auto: bool, no_measure: bool, again: bool
 
 def _measure_for_auto(config: Config, machine: Machine, root: str, again: bool, quick: bool) -> None:
     from infersnap import probes
-    from infersnap.cli import profiling
+    from infersnap import planning, profiling
     from infersnap.cli.status import NotRunning, query_status
 
     if root != "/":
         click.echo(f"not measuring: the machine at {root} is not this one", err=True)
         return
     try:
-        found = profiling.candidates(config, machine)
+        found = planning.candidates(config, machine)
     except ModelNotFound as exc:
         raise click.ClickException(f"cannot measure the engines: {exc}") from None
     try:

@@ -25,30 +25,22 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable
 
-from pathlib import Path
 
 import msgspec
 
 from infersnap import catalog, paths, probes, wire
 from infersnap import plan as serve_plan
-from infersnap.catalog import ModelEntry
-from infersnap.cli import access_keys
 from infersnap.cli.status import NotRunning, query_status, tell_broker
 from infersnap.config import Config, engine_settings
-from infersnap.cli.engines import detect, serving_assignments
-from infersnap.engines import MEMORY_SHARE, Assignment, embedding_engine, manifests
+from infersnap.cli.engines import detect
+from infersnap.engines import manifests
 from infersnap.engines import candidates as auto_candidates
 from infersnap.hwdetect import Machine
-from infersnap.hwdetect.cpu import physical_core_cpus
-from infersnap.cli.profiling import before_serving, probe_lanes, serve_context, stored_profiles
-from infersnap.models import ModelNotFound, ModelShape, model_shape
-from infersnap.plan import RESTARTS_VARIABLE, ModelSpec, ServePlan, WorkerSpec
-from infersnap.probes import Probe
-from infersnap.profiles import Profile, Speed, Subject
+from infersnap.plan import RESTARTS_VARIABLE, ServePlan, WorkerSpec
+from infersnap.planning import build_plan, replan
+from infersnap.profiles import Subject
 
 STOP_GRACE_SECONDS = 10
 MAX_BACKOFF_SECONDS = 30
@@ -64,264 +56,12 @@ def _say(text: str) -> None:
     print(f"infersnap: {text}", file=sys.stderr, flush=True)
 
 
-def build_plan(config: Config, machine: Machine) -> ServePlan:
+def _refuse_second_server() -> None:
     try:
-        api_keys = access_keys.api_keys(config.get("http.api-keys"), config.get("http.api-keys-file"))
-    except access_keys.KeysFileError as exc:
-        raise ServeError(str(exc)) from None
-    open_warning = access_keys.open_network_warning(config.get("http.host"), config.get("http.port"), api_keys)
-    if open_warning:
-        _say(open_warning)
-    entries = catalog.scan(config, warn=_say)
-    default = catalog.default_entry(config, entries)
-    if not Path(default.path).is_file():
-        raise ModelNotFound(f"model file not found: {default.path}")
-    models: list[ModelSpec] = []
-    workers: list[WorkerSpec] = []
-    for entry in [default, *servable(e for e in entries if e is not default)]:
-        model, specs = model_plan(catalog.model_config(config, entry), machine, entry, entry is default, default.path)
-        models.append(model)
-        workers += specs
-    return ServePlan(
-        host=config.get("http.host"),
-        port=config.get("http.port"),
-        max_body_bytes=config.get("http.max-body-bytes"),
-        models=models,
-        budgets=memory_budgets(config, machine),
-        max_loaded=config.get("models.max-loaded"),
-        max_waiting=config.get("queue.max-waiting"),
-        request_timeout=config.get("queue.request-timeout"),
-        verbose=config.get("verbose"),
-        workers=workers,
-        api_keys=api_keys,
-        cors_origins=access_keys.cors_origins(config.get("http.cors-origins")),
-        max_tokens=config.get("limits.max-tokens"),
-        max_n=config.get("limits.max-n"),
-        drain_timeout=config.get("queue.drain-timeout"),
-        send_timeout=config.get("http.send-timeout"),
-        webui=config.get("webui.enabled"),
-    )
-
-
-def servable(entries: Iterable[ModelEntry]) -> list[ModelEntry]:
-    """The entries whose file is there: a link to a file since deleted (`models add` links) is said and left
-    out, as a file that is gone; a damaged file is planned, and fails with its reason when it loads."""
-    there = []
-    for entry in entries:
-        if Path(entry.path).is_file():
-            there.append(entry)
-        else:
-            _say(f"the model {entry.id} is left out: {entry.path} is not a file (a link to a file since deleted?)")
-    return there
-
-
-def replan(plan: ServePlan, config: Config, machine: Machine, steady: set[str]) -> tuple[ServePlan, bool]:
-    """The plan with the catalog as it is now, and whether a new file waits: each model found since is planned
-    as at start once its file is `steady` (unchanged since the last look: not still being copied), each model
-    whose file is gone is left out; the others, and the default model, keep their specs and workers."""
-    entries = servable(catalog.scan(config, warn=_say))
-    found = {(e.id.lower(), e.path) for e in entries}
-    default = plan.default_model
-    kept = [m for m in plan.models if m is default or (m.name.lower(), m.path) in found]
-    names = {m.name.lower() for m in kept}
-    models, workers = list(kept), [w for w in plan.workers if w.model.lower() in names]
-    waiting = False
-    for entry in entries:
-        if entry.id.lower() in names:
-            continue
-        if entry.path not in steady:
-            waiting = True  # its header may not be whole yet: planned at the next look if it stays as it is
-            continue
-        try:
-            model, specs = model_plan(catalog.model_config(config, entry), machine, entry, False, default.path)
-        except ServeError as exc:
-            _say(f"{entry.id} is not served: {exc}")
-            continue
-        _say(f"the model {entry.id} was added ({entry.path})")
-        models.append(model)
-        workers += specs
-    planned = {m.name.lower() for m in models}
-    for model in plan.models:
-        if model.name.lower() not in planned:
-            _say(f"the model {model.name} was removed ({model.path} is gone); it is unloaded once its requests end")
-    return msgspec.structs.replace(plan, models=models, workers=workers), waiting
-
-
-def model_plan(config: Config, machine: Machine, entry: ModelEntry, default: bool,
-               default_path: str = "") -> tuple[ModelSpec, list[WorkerSpec]]:
-    """One model's workers and what they cost, from the config as its workers see it (catalog.model_config).
-    The default model's engines are probed (which settings run: infersnap/probes.py), then measured,
-    first where they have neither yet; another model's use the probes and profiles stored (or the
-    default model's probes), so that its first request never waits for either."""
-    context = serve_context(config, machine)  # once: the profiles are keyed by it
-    probed = probe_lanes(config, machine, context.tokens, run=default, like=default_path)
-    crashed = probes.crashed_lanes(probed)
-    if default:
-        measured = before_serving(config, machine, context=context.tokens, probed=probed)  # measures what has no profile yet
-    else:
-        measured = stored_profiles(config, machine, context.tokens, probed)
-    lineup = serving_assignments(config, machine, measured, crashed)
-    assignments = lineup.assignments
-    # a header that cannot be read names no runtime: the engines chosen then say why they cannot load it
-    runtimes = entry.runtimes or [manifests()[a.engine].runtime for a in assignments]
-    if lineup.warning or config.get("engines").strip() in ("", "auto"):  # auto: engines that can read this model
-        assignments = runnable(assignments, runtimes, machine, crashed)
-    if not assignments:  # every engine that can read it crashes here: planned failed, so requests get why
-        assignments = [a for a in auto_candidates(machine) if manifests()[a.engine].runtime in runtimes][:1]
-    label = "" if default else f" ({entry.id})"
-    for note in [lineup.warning, *lineup.left_out]:
-        if note:
-            _say(note + label)
-    cores = physical_core_cpus()
-    # worker.slots as set; left at its default, each lane's profile picks its own
-    specs = worker_specs(assignments, cores, config.get("worker.threads"), config.get("worker.slots"),
-                         measured, choose_slots="worker.slots" not in config.user, probed=probed)
-    if config.get("worker.embeddings"):
-        specs += embedding_specs(specs, cores, embedding_engine(machine), config.get("worker.embedding-slots"), probed)
-    # worker ids are ZeroMQ identities, unique across models: the default model's keep the plain ones
-    specs = [msgspec.structs.replace(w, model=entry.id, worker_id=w.worker_id if default else f"{w.worker_id}@{entry.slug}")
-             for w in specs]
-    keep_alive_key = f"{catalog.PER_MODEL}.{entry.slug}.keep-alive"
-    # the default model stays loaded unless its own keep-alive says otherwise: it is what clients get
-    keep_alive = -1 if default and keep_alive_key not in config.user else config.get("models.keep-alive")
-    template_file = config.get(f"{catalog.PER_MODEL}.{entry.slug}.chat-template")
-    template = ""
-    if template_file:
-        try:
-            template = Path(template_file).expanduser().read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ServeError(f"{catalog.PER_MODEL}.{entry.slug}.chat-template: cannot read {template_file}: {exc}") from None
-    model = ModelSpec(
-        name=entry.id, path=entry.path, context=context.tokens, context_note=context.why, left_out=lineup.left_out,
-        keep_alive=keep_alive, memory=memory_of(specs, context.tokens, model_shape(Path(entry.path))),
-        chat=entry.chat_template or bool(template), chat_template=template,
-    )
-    return model, specs
-
-
-def memory_of(specs: list[WorkerSpec], context: int, shape: ModelShape) -> dict[str, int]:
-    """What a model's workers hold on each device once loaded: a copy of the weights each, and each slot's
-    KV cache at full context (infersnap/context.py); the embedding worker's inputs share one."""
-    held: dict[str, int] = {}
-    for w in specs:
-        sequences = 1 if w.task == "embed" else w.slots
-        held[w.device] = held.get(w.device, 0) + shape.weights_bytes + sequences * context * shape.kv_bytes_per_token
-    return held
-
-
-def memory_budgets(config: Config, machine: Machine) -> dict[str, int]:
-    """What loaded models may hold per device: models.memory-budget (MiB) or a share of the memory free
-    at start on the CPU, a share of its own memory on an accelerator that has some; none where unknown."""
-    budgets = {}
-    if config.get("models.memory-budget"):
-        budgets["cpu"] = config.get("models.memory-budget") << 20
-    elif machine.memory.available_bytes:
-        budgets["cpu"] = int(machine.memory.available_bytes * MEMORY_SHARE)
-    for accelerator in machine.accelerators:
-        if accelerator.vram_bytes:
-            budgets[accelerator.device] = int(accelerator.vram_bytes * MEMORY_SHARE)
-    return budgets
-
-
-def runnable(assignments: list[Assignment], runtimes: list[str], machine: Machine,
-             crashed: dict[Assignment, str] | None = None) -> list[Assignment]:
-    """The lanes whose runtime can read the model; a device left with none gets its best candidate that
-    can, and does not crash here."""
-    kept = [a for a in assignments if manifests()[a.engine].runtime in runtimes]
-    for device in dict.fromkeys(a.device for a in assignments):
-        if not any(a.device == device for a in kept):
-            kept += [a for a in auto_candidates(machine) if a.device == device and a not in (crashed or {})
-                     and manifests()[a.engine].runtime in runtimes][:1]
-    return kept
-
-
-def _probed_fields(probe: Probe | None) -> dict:
-    """A WorkerSpec's settings from its engine's probe: the options that run, or why none does."""
-    if probe is None:
-        return {}
-    if probe.options is None:
-        return {"settings": probe.crashed, "crashes": probe.crashed}
-    return {"options": probe.options, "settings": probe.note}
-
-
-def worker_specs(assignments: list[Assignment], cores: list[int], cpu_threads: int, slots: int,
-                 profiles: dict[Assignment, Profile] | None = None, choose_slots: bool = False,
-                 probed: dict[Assignment, Probe] | None = None) -> list[WorkerSpec]:
-    """One worker per (engine, device), named after its device, or `device/engine` where two engines
-    (of two runtimes) share one device: a worker id is its ZeroMQ identity, so it must be unique. A GPU
-    or NPU worker takes the cores its host threads need from the end of the list, while the CPU
-    workers keep one at least; two CPU engines share the CPU's cores. Each carries its engine's measured
-    speed, the settings its probe found, and with `choose_slots` the slots its profile says serve most
-    (else `slots`)."""
-    per_device = Counter(a.device for a in assignments)
-    profiles = profiles or {}
-    probed = probed or {}
-
-    def speed(assignment: Assignment) -> Speed | None:
-        profile = profiles.get(assignment)
-        return profile.speed if profile is not None else None
-
-    def slots_of(assignment: Assignment) -> int:
-        measured = speed(assignment)
-        return best_slots(measured, slots) if choose_slots and measured is not None else slots
-
-    def worker_id(assignment: Assignment) -> str:
-        return assignment.device if per_device[assignment.device] == 1 else f"{assignment.device}/{assignment.engine}"
-
-    cpu_cores = list(cores)
-    accelerators = []
-    for assignment in (a for a in assignments if a.device != "cpu"):
-        manifest = manifests()[assignment.engine]
-        wanted = manifest.settings.host_threads
-        if 0 < wanted < len(cpu_cores):
-            own, cpu_cores = cpu_cores[-wanted:], cpu_cores[:-wanted]
-        else:
-            own = list(cores)
-        accelerators.append(
-            WorkerSpec(worker_id(assignment), assignment.device, assignment.engine, manifest.runtime, own,
-                       max(wanted, 1), slots_of(assignment), manifest.settings.gpu_layers, speed=speed(assignment),
-                       **_probed_fields(probed.get(assignment)))
-        )
-    cpu = [
-        WorkerSpec(worker_id(a), "cpu", a.engine, manifests()[a.engine].runtime, cpu_cores,
-                   cpu_threads or len(cpu_cores), slots_of(a), speed=speed(a), **_probed_fields(probed.get(a)))
-        for a in assignments
-        if a.device == "cpu"
-    ]
-    return cpu + accelerators
-
-
-SLOTS_TTFT_SECONDS = 1.0  # the slowest first token (median, all starting at once) a slot count may cost
-SLOTS_ENOUGH = 0.95  # fewer slots that give this share of the most throughput are better: less memory
-
-
-def best_slots(speed: Speed, default: int) -> int:
-    """The slot count a profile says serves the most tokens/s with the median first token within
-    SLOTS_TTFT_SECONDS: the fewest streams measured within SLOTS_ENOUGH of the best such level."""
-    fast = [lv for lv in speed.levels if lv.ttft_seconds <= SLOTS_TTFT_SECONDS]
-    if not fast:
-        return default
-    most = max(lv.tokens_per_second for lv in fast)
-    return min(lv.streams for lv in fast if lv.tokens_per_second >= SLOTS_ENOUGH * most)
-
-
-def embedding_specs(
-    workers: list[WorkerSpec], cores: list[int], best_llamacpp: str | None, slots: int = 1,
-    probed: dict[Assignment, Probe] | None = None,
-) -> list[WorkerSpec]:
-    """The embedding worker: llama.cpp on the CPU workers' cores (or all of them without one), with
-    a CPU worker's engine if that is llama.cpp, else the best llama.cpp CPU engine; none where no
-    llama.cpp CPU engine can run. Its threads share those cores with the CPU worker's, which is
-    cheap while one of the two is idle. It runs with the settings its engine's probe found (the probe
-    embeds too), or fails at once where every one crashed."""
-    cpu = [w for w in workers if w.device == "cpu"]
-    llamacpp = next((w for w in cpu if w.runtime == "llamacpp"), None)
-    engine = llamacpp.engine if llamacpp is not None else best_llamacpp
-    if engine is None:
-        return []
-    cpus, threads = (cpu[0].cpus, cpu[0].threads) if cpu else (cores, len(cores))
-    return [WorkerSpec("embed", "cpu", engine, manifests()[engine].runtime, cpus, threads, slots, task="embed",
-                       **_probed_fields((probed or {}).get(Assignment(engine, "cpu"))))]
+        query_status(timeout=0.5)
+    except NotRunning:
+        return
+    raise ServeError(f"infersnap is already running for the data folder {paths.data_dir()}")
 
 
 def _die_with_parent() -> None:
@@ -393,11 +133,7 @@ class Supervisor:
         self.hurry = False  # a second signal: stop without waiting for running requests
 
     def run(self) -> int:
-        try:
-            query_status(timeout=0.5)
-            raise ServeError(f"infersnap is already running for the data folder {paths.data_dir()}")
-        except NotRunning:
-            pass
+        _refuse_second_server()
         for stale in self.runtime.glob("*.sock"):
             stale.unlink()
         serve_plan.write(self.plan, self.plan_file)
@@ -685,6 +421,7 @@ class Supervisor:
 
 def serve(config: Config) -> int:
     paths.runtime_dir(create=True)  # an unsafe runtime folder is refused before the plan (which may measure)
+    _refuse_second_server()  # before the plan, which may measure: beside a server, its figures and ours suffer
     machine = detect("/")
     mark = catalog.signature(config)  # before the plan: a file added while it is made (measured) is seen after
     return Supervisor(build_plan(config, machine), config, machine, mark).run()

@@ -211,3 +211,23 @@ def store(folder: Path, name: str, value: msgspec.Struct) -> Path:
     tmp.write_bytes(msgspec.json.format(msgspec.json.encode(value)) + b"\n")
     os.replace(tmp, path)
     return path
+
+
+def summary(profile: Profile) -> str:
+    """One line: tokens/s at 1 stream and at the best level, prompt tokens/s, memory; or why it failed."""
+    if profile.speed is None or not profile.speed.levels:
+        return f"failed: {profile.error}"
+    levels = profile.speed.levels
+    best = max(levels, key=lambda lv: lv.tokens_per_second)
+    parts = [f"{levels[0].tokens_per_second:.0f} tok/s x{levels[0].streams}"]
+    if best is not levels[0]:
+        parts.append(f"{best.tokens_per_second:.0f} x{best.streams}")
+    longest = profile.speed.prompts[-1] if profile.speed.prompts else None
+    if longest and longest.seconds > 0:
+        parts.append(f"prompt {longest.tokens / longest.seconds:.0f} tok/s")
+    parts.append(f"{profile.memory_bytes / 2**20:.0f} MiB")
+    if profile.error:
+        parts.append(f"(stopped: {profile.error})")
+    if profile.contention > 0.1:
+        parts.append(f"low: other processes took {profile.contention:.0%} of the cores")
+    return ", ".join(parts)

@@ -20,7 +20,7 @@ import msgspec
 import pytest
 import yaml
 
-from infersnap.cli.profiling import serve_context
+from infersnap.planning import serve_context
 from infersnap.config import Config
 from infersnap.hwdetect import detect
 from infersnap.hwdetect.cpu import physical_core_cpus

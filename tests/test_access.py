@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from conftest import cli, data_env, start_server
-from infersnap.cli import access_keys
+from infersnap import access_keys
 
 KEYS = ["key-one", "key-two", "key-three"]  # the third comes from the keys file
 ORIGIN = "http://app.example"

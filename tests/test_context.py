@@ -8,7 +8,7 @@ import pytest
 from conftest import probed_options
 
 from infersnap import wire
-from infersnap.cli.profiling import serve_context
+from infersnap.planning import serve_context
 from infersnap.config import Config
 from infersnap.context import MIN_CONTEXT, Pool, choose
 from infersnap.hwdetect import detect

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from conftest import cli, data_env
 
-from infersnap.cli.supervisor import embedding_specs, worker_specs
+from infersnap.planning import embedding_specs, worker_specs
 from infersnap.engines import Assignment, embedding_engine, manifests, select
 from infersnap.hwdetect import detect
 

@@ -30,7 +30,7 @@ SETTINGS = {"engines": "cpu,intel-cpu", "worker.slots": "8", "worker.embeddings"
 
 def write_profiles(data: Path) -> None:
     """Profiles for both lanes, under the keys `serve` looks them up by in this data folder."""
-    from infersnap.cli import profiling
+    from infersnap import planning
     from infersnap.cli.engines import detect
     from infersnap.config import Config
 
@@ -39,7 +39,7 @@ def write_profiles(data: Path) -> None:
     os.environ["INFERSNAP_DATA"] = str(data)
     try:
         machine = detect("/")
-        for subject in profiling.candidates(Config(), machine):
+        for subject in planning.candidates(Config(), machine):
             profiles.save(Profile(engine=subject.engine, device=subject.device, key=profiles.key(subject, machine),
                                   measured_at="2026-12-01T00:00:00Z", threads=subject.threads,
                                   context=subject.context, speed=SPEEDS[subject.engine]))

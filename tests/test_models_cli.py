@@ -309,7 +309,7 @@ def test_a_model_file_still_being_copied_is_served_once_it_holds_still_and_one_g
         tmp_path, monkeypatch, capsys):
     """What a running serve does at each look at the models folders (cli/supervisor.py, replan)."""
     from infersnap.cli.engines import detect
-    from infersnap.cli.supervisor import build_plan, replan
+    from infersnap.planning import build_plan, replan
 
     monkeypatch.setenv("INFERSNAP_DATA", str(tmp_path / "data"))
     config = Config()

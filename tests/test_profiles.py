@@ -14,7 +14,7 @@ import yaml
 from conftest import cli, data_env, start_server
 
 from infersnap import probes, profiles
-from infersnap.cli import profiling
+from infersnap import planning, profiling
 from infersnap.config import Config
 from infersnap.engines import candidates
 from infersnap.hwdetect import detect
@@ -138,23 +138,23 @@ def test_serve_measures_the_missing_profiles_first_and_only_once(data, monkeypat
     runs: list[str] = []
     monkeypatch.setattr(profiling, "measure", lambda s, k, q=False: runs.append(s.engine) or fake_profile(s, k))
     said: list[str] = []
+    machine = detect("/")
     config = Config()
     config.set_many({"engines": "cpu"})
-    profiling.before_serving(config, say=said.append)
+    planning.before_serving(config, machine, say=said.append)
     assert runs == ["cpu"] and "before serving" in said[0]
-    profiling.before_serving(config, say=said.append)
+    planning.before_serving(config, machine, say=said.append)
     assert runs == ["cpu"]  # stored: the next serve does not wait
 
     config.set_many({"engines": "auto"})  # auto: every candidate of each device, for the choice among them
-    profiling.before_serving(config, say=said.append)
-    machine = detect("/")
+    planning.before_serving(config, machine, say=said.append)
     lanes = candidates(machine)  # each device's best engine of each runtime
     assert set(runs) == {"cpu"} | {a.engine for a in lanes} and len(runs) == len(set(runs))
-    assert set(profiling.stored_profiles(config, machine)) == set(lanes)
+    assert set(planning.stored_profiles(config, machine)) == set(lanes)
 
     runs.clear()
     config.set_many({"engines-measure": "false", "worker.context": "1024"})  # new key, but measuring is off
-    profiling.before_serving(config, say=said.append)
+    planning.before_serving(config, machine, say=said.append)
     assert runs == []
 
 

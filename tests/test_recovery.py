@@ -73,7 +73,8 @@ def test_a_worker_that_cannot_load_is_reported_and_requests_get_503(tmp_path):
 SERVE_WITH_A_MISSING_GPU = """
 import sys, msgspec
 from infersnap.cli.engines import detect
-from infersnap.cli.supervisor import Supervisor, build_plan
+from infersnap.cli.supervisor import Supervisor
+from infersnap.planning import build_plan
 from infersnap.config import Config
 from infersnap.plan import WorkerSpec
 plan = build_plan(Config(), detect("/"))
