@@ -12,7 +12,7 @@ import zmq
 
 from infersnap import wire
 from infersnap.profiles import Level, PromptRead
-from infersnap.broker import broker as broker_module
+from infersnap.broker import broker as broker_module, lanes as lanes_module
 from infersnap.broker.broker import Broker
 from infersnap.plan import ModelSpec, ServePlan
 
@@ -427,7 +427,7 @@ def test_a_burst_hands_the_cores_over_to_the_lane_that_serves_many_faster_once_t
 
 
 def test_a_request_only_the_idle_lane_can_serve_waits_at_most_the_handover_time(net, monkeypatch):
-    monkeypatch.setattr(broker_module, "HANDOVER_SECONDS", 0.3)
+    monkeypatch.setattr(lanes_module, "HANDOVER_SECONDS", 0.3)
     llama, openvino = lanes(net)
     app = net.client()
     for i in range(8):
@@ -509,3 +509,50 @@ def test_a_lane_that_read_a_prompt_beginning_before_counts_it_as_cached(net):
     submit(app, wire.Generate(id="other", model="m", params=wire.SamplingParams(max_tokens=128), prompt="other " * 800))
     finish(llama, b"app", "next")
     assert dispatched(openvino) == ["other"]  # a beginning no lane has read goes to the faster reader
+
+
+def test_a_burst_whose_requests_trickle_in_still_goes_to_the_lane_for_many(net):
+    """8 clients' requests reach the broker 35 ms apart (HTTP parsing on 2 cores spreads them), and
+    llama.cpp is the better lane for up to 3 streams: the first requests alone would pick it, and the rest
+    follow the computing lane. They gather while they arrive, and all go where 8 end soonest."""
+    few = wire.Speed(levels=[Level(1, 100.0, 0.1), Level(4, 140.0, 0.2), Level(8, 150.0, 0.5)],
+                     prompts=[PromptRead(128, 0.25), PromptRead(1024, 2.0)])
+    many = wire.Speed(levels=[Level(1, 60.0, 0.1), Level(4, 100.0, 0.2), Level(8, 400.0, 0.3)],
+                      prompts=[PromptRead(128, 0.25), PromptRead(1024, 2.0)])
+    llama = net.worker("cpu/cpu", LLAMA, slots=8, device="cpu", speed=few)
+    openvino = net.worker("cpu/intel-cpu", OPENVINO, slots=8, runtime="openvino", device="cpu", speed=many)
+    app = net.client()
+    for i in range(8):
+        request = generate(f"g{i}", max_tokens=128)
+        app.socket.send_multipart([wire.encode(wire.Submit(request.id, "m", wire.needs_of(request), wire.work_of(request))),
+                                   wire.encode(request)])
+        deadline = time.monotonic() + 0.035
+        while time.monotonic() < deadline:
+            net.broker.poll_once(1)
+    for _ in range(30):
+        net.broker.poll_once(10)
+    assert dispatched(openvino) == [f"g{i}" for i in range(8)] and dispatched(llama) == []
+
+
+def test_the_lane_policy_sends_a_burst_on_an_idle_device_where_the_profiles_say_it_ends_soonest():
+    from collections import Counter
+
+    from infersnap.broker.lanes import GATHER_SECONDS, LanePolicy
+    from infersnap.broker.workers import Worker
+
+    def worker(name: str, runtime: str, speed: wire.Speed) -> Worker:
+        info = wire.WorkerInfo(worker_id=name, device="cpu", engine=name, runtime=runtime, model="m", slots=8,
+                               context=512, state="ready", capabilities=LLAMA, speed=speed)
+        return Worker(name.encode(), info, 0.0)
+
+    llama, openvino = worker("cpu/cpu", "llamacpp", LLAMA_SPEED), worker("cpu/intel-cpu", "openvino", OPENVINO_SPEED)
+    policy = LanePolicy({w.identity: w for w in (llama, openvino)})
+    work = wire.work_of(generate("g", max_tokens=128))
+    assert policy.soonest([llama, openvino], work, Counter(m=1)) is llama  # alone: the lane best for one
+    assert policy.soonest([llama, openvino], work, Counter(m=8)) is openvino  # eight together: the lane for many
+    # while a burst still arrives on the idle device, its first request waits for the rest
+    assert policy.gather_until([llama, openvino], llama, first=0.0, latest=0.1, now=0.12) == 0.1 + GATHER_SECONDS
+    assert policy.gather_until([llama, openvino], llama, first=0.0, latest=0.1, now=0.2) is None  # it paused: choose
+    openvino.running.add("g0")
+    assert policy.gather_until([llama, openvino], llama, first=0.0, latest=0.1, now=0.12) is None  # not idle
+    assert policy.soonest([llama, openvino], work, Counter(m=7)) is openvino  # the computing lane keeps its turn

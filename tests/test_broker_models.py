@@ -215,10 +215,10 @@ def test_a_model_asked_for_while_its_processes_end_loads_again_once_they_have(th
 
 
 def test_a_model_waits_longer_for_a_busy_llamacpp_model_on_its_cores_before_computing_alongside(three, monkeypatch):
-    from infersnap.broker import broker as broker_module
+    from infersnap.broker import lanes as lanes_module
 
-    monkeypatch.setattr(broker_module, "HANDOVER_SECONDS", 0.1)
-    monkeypatch.setattr(broker_module, "HANDOVER_BESIDE_LLAMACPP", 1.5)
+    monkeypatch.setattr(lanes_module, "HANDOVER_SECONDS", 0.1)
+    monkeypatch.setattr(lanes_module, "HANDOVER_BESIDE_SPINNING", 1.5)
     app = three.client()
     main = start(three, "main")  # llama.cpp, on the cpu
     submit(app, wire.Generate(id="busy", model="main", params=wire.SamplingParams(), prompt="x"))
