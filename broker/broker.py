@@ -69,6 +69,7 @@ from infersnap.plan import PlanFile, ServePlan, announced
 WORKER_TIMEOUT = 10.0
 TICK_MS = 100
 SCHEDULE_SECONDS = 1.0  # how often the model scheduler runs with nothing changed: for keep-alives running out
+STATUS_PUSH_SECONDS = 0.5  # a Status is pushed to followers at once when a state changes, as counts change at most this often
 
 log = logging.getLogger("infersnap.broker")
 
@@ -121,6 +122,12 @@ class Broker:
         self.schedule_due, self.scheduled_at = True, 0.0
         self.lanes = LanePolicy(self.workers)
         self.scheduler = ModelScheduler(plan, self.workers, self.queued_models)
+        self.supervisor: bytes | None = None  # the client that carries out the Orders (Supervise)
+        self.orders: wire.Orders | None = None  # as last sent
+        self.followers: set[bytes] = set()  # clients a Status is pushed to (StatusQuery.follow)
+        self.pushed: tuple = ()  # what the last push said, in short
+        self.pushed_at = 0.0
+        self.plan_version = 0  # counts the plans read while serving: followers read the plan file when it moves
 
     @property
     def plan(self) -> ServePlan:
@@ -151,7 +158,10 @@ class Broker:
             self._read_all(self.workers_socket, self._on_worker)
         if self.clients in events:
             self._read_all(self.clients, self._on_client)
-        self._tick(time.monotonic())
+        now = time.monotonic()
+        self._tick(now)
+        self._order(now)
+        self._push(now)
 
     @staticmethod
     def _read_all(socket: zmq.Socket, handle) -> None:
@@ -198,9 +208,6 @@ class Broker:
     # --- clients -----------------------------------------------------------
 
     def _on_client(self, client: bytes, message: wire.Message, body: bytes) -> None:
-        replanned = self.plan_file.changed(at_once=True) if self.plan_file else None
-        if replanned is not None:  # the frontend read the file as the request arrived: no older view here
-            self._replan(replanned)
         if isinstance(message, wire.Submit):
             refusal = self._refusal(message)
             if refusal is not None:
@@ -219,17 +226,19 @@ class Broker:
         elif isinstance(message, wire.Abort):
             self._abort(message.ids)
         elif isinstance(message, wire.StatusQuery):
+            if message.follow:
+                self.followers.add(client)
             self._send(self.clients, client, self.status(message.id))
         elif isinstance(message, wire.ModelControl):
             self._send_results(client, [self._control(message)])
         elif isinstance(message, wire.WorkerExited):
-            worker = self.workers.get(message.worker_id.encode())
-            if worker is not None and (worker.info.state == UNLOADING or not self.scheduler.wanted(worker)):
-                self._gone(worker)
-            elif worker is not None and worker.info.state not in (RESTARTING, "failed"):
-                self._lost(worker, wire.exit_words(message.code))
-            if message.why:
-                self._failed(message.worker_id, message.why)
+            self._exited(message.worker_id, message.code)
+        elif isinstance(message, wire.Supervise):
+            self._supervised_by(client, message)
+        elif isinstance(message, wire.PlanChanged) and self.plan_file is not None:
+            replanned = self.plan_file.changed(at_once=True)
+            if replanned is not None:
+                self._replan(replanned)
         elif isinstance(message, wire.Drain) and self.drain_deadline is None:
             log.info("draining: new requests are refused; %d accepted ones get %.0fs to finish",
                      len(self.routes) + len(self.queue), message.grace)
@@ -387,6 +396,7 @@ class Broker:
 
     def _client_gone(self, client: bytes) -> None:
         """A client we could not send to (its process ended): what it asked for is stopped."""
+        self.followers.discard(client)
         ids = [i for i, q in self.queue.items() if q.client == client]
         ids += [i for i, r in self.routes.items() if r.client == client]
         if ids:
@@ -406,6 +416,7 @@ class Broker:
             draining=self.drain_deadline is not None,
             # a removed model is not served (404) even while its processes end: not listed
             models=[self.scheduler.state_of(m, time.monotonic()) for m in self.models.values() if not m.removed],
+            plan_version=self.plan_version,
         )
 
     def _in_plan_order(self, workers) -> list[Worker]:
@@ -436,6 +447,7 @@ class Broker:
                          f": {info.error}" if info.error else "")
                 if info.state == "ready":
                     self.scheduler.used(info.model)  # keep-alive counts from when it could serve, not from the load's start
+                    self.scheduler.lives.ready(info.worker_id, now)
                     if worker is not None:
                         worker.last_ran = ""
             if worker is None:
@@ -480,6 +492,64 @@ class Broker:
         if strays:
             log.info("worker %s runs %d requests nobody waits for; aborting them", worker.info.worker_id, len(strays))
             self._send(self.workers_socket, worker.identity, wire.Abort(ids=strays))
+
+    # --- worker lives: the supervisor carries out the Orders --------------
+
+    def _supervised_by(self, client: bytes, supervise: wire.Supervise) -> None:
+        """The supervisor's channel; a broker started anew goes on from what it hands back."""
+        self.supervisor, self.orders = client, None
+        self.scheduler.lives.resume(supervise.running, supervise.failed)
+        for worker_id, why in supervise.failed.items():
+            worker = self.workers.get(worker_id.encode())
+            if worker is not None:
+                worker.info = msgspec.structs.replace(worker.info, state="failed", error=why)
+        self.schedule_due = True
+
+    def _order(self, now: float) -> None:
+        """Send the supervisor the Orders when they change (a start, a stop, a restart due, a quarantine)."""
+        orders = self.scheduler.orders(now)
+        if self.supervisor is not None and orders != self.orders:
+            self.orders = orders
+            self._send(self.clients, self.supervisor, orders)
+
+    def _exited(self, worker_id: str, code: int) -> None:
+        """A worker's process ended: stopped as ordered, or on its own (restart, fall back, or quarantine)."""
+        worker = self.workers.get(worker_id.encode())
+        if worker is None or worker.info.state == UNLOADING or not self.scheduler.wanted(worker):
+            self.scheduler.lives.stopped(worker_id)
+            if worker is not None:
+                self._gone(worker)
+            return
+        if worker.info.state not in (RESTARTING, "failed"):
+            self._lost(worker, wire.exit_words(code))
+        spec = next((s for s in self.plan.workers if s.worker_id == worker_id), None)
+        if spec is None:  # not of the plan (it announced itself): no life to decide
+            return
+        lanes = [s.worker_id.encode() for s in self.plan.workers_of(spec.model)
+                 if (s.device, s.task) == (spec.device, spec.task) and s is not spec]
+        others_serve = any(self.workers[i].info.state != "failed" for i in lanes if i in self.workers)
+        next_step, words = self.scheduler.lives.died(spec, code, others_serve, time.monotonic())
+        if next_step == "fallback":
+            log.warning("worker %s: %s", worker_id, words)
+        elif next_step == "quarantine":
+            self._failed(worker_id, words)
+
+    def _push(self, now: float) -> None:
+        """A Status to each follower when a worker's or model's state changed, or (at most every
+        STATUS_PUSH_SECONDS) when the requests routed and queued did."""
+        if not self.followers:
+            return
+        states = (tuple((w.info.worker_id, w.info.state, w.info.error, w.info.pid, w.info.restarts, w.info.settings)
+                        for w in self.workers.values()),
+                  tuple((m.spec.name, m.wanted, m.failed, m.removed) for m in self.models.values()),
+                  self.drain_deadline is not None, self.plan_version)
+        counts = (len(self.routes), len(self.queue))
+        if self.pushed and states == self.pushed[0] and (counts == self.pushed[1] or now - self.pushed_at < STATUS_PUSH_SECONDS):
+            return
+        self.pushed, self.pushed_at = (states, counts), now
+        status = wire.encode(self.status(""))
+        for follower in list(self.followers):
+            self._send(self.clients, follower, status)
 
     def _lost(self, worker: Worker, why: str) -> None:
         """The worker's process is gone (`why`: how). A request it had sent no output for goes back to its
@@ -558,6 +628,7 @@ class Broker:
 
     def _replan(self, plan: ServePlan) -> None:
         self.scheduler.replan(plan)
+        self.plan_version += 1
         self.schedule_due = True
         self._dispatch()
 
@@ -578,9 +649,6 @@ class Broker:
         self.scheduler.schedule(now)
 
     def _tick(self, now: float) -> None:
-        replanned = self.plan_file.changed() if self.plan_file else None
-        if replanned is not None:
-            self._replan(replanned)
         for worker in list(self.workers.values()):
             if worker.info.state in (RESTARTING, "failed", UNLOADED) or not worker.info.pid:
                 continue  # no process to hear from (yet)

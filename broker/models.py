@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import msgspec
 
 from infersnap import wire
+from infersnap.broker.lives import WorkerLives
 from infersnap.broker.workers import UNLOADED, UNLOADING, Worker
 from infersnap.plan import ModelSpec, ServePlan, announced
 
@@ -40,11 +41,13 @@ class Model:
 
 
 class ModelScheduler:
-    """Owns the models' states and the worker states that follow from them (unloaded, loading, unloading)."""
+    """Owns the models' states, the worker states that follow from them (unloaded, loading, unloading), and
+    the workers' lives (broker/lives.py): which processes run."""
 
     def __init__(self, plan: ServePlan, workers: dict[bytes, Worker], queued: Counter[str]) -> None:
         """`workers`: the broker's, shared; `queued`: its count of queued requests by model (lowercase)."""
         self.plan, self.workers, self.queued = plan, workers, queued
+        self.lives = WorkerLives()
         self.models = {m.name.lower(): Model(m, m.keep_alive) for m in plan.models}
         now = time.monotonic()
         for spec in plan.workers:  # an entry for each, running or not, so that status and routing know them all
@@ -81,13 +84,21 @@ class ModelScheduler:
         log.info("loading model %s", model.spec.name)
         model.wanted, model.requested, model.last_used = True, False, now
         for worker in self.workers_of(model):
-            if worker.info.state == UNLOADED:
+            if worker.info.state in (UNLOADED, "failed"):
+                self.lives.lift(worker.info.worker_id)  # a load tries a quarantined worker afresh
                 worker.info = msgspec.structs.replace(worker.info, state="loading", error="")
 
     def running_anyway(self, model: Model) -> None:
         """A worker of a model not wanted announced itself (a broker restarted beside it): it counts as loaded."""
         if not model.wanted and not model.failed:
             self._want(model, time.monotonic())
+
+    def orders(self, now: float) -> wire.Orders:
+        """The worker processes that should run now: those of the wanted models, as their lives allow."""
+        wanted = [spec.worker_id for spec in self.plan.workers
+                  if (worker := self.workers.get(spec.worker_id.encode())) is not None
+                  and self.wanted(worker) and worker.info.state != UNLOADING]
+        return self.lives.orders(wanted, now)
 
     def _unload(self, model: Model, why: str) -> None:
         """Stop the model's workers (the supervisor ends their processes); a failed one keeps its reason."""
@@ -223,11 +234,13 @@ class ModelScheduler:
             if model.failed:  # asked by name: it is tried again
                 model.failed = ""
                 for worker in self.workers_of(model):
+                    self.lives.lift(worker.info.worker_id)
                     worker.info = msgspec.structs.replace(worker.info, state=UNLOADED, error="", pid=0)
             model.requested = True
-        else:  # loaded: a lane failed or quarantined beside the others is tried again (the supervisor starts it)
+        else:  # loaded: a lane failed or quarantined beside the others is tried again
             for worker in self.workers_of(model):
                 if worker.info.state == "failed":
+                    self.lives.lift(worker.info.worker_id)
                     worker.info = msgspec.structs.replace(worker.info, state="loading", error="", pid=0)
         model.last_used = time.monotonic()
         return None

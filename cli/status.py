@@ -31,16 +31,3 @@ def query_status(timeout: float = 2.0) -> wire.Status:
         raise NotRunning("infersnap is not running (its broker does not answer)")
     finally:
         socket.close()
-
-
-def tell_broker(message: wire.Message) -> None:
-    """Send the broker a message that needs no reply (Drain, WorkerExited)."""
-    socket = zmq.Context.instance().socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 1000)  # the message goes out before close returns
-    try:
-        socket.connect(paths.socket_address("clients"))
-        socket.send(wire.encode(message), zmq.NOBLOCK)
-    except zmq.ZMQError:  # no broker to tell: it notices a dead worker by its heartbeat, or is itself gone
-        pass
-    finally:
-        socket.close()

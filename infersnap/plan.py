@@ -21,9 +21,20 @@ import msgspec
 from infersnap import wire
 from infersnap.profiles import EngineOptions, Speed
 
-RESTARTS_VARIABLE = "INFERSNAP_RESTARTS"  # in a restarted child's environment: how often it was restarted
 # What a worker of each task takes before its engine says more (its features come once it is loaded).
 SPEC_TASKS = {"generate": ["generate", "tokenize"], "embed": ["embed"]}
+
+
+class Fallback(msgspec.Struct, frozen=True):
+    """Another way to run a worker whose way crashes while serving, in the order they are tried: its
+    runtime's next settings, then its device's engine of another runtime that its stored probe says
+    runs with the model (infersnap/planning.py). The broker picks one (wire.WorkerStart.variant)."""
+
+    engine: str
+    runtime: str
+    options: EngineOptions
+    gpu_layers: int = 0
+    note: str = ""  # its settings as status shows them (its probe's note, or the settings' label)
 
 
 class WorkerSpec(msgspec.Struct, frozen=True):
@@ -41,6 +52,22 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     options: EngineOptions = EngineOptions()  # the runtime settings found to run here (infersnap/probes.py)
     settings: str = ""  # those settings and why, as status shows them
     crashes: str = ""  # set: every setting of its engine crashed here; it fails at once with this reason
+    fallbacks: list[Fallback] = []  # where its settings crash while serving (Fallback)
+
+    def way(self, variant: int) -> tuple[str, str]:
+        """The engine and the settings' label a variant runs with: "intel-cpu", "f32"."""
+        if not variant:
+            return self.engine, self.options.label
+        return self.fallbacks[variant - 1].engine, self.fallbacks[variant - 1].options.label
+
+    def started(self, start: wire.WorkerStart) -> WorkerSpec:
+        """The spec as this start runs it: with the fallback its variant names, and that start's settings note."""
+        if not start.variant:
+            return self
+        way = self.fallbacks[start.variant - 1]
+        return msgspec.structs.replace(
+            self, engine=way.engine, runtime=way.runtime, options=way.options, gpu_layers=way.gpu_layers,
+            settings=start.settings, speed=self.speed if way.engine == self.engine else None)
 
 
 class ModelSpec(msgspec.Struct, frozen=True):

@@ -17,7 +17,7 @@ import msgspec
 
 from infersnap import access_keys, catalog, probes, profiles
 from infersnap.catalog import ModelEntry
-from infersnap.config import Config
+from infersnap.config import Config, engine_settings
 from infersnap.context import ContextChoice, Pool
 from infersnap.context import choose as choose_context
 from infersnap.engines import (MEMORY_SHARE, Assignment, EngineChoiceError, choose_lanes, embedding_engine, manifests,
@@ -26,7 +26,7 @@ from infersnap.engines import candidates as auto_candidates
 from infersnap.hwdetect import Machine
 from infersnap.hwdetect.cpu import physical_core_cpus
 from infersnap.models import ModelNotFound, ModelShape, model_shape, resolve
-from infersnap.plan import ModelSpec, ServePlan, WorkerSpec
+from infersnap.plan import Fallback, ModelSpec, ServePlan, WorkerSpec
 from infersnap.probes import Probe
 from infersnap.profiles import Profile, Speed, Subject
 from infersnap.profiling import Say, to_stderr, measure_missing, probe_all, profiles_for, with_options
@@ -302,6 +302,8 @@ def model_plan(config: Config, machine: Machine, entry: ModelEntry, default: boo
                          measured, choose_slots="worker.slots" not in config.user, probed=probed)
     if config.get("worker.embeddings"):
         specs += embedding_specs(specs, cores, embedding_engine(machine), config.get("worker.embedding-slots"), probed)
+    specs = [msgspec.structs.replace(s, fallbacks=fallbacks(s, config, machine, entry.path, context.tokens))
+             for s in specs]
     # worker ids are ZeroMQ identities, unique across models: the default model's keep the plain ones
     specs = [msgspec.structs.replace(w, model=entry.id, worker_id=w.worker_id if default else f"{w.worker_id}@{entry.slug}")
              for w in specs]
@@ -321,6 +323,30 @@ def model_plan(config: Config, machine: Machine, entry: ModelEntry, default: boo
         chat=entry.chat_template or bool(template), chat_template=template,
     )
     return model, specs
+
+
+def fallbacks(spec: WorkerSpec, config: Config, machine: Machine, model_path: str, context: int) -> list[Fallback]:
+    """The ways a worker may run on when its settings crash while serving, in the order tried: its runtime's
+    settings after its own (infersnap/probes.py), then, for a generating worker, its device's engine of
+    another runtime whose stored probe says it runs with this model (none is probed while serving)."""
+    if spec.crashes:
+        return []
+    tried = probes.variants(spec.runtime, probes.fixed_settings(engine_settings(config, spec.engine)))
+    later = tried[tried.index(spec.options) + 1:] if spec.options in tried else []
+    ways = [Fallback(spec.engine, spec.runtime, options, spec.gpu_layers, options.label) for options in later]
+    if spec.task != "generate":
+        return ways
+    for lane in auto_candidates(machine):
+        manifest = manifests()[lane.engine]
+        if lane.device != spec.device or manifest.runtime == spec.runtime:
+            continue
+        subject = Subject(engine=lane.engine, runtime=manifest.runtime, device=lane.device, model_path=model_path,
+                          threads=spec.threads, context=context, gpu_layers=manifest.settings.gpu_layers)
+        probe = probes.stored(subject, machine, probes.fixed_settings(engine_settings(config, lane.engine)))
+        if probe is not None and probe.options is not None and not probe.refused:
+            ways.append(Fallback(lane.engine, manifest.runtime, probe.options, manifest.settings.gpu_layers, probe.note))
+            break
+    return ways
 
 
 def memory_of(specs: list[WorkerSpec], context: int, shape: ModelShape) -> dict[str, int]:

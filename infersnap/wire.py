@@ -271,6 +271,9 @@ class Abort(Message):
 
 class StatusQuery(Message):
     id: str  # echoed in the Status reply
+    # True: the broker also pushes a Status (id "") to this client whenever a worker or model changes state,
+    # and as requests come and go (at most STATUS_PUSH_SECONDS apart), until the client is gone
+    follow: bool = False
 
 
 class ModelControl(Message):
@@ -283,12 +286,42 @@ class ModelControl(Message):
 
 
 class WorkerExited(Message):
-    """From the supervisor: a worker's process ended (its requests will get no more output).
-    `why` set: it ended while loading and is not restarted; the worker counts as failed, for that reason."""
+    """From the supervisor: a worker's process ended (its requests will get no more output)."""
 
     worker_id: str
-    code: int
-    why: str = ""
+    code: int  # as subprocess gives it: negative, the signal that killed it
+
+
+class WorkerStart(msgspec.Struct, array_like=True, frozen=True):
+    """One start of a worker's process, as the broker orders it."""
+
+    number: int  # counts the starts ordered for this worker: the supervisor starts a process for each new one
+    variant: int = 0  # how it runs: 0 as its spec says, i > 0 as its spec's fallbacks[i - 1] (infersnap/plan.py)
+    restarts: int = 0  # how often its process was started again after it died
+    settings: str = ""  # with a variant: its settings and why, as status shows them ("f32 (instead of ...)")
+
+
+class Orders(Message):
+    """Broker -> supervisor, whenever they change: the worker processes that should run now, each with the
+    start it is on; a running process not listed is stopped. `failed`: the workers that are not started
+    again (quarantined), and why; handed back in Supervise so that a broker started anew keeps them."""
+
+    run: dict[str, WorkerStart]
+    failed: dict[str, str] = {}
+
+
+class Supervise(Message):
+    """Supervisor -> broker, first on its one channel, and again on a new channel whenever it started the
+    broker anew: it carries out the broker's Orders and reports its workers' exits (WorkerExited). A broker
+    started anew goes on from what it hands back: the starts whose processes run now, and the workers
+    the last Orders said are quarantined."""
+
+    running: dict[str, WorkerStart] = {}
+    failed: dict[str, str] = {}
+
+
+class PlanChanged(Message):
+    """Supervisor -> broker: the plan file was written anew (the catalog changed); read it again."""
 
 
 def exit_words(code: int) -> str:
@@ -433,6 +466,7 @@ class Status(Message):
     queued: int = 0  # requests queued in the broker for a free slot
     draining: bool = False
     models: list[ModelState] = []  # every model of the plan, the default first
+    plan_version: int = 0  # moves when the broker read the plan file anew: a follower reads it then too
 
 
 def capacity(slots: int, max_waiting: int) -> int:
@@ -443,7 +477,7 @@ def capacity(slots: int, max_waiting: int) -> int:
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(
     Generate | Embed | Tokenize | Detokenize | Submit | Dispatch | Abort | StatusQuery | ModelControl | Drain
-    | WorkerExited
+    | WorkerExited | Orders | Supervise | PlanChanged
     | Results | Deliver | WorkerStatus | Status
 )
 

@@ -249,7 +249,7 @@ def test_a_model_added_to_the_plan_file_is_served_and_a_removed_one_ends_its_req
         plan, models=[*(m for m in plan.models if m.name != "a"), added],
         workers=[*(w for w in plan.workers if w.model != "a"),
                  WorkerSpec("cpu@c", "cpu", "cpu", "llamacpp", [0], 1, 1, model="c")]), path)
-    three.pump()
+    three.client(b"supervisor").send(wire.PlanChanged())
     assert states(three) == {"main": "loading", "b": "unloaded", "c": "unloaded"}  # "a" is not served now
     submit(app, wire.Generate(id="late", model="a", params=wire.SamplingParams(), prompt="x"))
     [refused] = outputs(app)
@@ -271,16 +271,24 @@ def test_a_model_added_to_the_plan_file_is_served_and_a_removed_one_ends_its_req
     assert dispatched(start(three, "c")) == ["on-c"]
 
 
-def test_each_request_meets_the_plan_as_the_file_is_when_it_arrives(three, tmp_path):
-    """The frontend reads the file as a request arrives, and lists or refuses by it: the broker, whose own
-    look comes at moments of its own, must agree on a model added and on one removed."""
+def test_the_broker_reads_the_plan_when_told_and_its_followers_learn_it_at_once(three, tmp_path):
+    """The supervisor tells the broker when it wrote the plan anew; the broker reads it and moves the
+    plan_version of the Status it pushes, on which the frontend reads the file too: both agree on a model
+    added and on one removed, and neither looks at the file between changes."""
     path = tmp_path / "plan.json"
     plan = three.broker.plan
     serve_plan.write(plan, path)
-    three.broker.plan_file = serve_plan.PlanFile(path, look_seconds=3600)  # no look of its own in this test
+    three.broker.plan_file = serve_plan.PlanFile(path)
+    frontend = three.client(b"frontend")
+    frontend.send(wire.StatusQuery(id="f", follow=True))
+    status = frontend.received()[-1][0]
+    version = status.plan_version
     serve_plan.write(msgspec.structs.replace(
         plan, models=[*plan.models, model("c", 50)],
         workers=[*plan.workers, WorkerSpec("cpu@c", "cpu", "cpu", "llamacpp", [0], 1, 1, model="c")]), path)
+    three.client(b"supervisor").send(wire.PlanChanged())
+    pushed = [m for [m] in frontend.received() if isinstance(m, wire.Status)]
+    assert pushed and pushed[-1].plan_version > version and "c" in {m.name for m in pushed[-1].models}
     app = three.client()
     submit(app, wire.Generate(id="on-c", model="c", params=wire.SamplingParams(), prompt="x"))
     assert "c" in wanted(three)
@@ -291,6 +299,7 @@ def test_each_request_meets_the_plan_as_the_file_is_when_it_arrives(three, tmp_p
     serve_plan.write(msgspec.structs.replace(  # "b" removed
         three.broker.plan, models=[m for m in three.broker.plan.models if m.name != "b"],
         workers=[w for w in three.broker.plan.workers if w.model != "b"]), path)
+    three.client(b"supervisor").send(wire.PlanChanged())
     submit(app, wire.Generate(id="on-b", model="b", params=wire.SamplingParams(), prompt="x"))
     [refused] = outputs(app)
     assert refused.failure.status == 404 and "'b' does not exist" in refused.failure.message

@@ -21,7 +21,7 @@ import msgspec
 import zmq
 
 from infersnap import paths, wire
-from infersnap.plan import RESTARTS_VARIABLE, ServePlan, WorkerSpec, announced
+from infersnap.plan import ServePlan, WorkerSpec, announced
 from infersnap.workers.engine_base import Engine, EngineError, EngineSettings, Unloaded
 from infersnap.workers.faults import Fault
 
@@ -104,9 +104,9 @@ def pin_to(cpus: list[int]) -> None:
             log.warning("could not pin to CPUs %s: %s", cpus, exc)
 
 
-def run(plan: ServePlan, spec: WorkerSpec) -> None:
+def run(plan: ServePlan, spec: WorkerSpec, restarts: int = 0) -> None:
     pin_to(spec.cpus)
-    info = announced(plan, spec, pid=os.getpid(), restarts=int(os.environ.get(RESTARTS_VARIABLE, "0")))
+    info = announced(plan, spec, pid=os.getpid(), restarts=restarts)
     zctx = zmq.Context()
     inbox: queue.Queue = queue.Queue()
     io = WorkerIO(zctx, info, inbox)
