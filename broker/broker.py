@@ -78,7 +78,7 @@ from typing import Callable
 import msgspec
 import zmq
 
-from infersnap import paths, wire
+from infersnap import paths, runtimes, wire
 from infersnap.plan import ModelSpec, PlanFile, ServePlan, announced
 
 # Seconds without a heartbeat (sent every 0.25 s) before a live worker counts as stuck. A worker whose
@@ -462,7 +462,7 @@ class Broker:
         """Whether the lane may start this request now, by the turns the lanes of one device take."""
         computing = self._computing_beside(lane)
         if computing:  # computing alongside beats starving
-            spins = any(w.info.runtime == "llamacpp" and w.info.model != lane.info.model for w in computing)
+            spins = any(runtimes.RUNTIMES[w.info.runtime].spins and w.info.model != lane.info.model for w in computing)
             return now - queued.since >= (HANDOVER_BESIDE_LLAMACPP if spins else HANDOVER_SECONDS)
         others_awaited = set(awaited.get(lane.info.device, [])) - {lane.identity}
         return not (lane.running and others_awaited)  # it drains, so the other lane gets its turn

@@ -21,7 +21,8 @@ from infersnap.cli.status import NotRunning, query_status
 from infersnap.config import Config, engine_settings
 from infersnap.context import ContextChoice, Pool
 from infersnap.context import choose as choose_context
-from infersnap.engines import MEMORY_SHARE, Assignment, EngineChoiceError, embedding_engine, parse_choice, verdicts
+from infersnap.engines import (MEMORY_SHARE, Assignment, EngineChoiceError, embedding_engine, parse_choice,
+                               parse_embedding_choice, verdicts)
 from infersnap.engines import candidates as auto_candidates
 from infersnap.hwdetect import Machine
 from infersnap.hwdetect.cpu import physical_core_cpus
@@ -147,7 +148,7 @@ def probe_lanes(config: Config, machine: Machine, context: int, run: bool = True
     wanted, serving = _wanted(config, machine)
     if not config.get("engines-measure"):  # nothing is measured: only what serves is probed (others if it crashes)
         wanted = serving
-    embedder = embedding_engine(machine)
+    embedder = embedding_engine(machine, parse_embedding_choice(config.get("worker.embedding-engine")))
     if config.get("worker.embeddings") and embedder is not None:
         wanted = list(dict.fromkeys([*wanted, Assignment(embedder, "cpu")]))
     probed = probe_all(subjects(wanted, serving, config, context), machine, config, say, run, like)

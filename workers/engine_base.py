@@ -55,7 +55,7 @@ class Engine:
 
     context: int
     capabilities: wire.Capabilities
-    runtime: str = ""  # "llamacpp" | "openvino": named in refusals
+    runtime: str = ""  # a name in infersnap.runtimes.RUNTIMES: named in refusals
 
     def __init__(self) -> None:
         self.waiting: deque[Any] = deque()  # each with `.request`
