@@ -37,6 +37,10 @@ class Runtime:
     formats: tuple[str, ...] = ("gguf",)  # model files it reads, by extension: the catalog finds them so
     architectures: frozenset[str] | None = None  # GGUF general.architecture values it reads; None: any
     quantizations: frozenset[str] | None = None  # GGUF file types it reads; None: any
+    # EngineOptions fields of each settings variant a probe tries (infersnap/probes.py), in order: the
+    # fastest first, then what works around the crashes seen (repack: AMX kernels; mmap: a file the kernel
+    # cannot map; bf16: OpenVINO on AMX)
+    variants: tuple[dict[str, object], ...] = ({},)
     spins: bool = False  # its threads spin at barriers: a lane beside it on one device loses cores while it computes
     # what else the installed software lacks for this engine here, past the module (see `problems`)
     checks: tuple[Callable[[Manifest, Machine, list[str]], str | None], ...] = field(default=())
@@ -75,13 +79,13 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in [
         name="llamacpp", display="llama.cpp", package="llama_cpp_python", module="llama_cpp",
         engines={"generate": "infersnap.workers.llamacpp_engine:LlamaCppEngine",
                  "embed": "infersnap.workers.llamacpp_embedder:LlamaCppEmbedder"},
-        spins=True, checks=(_has_backend,),
+        variants=({}, {"repack": False}, {"repack": False, "mmap": False}), spins=True, checks=(_has_backend,),
     ),
     Runtime(
         name="openvino", display="OpenVINO", package="openvino-genai", module="openvino_genai",
         engines={"generate": "infersnap.workers.openvino_engine:OpenVinoEngine"},
         architectures=OPENVINO_GGUF_ARCHITECTURES, quantizations=OPENVINO_GGUF_QUANTIZATIONS,
-        checks=(_openvino_sees,),
+        variants=({}, {"precision": "f32"}), checks=(_openvino_sees,),
     ),
     Runtime(
         # the GGUF read by openvino-genai's reader (so only what it reads), run by its TextEmbeddingPipeline
