@@ -90,11 +90,11 @@ def test_the_third_runtime_embeds_the_default_model(embedder):
 
 
 def test_the_third_runtime_serves_v1_embeddings(tmp_path):
-    server = start_server(tmp_path, **{"engines": "cpu", "engines-measure": "false",
-                                       "worker.embedding-engine": "openvino-embed-cpu"})
+    server = start_server(tmp_path, session_profiles_too=False, **{
+        "engines": "cpu", "engines-measure": "false", "worker.embedding-engine": "openvino-embed-cpu"})
     try:
         embed_worker = next(w for w in server.status()["workers"] if w["task"] == "embed")
-        assert embed_worker["runtime"] == "openvino-embed"
+        assert embed_worker["engine"] == "openvino-embed-cpu" and embed_worker["state"] == "ready"
         reply = httpx.post(f"{server.url}/embeddings", json={"input": TEXTS}, timeout=60).json()
         cat, kitten, revenue = (np.array(d["embedding"]) for d in reply["data"])
         assert float(cat @ kitten) > float(cat @ revenue) and reply["usage"]["prompt_tokens"] > 0
