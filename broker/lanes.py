@@ -8,7 +8,7 @@ while no other lane computes on its device, and a computing lane takes no new wo
 waits for another lane of its device, so it drains and hands over. A lane other than the computing one
 must win by SWITCH_MARGIN, so that near-equal guesses do not hand over on every request. A request that
 waits for its lane for HANDOVER_SECONDS (HANDOVER_BESIDE_SPINNING while a lane of another model whose
-runtime spins computes) starts anyway, computing alongside, so none starves.
+runtime's threads spin computes) starts anyway, computing alongside, so none starves.
 
 A burst's requests arrive one by one, and the first alone would pick the lane best for one, which the
 rest then follow (the computing lane keeps its turn). So on an idle device with lanes to choose from,
@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
-from infersnap import wire
+from infersnap import runtimes, wire
 from infersnap.broker.workers import Worker
 
 GATHER_SECONDS = 0.05  # a request for idle lanes waits until arrivals pause this long, so that a burst picks the burst's lane
@@ -37,7 +37,6 @@ HANDOVER_SECONDS = 2.0  # the longest a request waits for its lane while another
 HANDOVER_BESIDE_SPINNING = 8.0
 SWITCH_MARGIN = 0.8  # another lane is chosen over the computing one only if it ends the request in this share of the time
 EXPECTED_TOKENS = 256  # what a request is guessed to generate, at most (many stop well before max_tokens)
-SPINNING_RUNTIMES = {"llamacpp"}
 
 
 class LanePolicy:
@@ -90,6 +89,6 @@ class LanePolicy:
         device take; `awaited`: the lanes of its device that requests looked at before it wait for."""
         computing = self.computing_beside(lane)
         if computing:  # computing alongside beats starving
-            spins = any(w.info.runtime in SPINNING_RUNTIMES and w.info.model != lane.info.model for w in computing)
+            spins = any(runtimes.RUNTIMES[w.info.runtime].spins and w.info.model != lane.info.model for w in computing)
             return now - since >= (HANDOVER_BESIDE_SPINNING if spins else HANDOVER_SECONDS)
         return not (lane.running and set(awaited) - {lane.identity})  # it drains, so the other lane gets its turn

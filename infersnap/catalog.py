@@ -19,17 +19,9 @@ from infersnap import paths
 from infersnap.config import KEYS, MODEL_SETTINGS, PER_MODEL, Config, ConfigView
 from infersnap.models import (FILE_TYPES, ModelNotFound, default_model_path, gguf_metadata, gguf_problem, model_id,
                               model_shape)
+from infersnap.runtimes import RUNTIMES, file_patterns
 
 log = logging.getLogger(__name__)
-
-# What openvino-genai 2026's GGUF reader can build a model from: it has its own graph for these
-# architectures only ("Unsupported model architecture" otherwise) and reads these tensor types (a
-# K-quant file such as Gemma 3's Q4_K_M fails in gguf_tensor_to_f16). llama.cpp runs any GGUF it reads.
-OPENVINO_GGUF = {
-    "architectures": frozenset({"llama", "qwen2", "qwen3"}),
-    "quantizations": frozenset({"F16", "Q4_0", "Q4_1", "Q8_0"}),
-}
-
 
 class ModelEntry(msgspec.Struct, frozen=True):
     id: str  # what clients send as `model` (matched ignoring case)
@@ -41,7 +33,7 @@ class ModelEntry(msgspec.Struct, frozen=True):
     quantization: str  # from general.file_type (e.g. "Q4_1", "Q4_K_M", "F16"); "" if unknown
     trained_context: int | None
     chat_template: bool  # the GGUF has tokenizer.chat_template, or a chat-template setting is set for it
-    runtimes: list[str]  # of "llamacpp", "openvino": which runtimes can run it
+    runtimes: list[str]  # the runtimes that can generate from it (infersnap.runtimes), in their order
     problem: str = ""  # why the file cannot be served (not a GGUF, unreadable); "" when fine
 
 
@@ -76,7 +68,7 @@ def _found(config: Config, warn: Callable[[str], None]) -> list[tuple[Path, str,
         if source == "models.dirs" and not folder.is_dir():
             warn(f"models.dirs: {folder} is not a folder; no models from there")
             continue
-        files = sorted(folder.glob("*.gguf"), key=lambda p: p.name.lower())
+        files = sorted({p for pattern in file_patterns() for p in folder.glob(pattern)}, key=lambda p: p.name.lower())
         found += [(path.absolute(), model_id(path), source) for path in files]
     return found
 
@@ -109,9 +101,7 @@ def _entry(path: Path, model_id: str, source: str, config: Config) -> ModelEntry
     file_type = meta.get("general.file_type")
     quantization = FILE_TYPES.get(file_type, "") if isinstance(file_type, int) else ""
     template = bool(meta.get("tokenizer.chat_template")) or bool(config.get(f"{PER_MODEL}.{model_slug}.chat-template"))
-    runtimes = ["llamacpp"]
-    if architecture in OPENVINO_GGUF["architectures"] and quantization in OPENVINO_GGUF["quantizations"]:
-        runtimes.append("openvino")
+    runtimes = [r.name for r in RUNTIMES.values() if "generate" in r.engines and r.reads(architecture, quantization)]
     return ModelEntry(model_id, model_slug, str(path), source, size, architecture, quantization,
                       model_shape(path).trained_context, template, runtimes)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from infersnap import paths
-from infersnap.engines import EngineChoiceError, parse_choice
+from infersnap.engines import EngineChoiceError, parse_choice, parse_embedding_choice
 
 
 class ConfigError(ValueError):
@@ -66,6 +66,14 @@ def _engine_names(value: str) -> str | None:
     return None
 
 
+def _embedding_engine_name(value: str) -> str | None:
+    try:
+        parse_embedding_choice(value)
+    except EngineChoiceError as exc:
+        return str(exc)
+    return None
+
+
 KEYS: dict[str, Key] = {
     key.name: key
     for key in (
@@ -91,6 +99,7 @@ KEYS: dict[str, Key] = {
         Key("worker.slots", int, 8, "sequences a worker generates at once (continuous batching)", _between(1, 256)),
         Key("worker.context", int, 0, "context length in tokens of each sequence (capped at the model's); 0: the model's own, as memory allows", _zero_or(_between(128, 1 << 20))),
         Key("worker.embeddings", bool, True, "run an embedding worker (the model in embedding mode, on the CPU) for /v1/embeddings"),
+        Key("worker.embedding-engine", str, "auto", "engine of the embedding worker (see `infersnap engines`); auto: the best llama.cpp engine for the CPU", _embedding_engine_name),
         Key("worker.embedding-slots", int, 1, "embeddings requests the embedding worker runs at once (their inputs share each batch)", _between(1, 256)),
         Key("worker.threads", int, 0, "CPU threads of the CPU worker; 0 means one per physical core", _between(0, 1024)),
         Key("queue.max-waiting", int, 64, "requests that may wait per worker beyond its slots; more get 503", _between(0, 100_000)),

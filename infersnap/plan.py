@@ -41,7 +41,7 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     worker_id: str
     device: str  # "cpu", "GPU.0", "NPU", "cuda:0", ...
     engine: str  # engine manifest name, e.g. "cpu-avx2"
-    runtime: str  # "llamacpp" | "openvino"
+    runtime: str  # a name in infersnap.runtimes.RUNTIMES
     cpus: list[int]  # logical CPUs the worker's threads may run on
     threads: int
     slots: int  # requests it runs at once

@@ -21,7 +21,7 @@ from infersnap.config import Config, engine_settings
 from infersnap.context import ContextChoice, Pool
 from infersnap.context import choose as choose_context
 from infersnap.engines import (MEMORY_SHARE, Assignment, EngineChoiceError, choose_lanes, embedding_engine, manifests,
-                               parse_choice, verdicts)
+                               parse_choice, parse_embedding_choice, verdicts)
 from infersnap.engines import candidates as auto_candidates
 from infersnap.hwdetect import Machine
 from infersnap.hwdetect.cpu import physical_core_cpus
@@ -132,7 +132,7 @@ def probe_lanes(config: Config, machine: Machine, context: int, run: bool = True
     wanted, serving = _wanted(config, machine)
     if not config.get("engines-measure"):  # nothing is measured: only what serves is probed (others if it crashes)
         wanted = serving
-    embedder = embedding_engine(machine)
+    embedder = embedding_engine(machine, parse_embedding_choice(config.get("worker.embedding-engine")))
     if config.get("worker.embeddings") and embedder is not None:
         wanted = list(dict.fromkeys([*wanted, Assignment(embedder, "cpu")]))
     probed = probe_all(subjects(wanted, serving, config, context), machine, config, say, run, like)
@@ -301,7 +301,9 @@ def model_plan(config: Config, machine: Machine, entry: ModelEntry, default: boo
     specs = worker_specs(assignments, cores, config.get("worker.threads"), config.get("worker.slots"),
                          measured, choose_slots="worker.slots" not in config.user, probed=probed)
     if config.get("worker.embeddings"):
-        specs += embedding_specs(specs, cores, embedding_engine(machine), config.get("worker.embedding-slots"), probed)
+        named = parse_embedding_choice(config.get("worker.embedding-engine"))
+        embedder = embedding_engine(machine, named, entry.architecture, entry.quantization)
+        specs += embedding_specs(specs, cores, embedder, config.get("worker.embedding-slots"), probed)
     specs = [msgspec.structs.replace(s, fallbacks=fallbacks(s, config, machine, entry.path, context.tokens))
              for s in specs]
     # worker ids are ZeroMQ identities, unique across models: the default model's keep the plain ones
@@ -456,19 +458,19 @@ def best_slots(speed: Speed, default: int) -> int:
 
 
 def embedding_specs(
-    workers: list[WorkerSpec], cores: list[int], best_llamacpp: str | None, slots: int = 1,
+    workers: list[WorkerSpec], cores: list[int], embedder: str | None, slots: int = 1,
     probed: dict[Assignment, Probe] | None = None,
 ) -> list[WorkerSpec]:
-    """The embedding worker: llama.cpp on the CPU workers' cores (or all of them without one), with
-    a CPU worker's engine if that is llama.cpp, else the best llama.cpp CPU engine; none where no
-    llama.cpp CPU engine can run. Its threads share those cores with the CPU worker's, which is
-    cheap while one of the two is idle. It runs with the settings its engine's probe found (the probe
-    embeds too), or fails at once where every one crashed."""
-    cpu = [w for w in workers if w.device == "cpu"]
-    llamacpp = next((w for w in cpu if w.runtime == "llamacpp"), None)
-    engine = llamacpp.engine if llamacpp is not None else best_llamacpp
-    if engine is None:
+    """The embedding worker: `embedder` (infersnap.engines.embedding_engine) on the CPU workers' cores (or
+    all of them without one), or a CPU worker's engine if that is of the same runtime (the build chosen
+    there); none where no embedding engine can run. Its threads share those cores with the CPU worker's,
+    which is cheap while one of the two is idle. It runs with the settings its engine's probe found (the
+    probe embeds too), or fails at once where every one crashed."""
+    if embedder is None:
         return []
+    cpu = [w for w in workers if w.device == "cpu"]
+    same = next((w for w in cpu if w.runtime == manifests()[embedder].runtime), None)
+    engine = same.engine if same is not None else embedder
     cpus, threads = (cpu[0].cpus, cpu[0].threads) if cpu else (cores, len(cores))
     return [WorkerSpec("embed", "cpu", engine, manifests()[engine].runtime, cpus, threads, slots, task="embed",
                        **_probed_fields((probed or {}).get(Assignment(engine, "cpu"))))]

@@ -28,17 +28,12 @@ import msgspec
 
 from infersnap import __version__, paths, profiles, wire
 from infersnap.profiles import EngineOptions, Subject
+from infersnap.runtimes import RUNTIMES
 
 if TYPE_CHECKING:
     from infersnap.engines import Assignment
     from infersnap.hwdetect import Machine
 
-# Each runtime's settings, in the order they are tried: the fastest first, then what works around the
-# crashes seen (repacking: AMX kernels; mmap: a file the kernel cannot map; bf16: OpenVINO on AMX).
-VARIANTS = {
-    "llamacpp": [EngineOptions(), EngineOptions(repack=False), EngineOptions(repack=False, mmap=False)],
-    "openvino": [EngineOptions(), EngineOptions(precision="f32")],
-}
 PROBE_TIMEOUT = 120  # seconds: a variant whose probe hangs this long counts as not running
 
 Say = Callable[[str], None]
@@ -89,10 +84,11 @@ def crashed_lanes(probed: dict[Assignment, Probe]) -> dict[Assignment, str]:
 
 
 def variants(runtime: str, fixed: dict[str, object] | None = None) -> list[EngineOptions]:
-    """The runtime's variants in order, each with the settings the user fixed; no two alike."""
+    """The runtime's settings variants in order (infersnap/runtimes.py), each with the settings the user
+    fixed; no two alike."""
     found: list[EngineOptions] = []
-    for variant in VARIANTS.get(runtime, [EngineOptions()]):
-        variant = msgspec.structs.replace(variant, **(fixed or {}))
+    for settings in RUNTIMES[runtime].variants if runtime in RUNTIMES else ({},):
+        variant = EngineOptions(**{**settings, **(fixed or {})})
         if variant not in found:
             found.append(variant)
     return found

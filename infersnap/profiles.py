@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from infersnap import __version__, paths
+from infersnap.runtimes import RUNTIMES
 
 if TYPE_CHECKING:  # the broker imports this module for Speed: no hardware detection there
     from infersnap.hwdetect import Machine
@@ -103,10 +104,6 @@ def _interpolate(points: list[tuple[int, float]], x: int) -> float:
 
 # --- what a profile is of, and its key ---------------------------------------------------------------
 
-# The Python distribution that is each runtime's build: a new build may be faster or slower.
-RUNTIME_PACKAGES = {"llamacpp": "llama_cpp_python", "openvino": "openvino-genai"}
-
-
 class EngineOptions(msgspec.Struct, frozen=True, omit_defaults=True):
     """Settings of a runtime that its native code may crash on, on some machines: the probe
     (infersnap/probes.py) finds ones that run, and every engine of that runtime is built with them."""
@@ -126,7 +123,7 @@ class Subject(msgspec.Struct, frozen=True):
     """One engine on one device, as a worker would run it: what a profile is measured for."""
 
     engine: str  # manifest name
-    runtime: str  # "llamacpp" | "openvino"
+    runtime: str  # a name in infersnap.runtimes.RUNTIMES
     device: str
     model_path: str
     threads: int
@@ -149,9 +146,10 @@ def device_identity(machine: Machine, device: str) -> str:
 
 
 def runtime_build(runtime: str) -> str:
-    """The installed version of the runtime's package, read without importing it ("" if missing)."""
+    """The installed version of the runtime's package (its build: a new one may be faster or slower),
+    read without importing it ("" if missing)."""
     try:
-        return importlib.metadata.version(RUNTIME_PACKAGES.get(runtime, runtime))
+        return importlib.metadata.version(RUNTIMES[runtime].package if runtime in RUNTIMES else runtime)
     except importlib.metadata.PackageNotFoundError:
         return ""
 

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from infersnap.profiles import Speed
+from infersnap.runtimes import display
 
 
 class SamplingParams(msgspec.Struct, array_like=True, frozen=True):
@@ -133,7 +134,6 @@ FEATURES = {
     "fim": "fill-in-the-middle with `suffix` (it needs a model with fill-in-the-middle tokens)",
 }
 TASKS = ("generate", "embed", "tokenize")  # tokenize: Tokenize and Detokenize, which take no slot
-RUNTIME_NAMES = {"llamacpp": "llama.cpp", "openvino": "OpenVINO"}
 
 
 class Needs(msgspec.Struct, array_like=True, frozen=True):
@@ -230,7 +230,7 @@ def refusal(request_id: str, needs: Needs, feature: str, runtimes: list[str], mo
     """The 400 for a request that no worker serving its model can ever serve, naming the parameter."""
     param = needs.features.get(feature, feature)
     what = FEATURES.get(feature, f"`{feature}`").format(param=param)
-    engines = " and ".join(sorted({RUNTIME_NAMES.get(r, r) for r in runtimes}))
+    engines = " and ".join(sorted({display(r) for r in runtimes}))
     message = f"{what} is not supported by the {engines} engine{'s' if ' and ' in engines else ''} serving '{model}'"
     return failed(request_id, 400, message, param=param)
 
@@ -414,7 +414,7 @@ class WorkerInfo(msgspec.Struct, array_like=True, frozen=True):
     worker_id: str
     device: str
     engine: str  # the engine manifest's name
-    runtime: str  # "llamacpp" | "openvino"
+    runtime: str  # a name in infersnap.runtimes.RUNTIMES
     model: str
     slots: int
     context: int

@@ -12,6 +12,7 @@ from conftest import cli, data_env
 from infersnap.planning import embedding_specs, worker_specs
 from infersnap.engines import Assignment, embedding_engine, manifests, select
 from infersnap.hwdetect import detect
+from infersnap.runtimes import RUNTIMES
 
 MACHINES = Path(__file__).parent / "machines"
 LUNAR_LAKE = "intel-core-ultra-7-256v"
@@ -36,7 +37,7 @@ def test_every_manifest_loads_with_the_fields_the_issue_names():
     expected = {"cpu", "cpu-avx2", "cpu-avx512", "arm64", "intel-cpu", "intel-gpu", "intel-npu", "nvidia-gpu", "amd-gpu"}
     assert expected <= set(manifests())
     assert manifests()["amd-gpu"].experimental and not manifests()["intel-gpu"].experimental
-    assert {m.runtime for m in manifests().values()} == {"llamacpp", "openvino"}
+    assert {m.runtime for m in manifests().values()} == set(RUNTIMES)  # every runtime has a manifest
 
 
 @pytest.mark.parametrize(

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import msgspec
 
-from infersnap import wire
+from infersnap import runtimes, wire
 from infersnap.engines import manifests
 from infersnap.profiles import EngineOptions
 from infersnap.workers.engine_base import Engine, EngineSettings
 from infersnap.workers.faults import Fault
-from infersnap.workers.worker import ENGINES, engine_class, only_device, pin_to
+from infersnap.workers.worker import engine_class, only_device, pin_to
 
 CONTEXT = 256  # tokens per sequence: enough for the prompts below, small to allocate
 TOKENS = 4  # generated per sequence
@@ -63,7 +63,7 @@ def probe(engine_name: str, device: str, model: str, threads: int, options: Engi
     runtime = manifests()[engine_name].runtime
     gpu_layers = manifests()[engine_name].settings.gpu_layers
     settings = EngineSettings(model, device, len(PROMPTS), CONTEXT, threads, gpu_layers, options=options)
-    tasks = ["generate"] + (["embed"] if (runtime, "embed") in ENGINES and device == "cpu" else [])
+    tasks = [t for t in ("generate", "embed") if runtimes.does(runtime, t) and (t == "generate" or device == "cpu")]
     for task in tasks:
         fault = Fault("probe", engine_name, options.label, model, task)
         try:

@@ -22,6 +22,7 @@ import zmq
 
 from infersnap import paths, wire
 from infersnap.plan import ServePlan, WorkerSpec, announced
+from infersnap.runtimes import RUNTIMES
 from infersnap.workers.engine_base import Engine, EngineError, EngineSettings, Unloaded
 from infersnap.workers.faults import Fault
 
@@ -31,13 +32,6 @@ OUTBOX = "inproc://outbox"
 # the frontend, whose CPU comes out of the engine's own cores (one stream at 110 tok/s lost 4-8 % to it).
 # First and last outputs go at once, so time to first token and freed slots do not wait.
 STREAM_INTERVAL = 0.02
-
-# The engine class of each (runtime, task): adding an engine is one line here, one file and a manifest.
-ENGINES = {
-    ("llamacpp", "generate"): "infersnap.workers.llamacpp_engine:LlamaCppEngine",
-    ("openvino", "generate"): "infersnap.workers.openvino_engine:OpenVinoEngine",
-    ("llamacpp", "embed"): "infersnap.workers.llamacpp_embedder:LlamaCppEmbedder",
-}
 
 log = logging.getLogger("infersnap.worker")
 
@@ -245,8 +239,9 @@ def only_device(device: str) -> None:
 
 
 def engine_class(runtime: str, task: str) -> type[Engine]:
-    """The engine class of a runtime and task, imported now, so that a worker loads only its own."""
-    where = ENGINES.get((runtime, task))
+    """The engine class of a runtime and task (infersnap/runtimes.py), imported now, so that a worker loads
+    only its own."""
+    where = RUNTIMES[runtime].engines.get(task) if runtime in RUNTIMES else None
     if where is None:
         raise ValueError(f"no {task} engine for the runtime {runtime!r}")
     module, _, name = where.partition(":")

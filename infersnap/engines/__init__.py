@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import msgspec
 
+from infersnap import runtimes
 from infersnap.engines.manifest import Manifest, manifests, parse_size
 from infersnap.engines.verdict import Verdict, evaluate
 from infersnap.hwdetect import Machine
@@ -23,7 +24,7 @@ LANE_MARGIN = 1.1  # a second lane must beat the first by this factor somewhere 
 MEMORY_SHARE = 0.8  # the share of the available memory that the lanes of a machine may use
 
 __all__ = ["AUTO", "Assignment", "EngineChoiceError", "Manifest", "Verdict", "evaluate", "manifests", "parse_size",
-           "parse_choice", "select", "choose_lanes", "crashes", "verdicts", "embedding_engine", "candidates"]
+           "parse_choice", "select", "choose_lanes", "crashes", "verdicts", "embedding_engine", "parse_embedding_choice", "candidates"]
 
 
 class EngineChoiceError(ValueError):
@@ -54,10 +55,10 @@ def parse_choice(text: str) -> list[str] | None:
 
 def candidates(machine: Machine) -> list[Assignment]:
     """What auto may run: on each device, the best-scoring compatible, non-experimental engine of each
-    runtime (the ones a profile measures)."""
+    runtime that generates (the ones a profile measures)."""
     found: dict[tuple[str, str], Assignment] = {}
     for verdict in verdicts(machine):
-        if verdict.compatible and not verdict.experimental:
+        if verdict.compatible and not verdict.experimental and runtimes.does(manifests()[verdict.engine].runtime, "generate"):
             for device in verdict.devices:
                 found.setdefault((device, manifests()[verdict.engine].runtime), Assignment(verdict.engine, device))
     return list(found.values())
@@ -96,6 +97,8 @@ def choose_lanes(machine: Machine, names: list[str] | None = None,
         if not verdict.compatible:
             raise EngineChoiceError(f"engine {name} cannot run on this machine: {'; '.join(verdict.reasons)}")
         runtime = manifests()[name].runtime
+        if not runtimes.does(runtime, "generate"):
+            raise EngineChoiceError(f"engine {name} only embeds; name it in worker.embedding-engine")
         for device in verdict.devices:
             engines = chosen.setdefault(device, {})
             # two engines of one runtime on a device would do the same work
@@ -162,10 +165,34 @@ def _wins_somewhere(profile: Profile, others: list[Profile]) -> bool:
     return all(o.speed.prompt_seconds(4096) > LANE_MARGIN * speed.prompt_seconds(4096) for o in others)
 
 
-def embedding_engine(machine: Machine) -> str | None:
-    """The best llama.cpp engine for the CPU: embeddings run there, whichever engines generate."""
+def parse_embedding_choice(text: str) -> str | None:
+    """The engine named in worker.embedding-engine, or None for auto."""
+    name = text.strip()
+    if name in ("", AUTO):
+        return None
+    if name not in manifests():
+        raise EngineChoiceError(f"unknown engine {name}; known engines: {', '.join(manifests())}")
+    manifest = manifests()[name]
+    if manifest.device != "cpu" or not runtimes.does(manifest.runtime, "embed"):
+        raise EngineChoiceError(f"engine {name} does not embed on the CPU; those that do: {', '.join(_embedders())}")
+    return name
+
+
+def _embedders() -> list[str]:
+    return [n for n, m in manifests().items() if m.device == "cpu" and runtimes.does(m.runtime, "embed")]
+
+
+def embedding_engine(machine: Machine, name: str | None = None, architecture: str | None = None,
+                     quantization: str = "") -> str | None:
+    """The engine of the embedding worker, on the CPU whichever engines generate: the one named
+    (worker.embedding-engine) where it runs here and its runtime reads the model (given by its GGUF
+    architecture and file type), else the best-scoring non-experimental CPU engine whose runtime embeds."""
     for verdict in verdicts(machine):
         manifest = manifests()[verdict.engine]
-        if verdict.compatible and not verdict.experimental and manifest.runtime == "llamacpp" and verdict.devices == ["cpu"]:
+        if name is not None and verdict.engine == name and verdict.compatible and (
+                architecture is None or runtimes.runtime(manifest.runtime).reads(architecture, quantization)):
+            return name
+    for verdict in verdicts(machine):
+        if verdict.compatible and not verdict.experimental and verdict.engine in _embedders():
             return verdict.engine
     return None

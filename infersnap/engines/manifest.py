@@ -15,6 +15,8 @@ from typing import Literal
 import msgspec
 import yaml
 
+from infersnap.runtimes import RUNTIMES
+
 MANIFESTS = Path(__file__).parent / "manifests"
 
 DeviceType = Literal["cpu", "gpu", "npu"]
@@ -44,7 +46,7 @@ class Manifest(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, froze
     name: str
     summary: str
     vendor: str
-    runtime: Literal["llamacpp", "openvino"]
+    runtime: str  # a name in infersnap.runtimes.RUNTIMES
     device: DeviceType  # the kind of device its workers run on
     devices: Devices
     backends: list[str] = []  # llama.cpp: the build needs one of these ggml backends
@@ -52,6 +54,10 @@ class Manifest(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, froze
     memory: str | None = None  # RAM needed, "2G"
     disk: str | None = None  # free disk needed where models live
     settings: Settings = Settings()
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {self.runtime!r}; known runtimes: {', '.join(RUNTIMES)}")
 
 
 def parse_size(text: str) -> int:

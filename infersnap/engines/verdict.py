@@ -7,11 +7,9 @@ e.g. AVX-512 over AVX2 over any CPU) above the more general one.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import msgspec
 
+from infersnap import runtimes
 from infersnap.engines.manifest import DeviceRequirement, Manifest, parse_size
 from infersnap.hwdetect import Accelerator, Machine
 
@@ -73,31 +71,11 @@ def _requirement(req: DeviceRequirement, machine: Machine) -> tuple[bool, str, i
     return True, f"{wanted}: {names}", specificity, [a.device for a in matches]
 
 
-def _llamacpp_backends() -> set[str]:
-    """The ggml backends this llama-cpp-python build ships (its lib/libggml-<name>.so files)."""
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        return set()
-    lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    return {p.name.removeprefix("libggml-").split(".so")[0] for p in lib.glob("libggml-*.so*")}
-
-
 def _runtime_problems(manifest: Manifest, machine: Machine, devices: list[str]) -> list[str]:
     """What the installed software lacks to run this engine; asked of the live machine only."""
     if machine.root != LIVE_ROOT:
         return []  # a recorded machine is judged on its hardware alone
-    if manifest.runtime == "openvino":
-        if importlib.util.find_spec("openvino_genai") is None:
-            return ["openvino-genai is not installed"]
-        if manifest.device != "cpu" and machine.openvino is not None:
-            known = {d.name for d in machine.openvino}
-            missing = [d for d in devices if d not in known]
-            if missing:
-                return [f"OpenVINO does not see {', '.join(missing)} (is its driver installed?)"]
-        return []
-    if manifest.backends and not _llamacpp_backends() & set(manifest.backends):
-        return [f"this llama-cpp-python build has no {' or '.join(manifest.backends)} backend"]
-    return []
+    return runtimes.problems(manifest, machine, devices)
 
 
 def evaluate(manifest: Manifest, machine: Machine) -> Verdict:
