@@ -11,7 +11,8 @@ driven directly through add()/step(). Then, run by run and interleaved (served, 
 
 For 1 client on llama.cpp, llama-cpp-python's high-level Llama in-process is measured too, for
 reference. Temperature 0, and the end of turn banned (logit_bias), so every request generates
-exactly --max-tokens tokens on every side. Prints medians and served/in-process ratios.
+exactly --max-tokens tokens on every side. Prints medians and served/in-process ratios, and the broker
+process's CPU time per generated token on the served side (what routing costs, whatever the engine).
 
     .venv/bin/python bench/serve_vs_inprocess.py [--runs 5] [--max-tokens 128] [--engines cpu,intel-cpu]
 """
@@ -178,7 +179,17 @@ def figures(results: list[tuple[float, float, int]]) -> tuple[float, float, int]
     return tps, statistics.median(r[0] for r in results) * 1000, tokens
 
 
-def bench_engine(name: str, runs: int, max_tokens: int, threads: int, rows: list) -> None:
+def broker_pid(server) -> int:
+    for pid in process_tree(server.process.pid):
+        try:
+            if b"infersnap.broker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            continue
+    raise RuntimeError("no broker process under the server")
+
+
+def bench_engine(name: str, runs: int, max_tokens: int, threads: int, rows: list, broker_cost: dict) -> None:
     engine, seconds = build(RUNTIMES[name], threads, SLOTS, CONTEXT)
     print(f"{name}: in-process engine loaded in {seconds:.1f} s, {threads} threads", flush=True)
     llm = None
@@ -194,6 +205,7 @@ def bench_engine(name: str, runs: int, max_tokens: int, threads: int, rows: list
             served(server.url, [-1], 8)  # warm both up
             inprocess(engine, [-1], 8)
             pids = [os.getpid(), *process_tree(server.process.pid)]
+            broker = broker_pid(server)
             for run in range(runs):
                 for clients in (1, 8):
                     prompts = [run * 100 + clients * 10 + c for c in range(clients)]  # new to both prefix caches
@@ -202,9 +214,13 @@ def bench_engine(name: str, runs: int, max_tokens: int, threads: int, rows: list
                     if clients == 1 and llm is not None:
                         sides.append(("Llama", lambda: llama_reference(llm, prompts[0], max_tokens)))
                     for side, measure in sides if run % 2 == 0 else sides[::-1]:
+                        broker_before = own_seconds([broker])
                         result = figures(quietly(measure, pids))
                         assert result[2] == clients * max_tokens, f"{side} generated {result[2]} tokens"
                         runs_of.setdefault((side, clients), []).append(result)
+                        if side == "served":  # the broker idles at its 100 ms tick while the others run: counted too
+                            per_token = (own_seconds([broker]) - broker_before) / result[2] * 1e6
+                            broker_cost.setdefault((name, clients), []).append(per_token)
                 print(f"  run {run + 1}/{runs}: " + ", ".join(
                     f"{side} x{clients} {results[-1][0]:.1f}" for (side, clients), results in runs_of.items()), flush=True)
         finally:
@@ -233,8 +249,9 @@ def main() -> None:
 
     threads = len(physical_core_cpus())  # as the supervisor gives the CPU worker (worker.threads=0)
     rows: list = []
+    broker_cost: dict[tuple[str, int], list[float]] = {}
     for name in args.engines.split(","):
-        bench_engine(name, args.runs, args.max_tokens, threads, rows)
+        bench_engine(name, args.runs, args.max_tokens, threads, rows, broker_cost)
 
     print(f"\nmedians of {args.runs} runs, {args.max_tokens} tokens per request; 1 client: decode tok/s; "
           "8 clients: aggregate tok/s and TTFT p50; ratio: median of the runs' served/in-process")
@@ -244,6 +261,9 @@ def main() -> None:
         print(f"{name:10}{clients:>8}  {against:11}{s_tps:>13.1f}{i_tps:>14.1f}{ratio:>7.3f}"
               f"{s_ttft:>10.1f} ms{i_ttft:>10.1f} ms")
     print("targets: ratio >= 0.97 at 1 client, >= 0.95 at 8")
+    print("\nbroker CPU per generated token, served side (median of the runs; its waits at the tick included)")
+    for (name, clients), costs in broker_cost.items():
+        print(f"{name:10}{clients:>8}  {statistics.median(costs):8.1f} us/token")
 
 
 if __name__ == "__main__":
