@@ -1,3 +1,3 @@
-"""infersnap: a local LLM server with one pinned inference worker per device."""
+"""infersnap: a local LLM server with pinned inference workers on every device, each engine the one measured fastest there."""
 
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ def status_document(status: wire.Status) -> dict:
         "model": default.name if default else None,  # the default one; `models` has them all
         **({"context": f"{default.context} tokens per sequence ({default.context_note})"}
            if default and default.context_note else {}),
-        "waiting": status.queued,
+        "queued": status.queued,  # in the broker, for a free slot (a worker's own `waiting` is inside its engine)
         **({"draining": True} if status.draining else {}),
         **({"left-out": default.left_out} if default and default.left_out else {}),
         "models": [

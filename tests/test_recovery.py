@@ -125,7 +125,7 @@ def test_a_killed_worker_is_noticed_at_once_what_it_ran_ends_with_an_error_what_
             )
         )
         queued.start()
-        wait_until(lambda: server.status()["waiting"] == 1, 5, "the second request is not waiting in the broker")
+        wait_until(lambda: server.status()["queued"] == 1, 5, "the second request is not waiting in the broker")
 
         killed_at = time.monotonic()
         os.kill(child_pid(server, "infersnap.workers"), signal.SIGKILL)

@@ -119,7 +119,7 @@ def test_lookups_answer_while_every_slot_generates(server):
         quick = {"prompt": "Hi", "max_tokens": 1}
         queued = threading.Thread(target=httpx.post, args=(f"{server.url}/completions",), kwargs={"json": quick, "timeout": 60})
         queued.start()
-        wait_until(lambda: server.status()["waiting"] == 1, 5, "the extra request never waited in the broker")
+        wait_until(lambda: server.status()["queued"] == 1, 5, "the extra request never waited in the broker")
 
         start = time.monotonic()
         ids = tokens(client, TEXT, with_pieces=True)

@@ -1,1 +1,1 @@
-"""Inference workers: one process per device, each owning one engine."""
+"""Inference workers: one process per (engine, device) of each loaded model (a lane), each owning one engine."""
