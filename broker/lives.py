@@ -66,7 +66,7 @@ class WorkerLives:
                 if life.restart_at > now:
                     continue
                 restarts = life.start.restarts + (1 if life.restart_at else 0)
-                life.start = wire.WorkerStart(life.start.number + 1, life.start.variant, restarts, life.start.settings)
+                life.start = wire.WorkerStart(life.start.number + 1, life.start.fallback, restarts, life.start.settings)
                 life.running, life.started_at, life.ready_at, life.restart_at = True, now, 0.0, 0.0
             run[worker_id] = life.start
         failed = {worker_id: life.quarantined for worker_id, life in self.lives.items() if life.quarantined}
@@ -90,11 +90,11 @@ class WorkerLives:
             life.failures += 1
             life.restart_at = now + min(MAX_BACKOFF_SECONDS, 0.5 * 2 ** (life.failures - 1))
             return "restart", ""
-        if not others_serve and life.start.variant < len(spec.fallbacks):
-            engine, label = spec.way(life.start.variant)
+        if not others_serve and life.start.fallback < len(spec.fallbacks):
+            engine, label = spec.way(life.start.fallback)
             crashed = f"{engine} {label}: {why.split(';')[0].removeprefix('its process ')}"
-            way = spec.fallbacks[life.start.variant]
-            life.start = wire.WorkerStart(life.start.number, life.start.variant + 1, life.start.restarts,
+            way = spec.fallbacks[life.start.fallback]
+            life.start = wire.WorkerStart(life.start.number, life.start.fallback + 1, life.start.restarts,
                                           f"{way.note} (instead of {crashed})")
             life.early_deaths, life.restart_at = 0, now  # at once, and counted as a restart
             return "fallback", f"{crashed}; it runs on as {way.engine} with the settings {way.options.label}"

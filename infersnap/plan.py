@@ -28,7 +28,7 @@ SPEC_TASKS = {"generate": ["generate", "tokenize"], "embed": ["embed"]}
 class Fallback(msgspec.Struct, frozen=True):
     """Another way to run a worker whose way crashes while serving, in the order they are tried: its
     runtime's next settings, then its device's engine of another runtime that its stored probe says
-    runs with the model (infersnap/planning.py). The broker picks one (wire.WorkerStart.variant)."""
+    runs with the model (infersnap/planning.py). The broker picks one (wire.WorkerStart.fallback)."""
 
     engine: str
     runtime: str
@@ -54,17 +54,17 @@ class WorkerSpec(msgspec.Struct, frozen=True):
     crashes: str = ""  # set: every setting of its engine crashed here; it fails at once with this reason
     fallbacks: list[Fallback] = []  # where its settings crash while serving (Fallback)
 
-    def way(self, variant: int) -> tuple[str, str]:
-        """The engine and the settings' label a variant runs with: "intel-cpu", "f32"."""
-        if not variant:
+    def way(self, fallback: int) -> tuple[str, str]:
+        """The engine and the settings' label it runs with on this fallback (0: none): "intel-cpu", "f32"."""
+        if not fallback:
             return self.engine, self.options.label
-        return self.fallbacks[variant - 1].engine, self.fallbacks[variant - 1].options.label
+        return self.fallbacks[fallback - 1].engine, self.fallbacks[fallback - 1].options.label
 
     def started(self, start: wire.WorkerStart) -> WorkerSpec:
-        """The spec as this start runs it: with the fallback its variant names, and that start's settings note."""
-        if not start.variant:
+        """The spec as this start runs it: on the fallback it names, with that start's settings note."""
+        if not start.fallback:
             return self
-        way = self.fallbacks[start.variant - 1]
+        way = self.fallbacks[start.fallback - 1]
         return msgspec.structs.replace(
             self, engine=way.engine, runtime=way.runtime, options=way.options, gpu_layers=way.gpu_layers,
             settings=start.settings, speed=self.speed if way.engine == self.engine else None)

@@ -296,9 +296,9 @@ class WorkerStart(msgspec.Struct, array_like=True, frozen=True):
     """One start of a worker's process, as the broker orders it."""
 
     number: int  # counts the starts ordered for this worker: the supervisor starts a process for each new one
-    variant: int = 0  # how it runs: 0 as its spec says, i > 0 as its spec's fallbacks[i - 1] (infersnap/plan.py)
+    fallback: int = 0  # how it runs: 0 as its spec says, i > 0 as its spec's fallbacks[i - 1] (infersnap/plan.py)
     restarts: int = 0  # how often its process was started again after it died
-    settings: str = ""  # with a variant: its settings and why, as status shows them ("f32 (instead of ...)")
+    settings: str = ""  # on a fallback: its settings and why, as status shows them ("f32 (instead of ...)")
 
 
 class Orders(Message):

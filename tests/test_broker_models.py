@@ -303,3 +303,75 @@ def test_the_broker_reads_the_plan_when_told_and_its_followers_learn_it_at_once(
     submit(app, wire.Generate(id="on-b", model="b", params=wire.SamplingParams(), prompt="x"))
     [refused] = outputs(app)
     assert refused.failure.status == 404 and "'b' does not exist" in refused.failure.message
+
+
+# --- worker lives: the broker orders, the supervisor carries out ---------------------------------------
+
+
+def orders(supervisor) -> list[wire.Orders]:
+    return [m for [m] in supervisor.received() if isinstance(m, wire.Orders)]
+
+
+def test_the_broker_orders_the_wanted_models_workers_restarts_a_crash_after_a_pause_and_stops_the_unloaded(three):
+    supervisor = three.client(b"supervisor")
+    supervisor.send(wire.Supervise())
+    [first] = orders(supervisor)
+    assert first.run == {"cpu@main": wire.WorkerStart(1)} and first.failed == {}
+    worker = start(three, "main")
+    supervisor.send(wire.WorkerExited("cpu@main", -9))  # it had been ready: restarted, after a pause
+    assert orders(supervisor) in ([], [wire.Orders({})])
+    time.sleep(0.6)
+    three.pump()
+    [again] = orders(supervisor)[-1:]
+    assert again.run["cpu@main"].number == 2 and again.run["cpu@main"].restarts == 1
+    submit(three.client(), wire.Generate(id="on-a", model="a", params=wire.SamplingParams(), prompt="x"))
+    assert set(orders(supervisor)[-1].run) == {"cpu@main", "cpu@a"}  # a request loads its model
+    del worker
+
+
+def test_a_worker_that_dies_while_loading_is_quarantined_and_a_broker_started_anew_keeps_it(three):
+    supervisor = three.client(b"supervisor")
+    supervisor.send(wire.Supervise())
+    orders(supervisor)
+    supervisor.send(wire.WorkerExited("cpu@main", -11))  # never announced itself ready
+    [quarantined] = orders(supervisor)
+    assert "cpu@main" not in quarantined.run and "while loading" in quarantined.failed["cpu@main"]
+    [worker] = [w for w in three.broker.status("q").workers if w.worker_id == "cpu@main"]
+    assert worker.state == "failed" and "SIGSEGV while loading" in worker.error
+    # what a new broker is handed back: the quarantine holds, no start is ordered
+    fresh, zctx = broker_net([model("main", 100, keep_alive=-1)])
+    try:
+        newcomer = fresh.client(b"supervisor")
+        newcomer.send(wire.Supervise(failed=quarantined.failed))
+        [resumed] = orders(newcomer)
+        assert resumed.run == {} and resumed.failed == quarantined.failed
+        assert fresh.broker.status("q").workers[0].state == "failed"
+    finally:
+        zctx.destroy(linger=0)
+
+
+def test_a_lane_alone_that_crashes_soon_after_ready_twice_runs_on_its_next_fallback():
+    from infersnap.plan import Fallback
+    from infersnap.profiles import EngineOptions
+
+    net, zctx = broker_net([model("main", 100, keep_alive=-1)])
+    try:
+        spec = net.broker.plan.workers[0]
+        way = Fallback("cpu", "llamacpp", EngineOptions(repack=False), note="no-repack")
+        net.broker.scheduler.plan = msgspec.structs.replace(
+            net.broker.plan, workers=[msgspec.structs.replace(spec, fallbacks=[way])])
+        supervisor = net.client(b"supervisor")
+        supervisor.send(wire.Supervise())
+        for number in (1, 2):
+            assert orders(supervisor)[-1].run["cpu@main"].number == number
+            start(net, "main")
+            supervisor.send(wire.WorkerExited("cpu@main", -11))
+            time.sleep(0.6)  # past the first restart's pause
+            net.pump()
+        [fell_back] = orders(supervisor)[-1:]
+        run = fell_back.run["cpu@main"]
+        assert run.number == 3 and run.fallback == 1 and run.restarts == 2
+        assert run.settings.startswith("no-repack (instead of cpu default: was killed by SIGSEGV twice within 60 s")
+        assert net.broker.plan.workers[0].started(run).options == EngineOptions(repack=False)
+    finally:
+        zctx.destroy(linger=0)
