@@ -195,6 +195,43 @@ class Model:
     removed: bool = False  # gone from the catalog: no new request; forgotten once unloaded
 
 
+class Followers:
+    """The clients that follow the broker's status (StatusQuery.follow: the frontends), and what they were
+    last sent. They get a Status at once when a worker's or a model's state changes, when what runs or
+    waits changes (at most every PUSH_SECONDS, so that /metrics stays fresh without a Status per request),
+    and after KEEPALIVE_SECONDS of nothing else, so that a follower that hears nothing knows the broker is
+    gone (a restarted broker knows no followers: they ask again)."""
+
+    PUSH_SECONDS = 0.2
+    KEEPALIVE_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self.clients: set[bytes] = set()
+        self.sent: tuple = ()  # (states, counts) as last pushed
+        self.sent_at = 0.0
+
+    def push(self, broker: Broker, now: float) -> None:
+        """Send the followers the broker's Status if it changed as above; run after each pass of the broker's loop."""
+        if not self.clients:
+            return
+        workers = broker.workers.values()
+        states = (broker.replans, broker.drain_deadline is not None,
+                  [(w.identity, w.info.state, w.info.error) for w in workers],
+                  [(name, m.wanted, m.failed, m.removed, m.keep_alive) for name, m in broker.models.items()])
+        counts = (len(broker.queue), [(len(w.running), w.info.waiting) for w in workers])
+        since = now - self.sent_at
+        if self.sent and states == self.sent[0] and since < self.KEEPALIVE_SECONDS and (
+                counts == self.sent[1] or since < self.PUSH_SECONDS):
+            return
+        self.sent, self.sent_at = (states, counts), now
+        status = wire.encode(broker.status(""))
+        for client in list(self.clients):
+            try:
+                broker.clients.send_multipart([client, status], zmq.NOBLOCK)
+            except zmq.ZMQError:  # gone, or not reading: one that comes back follows again
+                self.clients.discard(client)
+
+
 class Broker:
     def __init__(
         self, plan: ServePlan, zctx: zmq.Context | None = None, address: Callable[[str], str] = paths.socket_address,
@@ -214,6 +251,8 @@ class Broker:
         self.queue: dict[str, Queued] = {}  # accepted, waiting for a worker; dicts keep arrival order
         self.drain_deadline: float | None = None
         self.next_pass = 0.0  # when _tick runs a dispatch pass, if nothing else has
+        self.replans = 0  # times the plan file was read anew (Status.replans)
+        self.followers = Followers()
         self.models = {m.name.lower(): Model(m, m.keep_alive) for m in plan.models}
         now = time.monotonic()
         for spec in plan.workers:  # an entry for each, running or not, so that status and routing know them all
@@ -285,6 +324,8 @@ class Broker:
         elif isinstance(message, wire.Abort):
             self._abort(message.ids)
         elif isinstance(message, wire.StatusQuery):
+            if message.follow:
+                self.followers.clients.add(client)
             self._send(self.clients, client, self.status(message.id))
         elif isinstance(message, wire.ModelControl):
             self._send_results(client, [self._control(message)])
@@ -301,8 +342,8 @@ class Broker:
                      len(self.routes) + len(self.queue), message.grace)
             self.drain_deadline = time.monotonic() + message.grace
 
-    def _refusal(self, submit: wire.Submit) -> wire.Output | None:
-        """Why this request cannot be accepted now, as its error Output; None if it can."""
+    def _refusal(self, submit: wire.Submit) -> wire.Failure | None:
+        """Why this request cannot be accepted now, as its Failure; None if it can."""
         if self.drain_deadline is not None:
             return wire.failed(submit.id, 503, "the server is shutting down", code="shutting_down")
         needs = submit.needs
@@ -345,7 +386,7 @@ class Broker:
             return wire.failed(submit.id, 503, "the server is at capacity; retry shortly", code="server_overloaded")
         return None
 
-    def _not_found(self, request_id: str, name: str) -> wire.Output:
+    def _not_found(self, request_id: str, name: str) -> wire.Failure:
         known = ", ".join(m.spec.name for m in self.models.values() if not m.removed) or "none"
         return wire.failed(request_id, 404, f"The model '{name}' does not exist. Models served here: {known}",
                            code="model_not_found", param="model")
@@ -802,6 +843,7 @@ class Broker:
         """The catalog changed while serving: each model added gets its entries, unloaded; a model removed
         takes no new request, and is unloaded and forgotten once those it accepted have ended."""
         self.plan, now = plan, time.monotonic()
+        self.replans += 1
         for spec in plan.models:
             model = self.models.get(spec.name.lower())
             if model is None:
@@ -822,7 +864,7 @@ class Broker:
                 model.removed, model.requested, model.keep_alive = True, False, 0
         self._dispatch()
 
-    def _control(self, control: wire.ModelControl) -> wire.Output:
+    def _control(self, control: wire.ModelControl) -> wire.Final | wire.Failure:
         """Load a model now, or unload it once idle: answered at once (the load goes on)."""
         model = self.models.get(control.model.lower())
         if model is None or model.removed:
@@ -830,7 +872,7 @@ class Broker:
         if not control.load:
             model.keep_alive, model.requested = 0, False  # as a request with keep_alive 0: gone once idle
             self._schedule(time.monotonic())
-            return wire.Output(control.id, finish_reason="stop")
+            return wire.Final(control.id, "stop")
         model.keep_alive = model.spec.keep_alive if control.keep_alive is None else control.keep_alive
         if not model.wanted:
             too_big = self._never_fits(model)
@@ -847,7 +889,7 @@ class Broker:
                     worker.info = msgspec.structs.replace(worker.info, state="loading", error="", pid=0)
         model.last_used = time.monotonic()
         self._dispatch()
-        return wire.Output(control.id, finish_reason="stop")
+        return wire.Final(control.id, "stop")
 
     def _tick(self, now: float) -> None:
         replanned = self.plan_file.changed() if self.plan_file else None
@@ -866,6 +908,7 @@ class Broker:
             self._end_all("the server shut down before this request finished")
         if self.queue and now >= self.next_pass:  # a wait for a lane may have run past HANDOVER_SECONDS
             self._dispatch()
+        self.followers.push(self, now)
 
     def _end_all(self, message: str) -> None:
         ending = {**self.routes, **self.queue}
@@ -874,7 +917,7 @@ class Broker:
 
     def _fail(self, entries: dict[str, Route | Queued], message: str, code: str | None = None) -> None:
         """End these requests with a 503 each, one message per client."""
-        by_client: dict[bytes, list[wire.Output]] = {}
+        by_client: dict[bytes, list[wire.Failure]] = {}
         for request_id, entry in entries.items():
             by_client.setdefault(entry.client, []).append(wire.failed(request_id, 503, message, code=code))
         for client, outputs in by_client.items():

@@ -67,7 +67,7 @@ class LlamaCppEmbedder(Engine):
         self.ctx = new_context(self.model, params, on_gpu=False)
         self.batch = _internals.LlamaBatch(n_tokens=self.context, embd=0, n_seq_max=1, verbose=False)
 
-    def _add(self, request: wire.Embed) -> wire.Output | None:
+    def _add(self, request: wire.Embed) -> wire.Failure | None:
         """Queue the request, or refuse at once with a 400 naming what the model cannot take."""
         if request.dimensions is not None and request.dimensions != self.n_embd:
             message = f"this model's embeddings have {self.n_embd} dimensions; it cannot give {request.dimensions}"
@@ -99,8 +99,7 @@ class LlamaCppEmbedder(Engine):
         for job in [j for j in self.running if len(j.vectors) == len(j.inputs)]:
             self._end(job)
             prompt_tokens = sum(map(len, job.inputs))
-            outputs.append(wire.Output(job.request.id, finish_reason="stop", prompt_tokens=prompt_tokens,
-                                       embeddings=job.vectors))
+            outputs.append(wire.Embeddings(job.request.id, job.vectors, prompt_tokens))
         return outputs
 
     def _tokens(self, text: str) -> list[int]:
