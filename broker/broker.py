@@ -196,34 +196,30 @@ class Model:
 
 
 class Followers:
-    """The clients that follow the broker's status (StatusQuery.follow: the frontends), and what they were
-    last sent. They get a Status at once when a worker's or a model's state changes, when what runs or
-    waits changes (at most every PUSH_SECONDS, so that /metrics stays fresh without a Status per request),
-    and after KEEPALIVE_SECONDS of nothing else, so that a follower that hears nothing knows the broker is
-    gone (a restarted broker knows no followers: they ask again)."""
+    """The clients that follow the broker's status (StatusQuery.follow: the frontends). They get a Status
+    at once when a worker's or a model's state changes (or the plan file was read anew, or a drain began),
+    and after KEEPALIVE_SECONDS of none, so that a follower that hears nothing knows the broker is gone (a
+    restarted broker knows no followers: they ask again). What runs and waits changes with every request:
+    that is not pushed (/metrics asks at its scrape)."""
 
-    PUSH_SECONDS = 0.2
     KEEPALIVE_SECONDS = 1.0
 
     def __init__(self) -> None:
         self.clients: set[bytes] = set()
-        self.sent: tuple = ()  # (states, counts) as last pushed
+        self.sent: tuple = ()  # the states last pushed
         self.sent_at = 0.0
 
     def push(self, broker: Broker, now: float) -> None:
-        """Send the followers the broker's Status if it changed as above; run after each pass of the broker's loop."""
+        """Send the followers the broker's Status if a state changed or none went for KEEPALIVE_SECONDS;
+        run after each pass of the broker's loop."""
         if not self.clients:
             return
-        workers = broker.workers.values()
         states = (broker.replans, broker.drain_deadline is not None,
-                  [(w.identity, w.info.state, w.info.error) for w in workers],
+                  [(w.identity, w.info.state, w.info.error) for w in broker.workers.values()],
                   [(name, m.wanted, m.failed, m.removed, m.keep_alive) for name, m in broker.models.items()])
-        counts = (len(broker.queue), [(len(w.running), w.info.waiting) for w in workers])
-        since = now - self.sent_at
-        if self.sent and states == self.sent[0] and since < self.KEEPALIVE_SECONDS and (
-                counts == self.sent[1] or since < self.PUSH_SECONDS):
+        if states == self.sent and now - self.sent_at < self.KEEPALIVE_SECONDS:
             return
-        self.sent, self.sent_at = (states, counts), now
+        self.sent, self.sent_at = states, now
         status = wire.encode(broker.status(""))
         for client in list(self.clients):
             try:

@@ -105,7 +105,8 @@ def create_app(plan: ServePlan, plan_file: PlanFile | None = None) -> Sanic:
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> HTTPResponse:
-        status = await request.app.ctx.broker.status()
+        # asked now, not as last pushed: a scrape's gauges (what runs, what waits) are exact at its moment
+        status = await request.app.ctx.broker.status(fresh=True)
         return raw(request.app.ctx.metrics.exposition(status), content_type=metrics.CONTENT_TYPE)
 
     @app.post("/tokenize")

@@ -478,7 +478,7 @@ class ModelState(msgspec.Struct, array_like=True, frozen=True):
 
 class Status(Message):
     """The broker's view: the answer to a StatusQuery, and what it pushes to the clients that follow it
-    (id "") whenever a worker's or model's state changes, what runs or waits changes, or a second passed."""
+    (id "") whenever a worker's or a model's state changes, and at least every second."""
 
     id: str
     boot: str  # new each time the broker starts: a frontend that sees it change knows its routes are gone
