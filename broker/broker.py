@@ -554,6 +554,7 @@ class Broker:
             draining=self.drain_deadline is not None,
             # a removed model is not served (404) even while its processes end: not listed
             models=[self._model_state(m, time.monotonic()) for m in self.models.values() if not m.removed],
+            replans=self.replans,
         )
 
     def _model_state(self, model: Model, now: float) -> wire.ModelState:

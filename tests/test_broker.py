@@ -514,3 +514,27 @@ def test_a_lane_that_read_a_prompt_beginning_before_counts_it_as_cached(net):
     submit(app, wire.Generate(id="other", model="m", params=wire.SamplingParams(max_tokens=128), prompt="other " * 800))
     finish(llama, b"app", "next")
     assert dispatched(openvino) == ["other"]  # a beginning no lane has read goes to the faster reader
+
+
+def test_a_follower_is_pushed_the_status_when_a_state_changes_and_no_status_per_request(net):
+    """A frontend follows with one StatusQuery(follow=True); the broker pushes it a Status (id "") when a
+    worker's state changes or it read the plan anew, and no Status for a request that comes and goes."""
+    net.broker.followers.KEEPALIVE_SECONDS = 60  # out of the way: only the pushes for changes are seen
+    app = net.client()
+    app.send(wire.StatusQuery(id="f", follow=True))
+
+    def pushed() -> list[wire.Status]:
+        return [m for frames in app.received() for m in frames if isinstance(m, wire.Status)]
+
+    assert [s.id for s in pushed()] == ["f", ""]  # the answer, then the first push
+    worker = net.worker("cpu", state="loading")
+
+    assert [s.workers[0].state for s in pushed()] == ["loading"]
+    worker.send(wire.WorkerStatus(info=msgspec.structs.replace(worker.info, state="ready")))
+    assert [(s.id, s.workers[0].state) for s in pushed()] == [("", "ready")]
+    submit(app, generate("g1"))
+    finish(worker, b"app", "g1")
+    assert pushed() == []
+    net.broker._replan(net.broker.plan)
+    assert [s.replans for s in pushed()] == [1]
+    assert net.broker.status("q").replans == 1
