@@ -54,19 +54,21 @@ def run(engine, requests, abort_after: dict[str, int] | None = None) -> dict[str
     for r in requests:
         refused = engine.add(r)
         if refused is not None:
-            results[r.id].update(finish=refused.finish_reason, failure=refused.failure)
+            results[r.id].update(finish="error", failure=refused)
     aborted = set()
     while engine.busy:
         for out in engine.step():
             res = results[out.id]
             assert out.id not in aborted, f"output after abort for {out.id}"
             assert res["finish"] is None, f"output after finish for {out.id}"
-            res["text"] += out.text
+            chunk = out.last if isinstance(out, wire.Final) else out if isinstance(out, wire.Text) else None
+            res["text"] += chunk.text if chunk is not None else ""
             res["outputs"] += 1
-            res["finish"] = out.finish_reason
-            res.update(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens, timings=out.timings)
-            if out.failure:
-                res["failure"] = out.failure
+            if isinstance(out, wire.Final):
+                res.update(finish=out.finish_reason, prompt_tokens=out.prompt_tokens,
+                           completion_tokens=out.completion_tokens, timings=out.timings)
+            elif isinstance(out, wire.Failure):
+                res.update(finish="error", failure=out)
             if abort_after and abort_after.get(out.id) == res["outputs"]:
                 engine.abort([out.id, "no-such-id"])
                 aborted.add(out.id)

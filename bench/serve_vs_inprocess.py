@@ -100,9 +100,10 @@ def inprocess(engine, prompts: list[int], max_tokens: int) -> list[tuple[float, 
     while engine.busy:
         for out in engine.step():
             now = time.perf_counter() - start
-            if out.text and out.id not in first:
+            chunk = out.last if isinstance(out, wire.Final) else out
+            if chunk is not None and chunk.text and out.id not in first:
                 first[out.id] = now
-            if out.finish_reason is not None:
+            if isinstance(out, wire.Final):
                 ends[out.id] = (now, out.completion_tokens)
     return [(first[r.id], *ends[r.id]) for r in requests]
 

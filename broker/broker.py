@@ -69,7 +69,7 @@ from infersnap.plan import PlanFile, ServePlan, announced
 WORKER_TIMEOUT = 10.0
 TICK_MS = 100
 SCHEDULE_SECONDS = 1.0  # how often the model scheduler runs with nothing changed: for keep-alives running out
-STATUS_PUSH_SECONDS = 0.5  # a Status is pushed to followers at once when a state changes, as counts change at most this often
+KEEPALIVE_SECONDS = 1.0  # followers get a Status at least this often: one that hears nothing for longer knows the broker is gone
 
 log = logging.getLogger("infersnap.broker")
 
@@ -127,7 +127,7 @@ class Broker:
         self.followers: set[bytes] = set()  # clients a Status is pushed to (StatusQuery.follow)
         self.pushed: tuple = ()  # what the last push said, in short
         self.pushed_at = 0.0
-        self.plan_version = 0  # counts the plans read while serving: followers read the plan file when it moves
+        self.replans = 0  # times the plan file was read anew (Status.replans): followers read it when it moves
 
     @property
     def plan(self) -> ServePlan:
@@ -244,8 +244,8 @@ class Broker:
                      len(self.routes) + len(self.queue), message.grace)
             self.drain_deadline = time.monotonic() + message.grace
 
-    def _refusal(self, submit: wire.Submit) -> wire.Output | None:
-        """Why this request cannot be accepted now, as its error Output; None if it can."""
+    def _refusal(self, submit: wire.Submit) -> wire.Failure | None:
+        """Why this request cannot be accepted now, as its Failure; None if it can."""
         if self.drain_deadline is not None:
             return wire.failed(submit.id, 503, "the server is shutting down", code="shutting_down")
         needs = submit.needs
@@ -289,7 +289,7 @@ class Broker:
             return wire.failed(submit.id, 503, "the server is at capacity; retry shortly", code="server_overloaded")
         return None
 
-    def _not_found(self, request_id: str, name: str) -> wire.Output:
+    def _not_found(self, request_id: str, name: str) -> wire.Failure:
         known = ", ".join(m.spec.name for m in self.models.values() if not m.removed) or "none"
         return wire.failed(request_id, 404, f"The model '{name}' does not exist. Models served here: {known}",
                            code="model_not_found", param="model")
@@ -416,7 +416,7 @@ class Broker:
             draining=self.drain_deadline is not None,
             # a removed model is not served (404) even while its processes end: not listed
             models=[self.scheduler.state_of(m, time.monotonic()) for m in self.models.values() if not m.removed],
-            plan_version=self.plan_version,
+            replans=self.replans,
         )
 
     def _in_plan_order(self, workers) -> list[Worker]:
@@ -535,18 +535,19 @@ class Broker:
             self._failed(worker_id, words)
 
     def _push(self, now: float) -> None:
-        """A Status to each follower when a worker's or model's state changed, or (at most every
-        STATUS_PUSH_SECONDS) when the requests routed and queued did."""
+        """A Status to each follower when a worker's or a model's state changed (or the plan was read anew,
+        or a drain began), and after KEEPALIVE_SECONDS of none, so that a follower that hears nothing knows
+        the broker is gone (a broker started anew knows no followers: they ask again). What runs and what
+        is queued change with every request: those ride on the next push (/metrics asks at its scrape)."""
         if not self.followers:
             return
-        states = (tuple((w.info.worker_id, w.info.state, w.info.error, w.info.pid, w.info.restarts, w.info.settings)
+        states = (tuple((w.info.worker_id, w.info.state, w.info.error, w.info.pid, w.info.settings)
                         for w in self.workers.values()),
-                  tuple((m.spec.name, m.wanted, m.failed, m.removed) for m in self.models.values()),
-                  self.drain_deadline is not None, self.plan_version)
-        counts = (len(self.routes), len(self.queue))
-        if self.pushed and states == self.pushed[0] and (counts == self.pushed[1] or now - self.pushed_at < STATUS_PUSH_SECONDS):
+                  tuple((m.spec.name, m.wanted, m.failed, m.removed, m.keep_alive) for m in self.models.values()),
+                  self.drain_deadline is not None, self.replans)
+        if states == self.pushed and now - self.pushed_at < KEEPALIVE_SECONDS:
             return
-        self.pushed, self.pushed_at = (states, counts), now
+        self.pushed, self.pushed_at = states, now
         status = wire.encode(self.status(""))
         for follower in list(self.followers):
             self._send(self.clients, follower, status)
@@ -628,11 +629,11 @@ class Broker:
 
     def _replan(self, plan: ServePlan) -> None:
         self.scheduler.replan(plan)
-        self.plan_version += 1
+        self.replans += 1
         self.schedule_due = True
         self._dispatch()
 
-    def _control(self, control: wire.ModelControl) -> wire.Output:
+    def _control(self, control: wire.ModelControl) -> wire.Final | wire.Failure:
         """Load a model now, or unload it once idle: answered at once (the load goes on)."""
         model = self.models.get(control.model.lower())
         if model is None or model.removed:
@@ -642,7 +643,7 @@ class Broker:
             return refused
         self._schedule(time.monotonic())
         self._dispatch()
-        return wire.Output(control.id, finish_reason="stop")
+        return wire.Final(control.id, "stop")
 
     def _schedule(self, now: float) -> None:
         self.schedule_due, self.scheduled_at = False, now
@@ -673,7 +674,7 @@ class Broker:
 
     def _fail(self, entries: dict[str, Route | Queued], message: str, code: str | None = None) -> None:
         """End these requests with a 503 each, one message per client."""
-        by_client: dict[bytes, list[wire.Output]] = {}
+        by_client: dict[bytes, list[wire.Failure]] = {}
         for request_id, entry in entries.items():
             by_client.setdefault(entry.client, []).append(wire.failed(request_id, 503, message, code=code))
         for client, outputs in by_client.items():

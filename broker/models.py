@@ -220,7 +220,7 @@ class ModelScheduler:
                 log.info("model %s was removed from the catalog; it is unloaded once its requests end", model.spec.name)
                 model.removed, model.requested, model.keep_alive = True, False, 0
 
-    def control(self, control: wire.ModelControl) -> wire.Output | None:
+    def control(self, control: wire.ModelControl) -> wire.Failure | None:
         """Load a model now, or unload it once idle; a refusal (507), or None once done (the load goes on)."""
         model = self.models[control.model.lower()]
         if not control.load:

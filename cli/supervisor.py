@@ -18,7 +18,7 @@ and hands back what runs and what the last Orders quarantined
 The catalog is followed while serving: when a model file appears in or leaves
 the models folders, the supervisor writes the plan again with that model added
 or removed (replan) and tells the broker (PlanChanged), which reads it and
-moves Status.plan_version, on which frontends read it too.
+moves Status.replans, on which frontends read it too.
 """
 
 from __future__ import annotations

@@ -265,7 +265,7 @@ def _response_format(config: OutputConfig | None) -> schema.ResponseFormat | Non
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
 
-def usage(output: wire.Output) -> MessageUsage:
+def usage(output: wire.Final) -> MessageUsage:
     cached = output.prompt_tokens - output.timings.prompt_n if output.timings is not None else 0
     return MessageUsage(input_tokens=output.prompt_tokens, output_tokens=output.completion_tokens,
                  cache_read_input_tokens=max(cached, 0))
@@ -280,12 +280,12 @@ class MessagesRender(render.PartsRender):
         self.open: str | None = None  # the type of the streamed block not yet stopped
         self.stop_sequence: str | None = None  # the stop sequence that ended the answer
 
-    def _opening(self, first: wire.Output) -> list[bytes]:
+    def _opening(self, first: wire.Text) -> list[bytes]:
         start = Message(self.id, self.model, [], None, MessageUsage(first.prompt_tokens, 0))
         return [_event("message_start", message=start), _event("ping")]
 
-    def _last(self, output: wire.Output) -> None:
-        self.stop_sequence = output.stop or None
+    def _last(self, final: wire.Final) -> None:
+        self.stop_sequence = final.stop or None
 
     def _thinking(self, text: str) -> list[bytes]:
         return self._add("thinking", text)
@@ -333,12 +333,12 @@ class MessagesRender(render.PartsRender):
             return "stop_sequence"
         return STOP_REASONS.get(self.choices[0].finish_reason or "")
 
-    def final(self, summary: wire.Output) -> bytes:
+    def final(self, summary: wire.Final) -> bytes:
         content = self.blocks or [{"type": "text", "text": ""}]
         message = Message(self.id, self.model, content, self._stop_reason(), usage(summary), self.stop_sequence)
         return _encode(message)
 
-    def closing(self, summary: wire.Output) -> list[bytes]:
+    def closing(self, summary: wire.Final) -> list[bytes]:
         delta = {"stop_reason": self._stop_reason(), "stop_sequence": self.stop_sequence}
         return [*self._stop_open(), _event("message_delta", delta=delta, usage=usage(summary)), _event("message_stop")]
 

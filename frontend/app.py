@@ -4,12 +4,10 @@ errors for everything."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import socket
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any, Callable, TypeVar
 
 import msgspec
@@ -19,9 +17,9 @@ from sanic.response import HTTPResponse, raw
 
 from infersnap import wire
 from infersnap.frontend import access, anthropic, convert, metrics, openapi, render, responses, schema, tools, webui
-from infersnap.frontend.broker_client import BrokerClient, BrokerUnavailable
-from infersnap.frontend.errors import STATUS_CODES, APIError
-from infersnap.frontend.generation import Generation, choice_requests
+from infersnap.frontend.broker_client import STATUS_TIMEOUT, BrokerClient, BrokerUnavailable
+from infersnap.frontend.errors import STATUS_CODES, APIError, failure_error
+from infersnap.frontend.reader import Reader, choice_requests
 from infersnap.frontend.metrics import RequestRecord
 from infersnap.plan import PlanFile, ServePlan
 
@@ -31,6 +29,9 @@ JSON = "application/json"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 STREAM_SEND_BUFFER = 16 * 1024  # bytes; the kernel doubles it, asyncio adds 64 KiB before a send waits
 ANTHROPIC_PATHS = "/v1/messages"  # its errors are in Anthropic's shape
+LOOKUP_TIMEOUT = 30.0  # seconds; a worker answers a lookup between two engine steps
+NO_WORKER = wire.Failure("", 503, "no worker answered; retry shortly")
+NO_BROKER = wire.Failure("", 503, "the server's broker does not answer; please retry")
 
 
 def json_response(body: bytes, status: int = 200) -> HTTPResponse:
@@ -51,11 +52,6 @@ def decode_body(request: Request, kind: type[Body]) -> Body:
         raise APIError(400, "The body is nested too deeply") from None
 
 
-def failure_error(failure: wire.Failure) -> APIError:
-    headers = {"Retry-After": "1"} if failure.status == 503 else None
-    return APIError(failure.status, failure.message, param=failure.param, code=failure.code, headers=headers)
-
-
 def create_app(plan: ServePlan, plan_file: PlanFile | None = None) -> Sanic:
     """The app serving `plan`; with its `plan_file`, the plan follows the file (models added or removed)."""
     app = Sanic("infersnap")
@@ -63,19 +59,17 @@ def create_app(plan: ServePlan, plan_file: PlanFile | None = None) -> Sanic:
     app.config.RESPONSE_TIMEOUT = 24 * 3600  # generations end on their own terms
     app.config.KEEP_ALIVE_TIMEOUT = 30
 
+    def follow_plan() -> None:
+        # The broker read the plan file anew (or is a new broker): read it too. Read after the broker,
+        # a model listed here is one it serves, and one no longer listed here it refuses.
+        replanned = plan_file.changed(at_once=True)
+        if replanned is not None:
+            app.ctx.plan = replanned
+
     @app.before_server_start
     async def connect(app: Sanic) -> None:
-        app.ctx.broker = BrokerClient()
+        app.ctx.broker = BrokerClient(on_replan=follow_plan if plan_file is not None else None)
         app.ctx.broker.start()
-
-    if plan_file is not None:
-        @app.on_request
-        async def current_plan(request: Request) -> None:
-            # a stat per request: each request meets the plan as the file is when it arrives, as at the
-            # broker, so that a model listed is served and one no longer listed is refused
-            replanned = plan_file.changed(at_once=True)
-            if replanned is not None:
-                request.app.ctx.plan = replanned
 
     @app.after_server_stop
     async def disconnect(app: Sanic) -> None:
@@ -111,7 +105,8 @@ def create_app(plan: ServePlan, plan_file: PlanFile | None = None) -> Sanic:
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> HTTPResponse:
-        status = await request.app.ctx.broker.status()
+        # asked now, not as last pushed: a scrape's gauges (what runs, what waits) are exact at its moment
+        status = await request.app.ctx.broker.status(fresh=True)
         return raw(request.app.ctx.metrics.exposition(status), content_type=metrics.CONTENT_TYPE)
 
     @app.post("/tokenize")
@@ -223,21 +218,20 @@ def openai_routes() -> Blueprint:
                 raise APIError(501, "this server runs no embedding worker (worker.embeddings is false, or no "
                                "llama.cpp engine runs on this CPU)", type="not_supported_error", code="not_supported")
             record.request_id, record.model = embed.id, embed.model
-            generation = record.generation = Generation(request.app.ctx.broker, [embed], deadline(plan))
-            async with running(generation):
-                _, output = await generation.next()
-            if output.failure is not None:
-                raise failure_error(output.failure)
+            reader = record.reader = Reader(request.app.ctx.broker, [embed], plan.request_timeout)
+            async with reader:
+                [answer] = await reader.wait()
             record.status = 200
-            return json_response(render.embeddings(output, embed.model, body.encoding_format))
+            return json_response(render.embeddings(answer, embed.model, body.encoding_format))
 
     return v1
 
 
-async def model_cards(request: Request) -> dict[str, schema.ModelCard]:
-    """Every model of the plan (the default first) with its state from the broker, by lowercase id."""
+async def model_cards(request: Request, fresh: bool = False) -> dict[str, schema.ModelCard]:
+    """Every model of the plan (the default first) with its state from the broker, by lowercase id;
+    `fresh`: as the broker has it now, not as it last sent it."""
     plan: ServePlan = request.app.ctx.plan
-    states = {m.name.lower(): m for m in (await request.app.ctx.broker.status()).models}
+    states = {m.name.lower(): m for m in (await request.app.ctx.broker.status(fresh)).models}
     cards = {}
     for spec in plan.models:
         state = states.get(spec.name.lower())
@@ -248,8 +242,8 @@ async def model_cards(request: Request) -> dict[str, schema.ModelCard]:
     return cards
 
 
-async def model_card(request: Request, model_id: str) -> schema.ModelCard:
-    cards = await model_cards(request)
+async def model_card(request: Request, model_id: str, fresh: bool = False) -> schema.ModelCard:
+    cards = await model_cards(request, fresh)
     card = cards.get(model_id.lower())
     if card is None:
         known = ", ".join(c.id for c in cards.values())
@@ -262,10 +256,10 @@ async def control_model(request: Request, load: bool) -> HTTPResponse:
     """Load a model now (it keeps loading after the answer), or unload it once its requests end."""
     body = decode_body(request, schema.ModelControlRequest)
     control = wire.ModelControl(f"ctl-{uuid.uuid4().hex}", body.model, load, convert.keep_alive_seconds(body.keep_alive))
-    done = await request.app.ctx.broker.control(control)
-    if done.failure is not None:
-        raise failure_error(done.failure)
-    return json_response(msgspec.json.encode(await model_card(request, body.model)))
+    async with Reader(request.app.ctx.broker, [control], STATUS_TIMEOUT, late=NO_BROKER) as reader:
+        await reader.wait()
+    # its state as the control left it: the broker's next push may not have come yet
+    return json_response(msgspec.json.encode(await model_card(request, body.model, fresh=True)))
 
 
 async def prompt_tokens(request: Request, chat: schema.ChatCompletionRequest) -> int:
@@ -277,17 +271,11 @@ async def prompt_tokens(request: Request, chat: schema.ChatCompletionRequest) ->
     return len((await lookup(request, count)).tokens)
 
 
-async def lookup(request: Request, message: wire.Tokenize | wire.Detokenize) -> wire.Output:
+async def lookup(request: Request, message: wire.Tokenize | wire.Detokenize) -> wire.Tokens:
     """A worker tokenizer's answer; its failure (unknown model, bad token id, no worker) as the HTTP error."""
-    result = await request.app.ctx.broker.answer(message)
-    if result.failure is not None:
-        raise failure_error(result.failure)
-    return result
-
-
-def deadline(plan: ServePlan) -> float | None:
-    """When a request arriving now must have ended (queue.request-timeout), on the event loop's clock."""
-    return asyncio.get_running_loop().time() + plan.request_timeout if plan.request_timeout else None
+    async with Reader(request.app.ctx.broker, [message], LOOKUP_TIMEOUT, late=NO_WORKER) as reader:
+        [answer] = await reader.wait()
+    return answer
 
 
 def piece_json(piece: bytes) -> str | list[int]:
@@ -328,17 +316,6 @@ class EventStream:
 
     async def end(self) -> None:
         await self.response.eof()
-
-
-@contextlib.asynccontextmanager
-async def running(generation: Generation) -> AsyncIterator[Generation]:
-    """Submit a request's choices; on the way out, stop those still generating (the client left, a send
-    failed, one choice failed) and forget the others."""
-    try:
-        await generation.start()
-        yield generation
-    finally:
-        generation.close()
 
 
 def prepare_chat(body: schema.ChatCompletionRequest, plan: ServePlan) -> tuple[list[wire.Generate], render.ChatRender]:
@@ -385,18 +362,18 @@ async def complete(
         record.request_id, record.model = prompts[0].id, prompts[0].model
         n = len(renderer.choices) // len(prompts)
         requests = choice_requests(prompts, n)
-        generation = record.generation = Generation(request.app.ctx.broker, requests, deadline(plan), n)
+        reader = record.reader = Reader(request.app.ctx.broker, requests, plan.request_timeout, choices_per_prompt=n)
         stream: EventStream | None = None  # opened at the first output: a failure before it gets a real HTTP status
         failure: wire.Failure | None = None
         try:
-            async with running(generation):
-                while not generation.done:
-                    index, output = await generation.next()
+            async with reader:
+                while not reader.ended:
+                    index, output = await reader.next()
                     record.output_arrived()
-                    if output.failure is not None:
-                        failure = output.failure
+                    if isinstance(output, wire.Failure):
+                        failure = output
                         break
-                    events = renderer.feed(index, output)
+                    events = renderer.feed(index, *render.split(output))
                     if renderer.stream:
                         stream = stream or await EventStream.open(request, plan.send_timeout)
                         await stream.send(*events)
@@ -404,13 +381,13 @@ async def complete(
                 if failure is not None:
                     raise failure_error(failure)
                 record.status = 200
-                return json_response(renderer.final(generation.summary()))
-            last = renderer.failed(failure_error(failure)) if failure is not None else renderer.closing(generation.summary())
+                return json_response(renderer.final(reader.summary()))
+            last = renderer.failed(failure_error(failure)) if failure is not None else renderer.closing(reader.summary())
             # Set before the last events: a client that closes as soon as it reads them still got its whole answer.
             record.status = failure.status if failure is not None else 200
             await stream.send(*last)
             await stream.end()
             return None
         except ClientStalled:
-            request.transport.close()  # its generations were stopped on the way out (unfinished)
+            request.transport.close()  # its generations were cancelled on the way out
             return None

@@ -187,7 +187,7 @@ def _template_args(body: schema.ChatCompletionRequest) -> dict[str, Any]:
 
 
 def completion_request(body: schema.CompletionRequest, model: str) -> list[wire.Generate]:
-    """One Generate per prompt, all with the request's id (generation.choice_requests numbers them)."""
+    """One Generate per prompt, all with the request's id (reader.choice_requests numbers them)."""
     request_id = f"cmpl-{uuid.uuid4().hex}"
     logprobs = -1 if body.logprobs is None else body.logprobs
     params = _sampling(body, body.max_tokens, logprobs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import msgspec
 
+from infersnap import wire
+
 
 class ErrorDetail(msgspec.Struct):
     message: str
@@ -41,6 +43,12 @@ class APIError(Exception):
     def anthropic_body(self) -> bytes:
         kind = ANTHROPIC_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "api_error")
         return msgspec.json.encode(AnthropicErrorBody(AnthropicErrorDetail(kind, self.message)))
+
+
+def failure_error(failure: wire.Failure) -> APIError:
+    """The API error a request's Failure is answered with."""
+    headers = {"Retry-After": "1"} if failure.status == 503 else None
+    return APIError(failure.status, failure.message, param=failure.param, code=failure.code, headers=headers)
 
 
 class AnthropicErrorDetail(msgspec.Struct):

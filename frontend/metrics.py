@@ -22,7 +22,7 @@ from infersnap import wire
 from infersnap.frontend.errors import APIError
 
 if TYPE_CHECKING:  # only for the type: the request flow imports this module, not the reverse
-    from infersnap.frontend.generation import Generation
+    from infersnap.frontend.reader import Reader
 
 log = logging.getLogger("infersnap.requests")
 
@@ -80,7 +80,7 @@ class RequestRecord:
     """One API request as it goes: when it came, when its first output came, how it ended.
 
     Used as `with RequestRecord(metrics, endpoint) as record:` around a handler's work. The handler
-    fills in what it learns (id, model, its Generation) and the status it answered with; an APIError
+    fills in what it learns (id, model, its Reader) and the status it answered with; an APIError
     leaving the block sets that error's status; anything else leaving it (the client went away) leaves
     499. On the way out the request is counted and its line logged.
     """
@@ -89,7 +89,7 @@ class RequestRecord:
     endpoint: str
     request_id: str = ""
     model: str = ""
-    generation: Generation | None = None  # the choices whose tokens count, once the request reached the broker
+    reader: Reader | None = None  # the choices whose tokens count, once the request reached the broker
     started: float = field(default_factory=time.monotonic)
     first_output: float | None = None
     status: int = CLIENT_GONE  # until the handler says how it ended
@@ -111,18 +111,18 @@ class RequestRecord:
     def finish(self) -> None:
         """Count the request and log its line. The tokens of each choice that finished count for the
         worker that ran it; the log line shows the prompt tokens as usage does (once per prompt)."""
-        generation = self.generation
-        ended = generation.ended if generation is not None else []
-        choices = [c for c in ended if c.failure is None]  # those that ended with an answer
-        prompt_tokens = generation.prompt_tokens if generation is not None else 0
+        reader = self.reader
+        ends = [end for end in reader.ends if end is not None] if reader is not None else []
+        answers = [end for end in ends if isinstance(end, (wire.Final, wire.Embeddings))]  # with tokens to count
+        prompt_tokens = reader.prompt_tokens if reader is not None else 0
         elapsed = time.monotonic() - self.started
-        workers = sorted({c.worker for c in ended if c.worker})  # a worker's error counts for it too
-        completion = sum(c.completion_tokens for c in choices)
+        workers = sorted({end.worker for end in ends if end.worker})  # a worker's error counts for it too
+        completions = [a.completion_tokens if isinstance(a, wire.Final) else 0 for a in answers]
         self.metrics.requests.labels(self.endpoint, workers[0] if workers else "", str(self.status)).inc()
-        for choice in choices:
-            if choice.worker:
-                self.metrics.prompt_tokens.labels(choice.worker).inc(choice.prompt_tokens)
-                self.metrics.generation_tokens.labels(choice.worker).inc(choice.completion_tokens)
+        for answer, completion in zip(answers, completions):
+            if answer.worker:
+                self.metrics.prompt_tokens.labels(answer.worker).inc(answer.prompt_tokens)
+                self.metrics.generation_tokens.labels(answer.worker).inc(completion)
         if self.status == 200 and self.first_output is not None:
             self.metrics.ttft.observe(self.first_output - self.started)
         self.metrics.latency.observe(elapsed)
@@ -130,4 +130,4 @@ class RequestRecord:
         model = self.model if self.model.isprintable() and len(self.model) <= 100 else repr(self.model[:100])
         log.info("%s %s model=%s worker=%s status=%d prompt=%d completion=%d ttft=%s total=%.0fms",
                  self.request_id or "-", self.endpoint, model or "-", ",".join(workers) or "-", self.status,
-                 prompt_tokens, completion, ttft, elapsed * 1000)
+                 prompt_tokens, sum(completions), ttft, elapsed * 1000)

@@ -22,7 +22,7 @@ import msgspec
 from infersnap import __version__, wire
 from infersnap.frontend import schema, tools
 from infersnap.frontend.errors import APIError
-from infersnap.frontend.generation import choice_layout
+from infersnap.frontend.reader import choice_layout
 
 _encode = msgspec.json.encode
 SYSTEM_FINGERPRINT = f"infersnap-{__version__}"  # chat completions must carry one (OpenAI's schema)
@@ -33,7 +33,14 @@ def sse(data: bytes, event: str | None = None) -> bytes:
     return (b"event: " + event.encode() + b"\n" if event else b"") + b"data: " + data + b"\n\n"
 
 
-def usage(output: wire.Output) -> schema.Usage:
+def split(output: wire.Text | wire.Final) -> tuple[wire.Text, wire.Final | None]:
+    """A generation's output as what a render is fed: its text chunk, and the Final if it ends the generation."""
+    if isinstance(output, wire.Final):
+        return output.last or wire.Text(output.id), output
+    return output, None
+
+
+def usage(output: wire.Final) -> schema.Usage:
     return schema.Usage(
         prompt_tokens=output.prompt_tokens,
         completion_tokens=output.completion_tokens,
@@ -73,10 +80,10 @@ def chat_logprobs(tokens: list[wire.TokenLogprob]) -> schema.ChoiceLogprobs:
     )
 
 
-def embeddings(output: wire.Output, model: str, encoding_format: str) -> bytes:
+def embeddings(output: wire.Embeddings, model: str, encoding_format: str) -> bytes:
     """The embeddings response: each vector as floats, or as base64 of its float32 bytes as it came."""
     data = []
-    for i, vector in enumerate(output.embeddings):
+    for i, vector in enumerate(output.vectors):
         if encoding_format == "base64":
             data.append(schema.Embedding(i, base64.b64encode(vector).decode("ascii")))
         else:
@@ -114,22 +121,23 @@ class Render(ABC, Generic[State]):
         self.include_usage = body.stream_options is not None and body.stream_options.include_usage
         self.choices = choices
 
-    def feed(self, index: int, output: wire.Output) -> list[bytes]:
-        """Keep an output of choice `index`; the server-sent events to send for it (none unless streaming)."""
+    def feed(self, index: int, chunk: wire.Text, final: wire.Final | None) -> list[bytes]:
+        """Keep an output of choice `index` (render.split: its text, and its Final if it ends the choice);
+        the server-sent events to send for it (none unless streaming)."""
         choice = self.choices[index]
-        choice.parts.append(output.text)
-        choice.tokens += output.prompt_logprobs + output.logprobs
-        choice.finish_reason = output.finish_reason
+        choice.parts.append(chunk.text)
+        choice.tokens += chunk.prompt_logprobs + chunk.logprobs
+        choice.finish_reason = final.finish_reason if final is not None else None
         if not self.stream or self._held(choice):
             return []
-        return [sse(self._chunk(index, choice, output.timings))]
+        return [sse(self._chunk(index, choice, final.timings if final is not None else None))]
 
-    def final(self, summary: wire.Output) -> bytes:
+    def final(self, summary: wire.Final) -> bytes:
         """Once every choice has finished, not streaming: the whole response.
-        `summary` holds the usage of all choices (Generation.summary)."""
+        `summary` holds the usage of all choices (Reader.summary)."""
         return self._response([self._choice(i, choice) for i, choice in enumerate(self.choices)], summary)
 
-    def closing(self, summary: wire.Output) -> list[bytes]:
+    def closing(self, summary: wire.Final) -> list[bytes]:
         """Once every choice has finished, streaming: the last events (the usage chunk if asked, [DONE])."""
         return ([sse(self._usage_chunk(summary))] if self.include_usage else []) + [sse(b"[DONE]")]
 
@@ -150,11 +158,11 @@ class Render(ABC, Generic[State]):
         """The choice, whole, in the response."""
 
     @abstractmethod
-    def _usage_chunk(self, summary: wire.Output) -> bytes:
+    def _usage_chunk(self, summary: wire.Final) -> bytes:
         """The streamed chunk with the usage of all choices (stream_options.include_usage)."""
 
     @abstractmethod
-    def _response(self, choices: list, summary: wire.Output) -> bytes:
+    def _response(self, choices: list, summary: wire.Final) -> bytes:
         """The whole response, with every choice."""
 
 
@@ -162,7 +170,7 @@ class Render(ABC, Generic[State]):
 class ChatChoiceState(ChoiceState):
     may_be_call: bool = False  # the request has tools and nothing of this answer was sent yet
     sent_role: bool = False
-    thinking: list[str] = field(default_factory=list)  # the model's thinking (Output.reasoning) not sent yet
+    thinking: list[str] = field(default_factory=list)  # the model's thinking (Text.reasoning) not sent yet
 
     def take_thinking(self) -> str | None:
         """The thinking kept so far (None if none), which is then no longer kept."""
@@ -179,10 +187,10 @@ class ChatRender(Render[ChatChoiceState]):
         self.tools = toolset  # the ToolSet that convert.chat_request described to the model
         self.logprobs = bool(body.logprobs)
 
-    def feed(self, index: int, output: wire.Output) -> list[bytes]:
+    def feed(self, index: int, chunk: wire.Text, final: wire.Final | None) -> list[bytes]:
         choice = self.choices[index]
-        choice.thinking.append(output.reasoning)
-        chunks = super().feed(index, output)
+        choice.thinking.append(chunk.reasoning)
+        chunks = super().feed(index, chunk, final)
         if self.stream and not chunks and any(choice.thinking):  # the answer is held back, its thinking is not
             thinking = choice.take_thinking()
             delta = schema.Delta(role=self._role(choice), reasoning_content=thinking, reasoning=thinking)
@@ -243,10 +251,10 @@ class ChatRender(Render[ChatChoiceState]):
         finish = "tool_calls" if call is not None else choice.finish_reason
         return schema.ChatChoice(index=index, message=message, finish_reason=finish, logprobs=self._logprobs(tokens))
 
-    def _usage_chunk(self, summary: wire.Output) -> bytes:
+    def _usage_chunk(self, summary: wire.Final) -> bytes:
         return self._chunk_body([], usage=usage(summary))
 
-    def _response(self, choices: list[schema.ChatChoice], summary: wire.Output) -> bytes:
+    def _response(self, choices: list[schema.ChatChoice], summary: wire.Final) -> bytes:
         return _encode(
             schema.ChatCompletion(
                 id=self.id,
@@ -271,15 +279,16 @@ class PartsRender(ChatRender):
         super().__init__(request_id, model, body, toolset)
         self.started = False
 
-    def feed(self, index: int, output: wire.Output) -> list[bytes]:
-        events = [] if self.started else self._opening(output)
+    def feed(self, index: int, chunk: wire.Text, final: wire.Final | None) -> list[bytes]:
+        events = [] if self.started else self._opening(chunk)
         self.started = True
-        if output.reasoning:
-            events += self._thinking(output.reasoning)
+        if chunk.reasoning:
+            events += self._thinking(chunk.reasoning)
         choice = self.choices[index]
-        choice.parts.append(output.text)
-        choice.finish_reason = output.finish_reason
-        self._last(output)
+        choice.parts.append(chunk.text)
+        choice.finish_reason = final.finish_reason if final is not None else None
+        if final is not None:
+            self._last(final)
         if not self._held(choice):
             text, call, _ = self._answer(choice)
             if call is not None:
@@ -288,12 +297,12 @@ class PartsRender(ChatRender):
                 events += self._text(text)
         return events if self.stream else []
 
-    def _last(self, output: wire.Output) -> None:
-        """Keep what the answer's outputs say besides their text (the stop sequence that ended it)."""
+    def _last(self, final: wire.Final) -> None:
+        """Keep what the answer's Final says besides its text (the stop sequence that ended it)."""
 
     @abstractmethod
-    def _opening(self, first: wire.Output) -> list[bytes]:
-        """The events that open the stream, at the first output."""
+    def _opening(self, first: wire.Text) -> list[bytes]:
+        """The events that open the stream, at the first output (its text chunk: the first carries the prompt's size)."""
 
     @abstractmethod
     def _thinking(self, text: str) -> list[bytes]:
@@ -319,7 +328,7 @@ class TextChoiceState(ChoiceState):
 class TextRender(Render[TextChoiceState]):
     def __init__(self, request_id: str, model: str, body: schema.CompletionRequest) -> None:
         prompts = body.prompts
-        layout = choice_layout(len(prompts), body.n or 1)  # the order of generation.choice_requests
+        layout = choice_layout(len(prompts), body.n or 1)  # the order of reader.choice_requests
         choices = [TextChoiceState(echo=prompts[p] if body.echo else "") for p, _ in layout]
         super().__init__(request_id, model, body, choices)
         self.logprobs = body.logprobs is not None
@@ -356,8 +365,8 @@ class TextRender(Render[TextChoiceState]):
     def _chunk(self, index: int, choice: TextChoiceState, output_timings: wire.Timings | None) -> bytes:
         return self._completion([self._choice(index, choice)], timings=timings(output_timings))
 
-    def _usage_chunk(self, summary: wire.Output) -> bytes:
+    def _usage_chunk(self, summary: wire.Final) -> bytes:
         return self._completion([], usage=usage(summary))
 
-    def _response(self, choices: list[schema.TextChoice], summary: wire.Output) -> bytes:
+    def _response(self, choices: list[schema.TextChoice], summary: wire.Final) -> bytes:
         return self._completion(choices, usage=usage(summary), timings=timings(summary.timings))

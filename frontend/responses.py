@@ -282,7 +282,7 @@ def to_chat(body: ResponsesRequest | InputTokensRequest, store: Store) -> schema
 # --- chat outputs -> a response ------------------------------------------------
 
 
-def usage(output: wire.Output) -> dict[str, Any]:
+def usage(output: wire.Final) -> dict[str, Any]:
     cached = output.prompt_tokens - output.timings.prompt_n if output.timings is not None else 0
     return {
         "input_tokens": output.prompt_tokens,
@@ -312,7 +312,7 @@ class ResponsesRender(render.PartsRender):
         self.sequence += 1
         return event
 
-    def _opening(self, first: wire.Output) -> list[bytes]:
+    def _opening(self, first: wire.Text) -> list[bytes]:
         snapshot = self._response("in_progress", None)
         return [self._event("response.created", response=snapshot),
                 self._event("response.in_progress", response=snapshot)]
@@ -392,7 +392,7 @@ class ResponsesRender(render.PartsRender):
     def _status(self) -> str:
         return "incomplete" if self.choices[0].finish_reason == "length" else "completed"
 
-    def _response(self, status: str, summary: wire.Output | None, error: APIError | None = None) -> Response:
+    def _response(self, status: str, summary: wire.Final | None, error: APIError | None = None) -> Response:
         body = self.body
         form = body.text.format if body.text is not None and body.text.format is not None else None
         return Response(
@@ -419,7 +419,7 @@ class ResponsesRender(render.PartsRender):
             incomplete_details={"reason": "max_output_tokens"} if status == "incomplete" else None,
         )
 
-    def _finished(self, summary: wire.Output) -> Response:
+    def _finished(self, summary: wire.Final) -> Response:
         """The whole response, stored if the body asks (as OpenAI does by default)."""
         for item in self.items:
             if item["type"] == "message":
@@ -437,10 +437,10 @@ class ResponsesRender(render.PartsRender):
                  for i in self.items if i["type"] == "function_call"]
         return [schema.ChatMessageIn(role="assistant", content=text, tool_calls=calls or None)]
 
-    def final(self, summary: wire.Output) -> bytes:
+    def final(self, summary: wire.Final) -> bytes:
         return _encode(self._finished(summary))
 
-    def closing(self, summary: wire.Output) -> list[bytes]:
+    def closing(self, summary: wire.Final) -> list[bytes]:
         events = self._close_open()
         response = self._finished(summary)
         kind = "response.incomplete" if response.status == "incomplete" else "response.completed"

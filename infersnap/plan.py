@@ -171,7 +171,8 @@ class PlanFile:
 
     def changed(self, at_once: bool = False) -> ServePlan | None:
         """The plan as the file says now, if it changed since it was last read; else None. `at_once` looks
-        even within look_seconds: as a request arrives, so that the frontend and the broker agree on it."""
+        even within look_seconds: the broker as a request arrives, the frontend when the broker says it read
+        the file anew (Status.replans), so that the two agree on it."""
         now = time.monotonic()
         if not at_once and now - self.looked_at < self.look_seconds:
             return None

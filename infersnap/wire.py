@@ -53,23 +53,14 @@ class Timings(msgspec.Struct, array_like=True):
     predicted_ms: float = 0.0
 
 
-class Failure(msgspec.Struct, array_like=True, frozen=True):
-    """Why a request ended without an answer: becomes an OpenAI error body (its type follows the status)."""
-
-    status: int
-    message: str
-    code: str | None = None
-    param: str | None = None
-
-
 class Message(msgspec.Struct, tag=True, array_like=True):
     """Base of every message on the wire."""
 
 
 # --- the requests: frontend -> broker -> worker --------------------------------
 # A request travels as two frames, a Submit (or Dispatch) that the broker reads and the request's
-# body, which it passes on unread. Every request is answered by Outputs (one result type), the last
-# with `finish_reason` set: the answer's end, or its failure.
+# body, which it passes on unread. Every request is answered by Outputs (the tagged results below):
+# a Generate by Text chunks, then a Final; the others by one answer; any of them by a Failure instead.
 
 
 class Generate(Message):
@@ -88,7 +79,7 @@ class Generate(Message):
 
 class Embed(Message):
     """One embeddings request: texts, or token id lists (exactly one of the two is set), answered
-    by one Output with `embeddings`."""
+    by one Embeddings."""
 
     id: str
     model: str
@@ -99,7 +90,7 @@ class Embed(Message):
 
 
 class Tokenize(Message):
-    """Answered by one Output with `tokens` (and `pieces` if asked)."""
+    """Answered by one Tokens with `tokens` (and `pieces` if asked)."""
 
     id: str
     model: str
@@ -112,7 +103,7 @@ class Tokenize(Message):
 
 
 class Detokenize(Message):
-    """Answered by one Output whose `text` is the tokens' text."""
+    """Answered by one Tokens whose `text` is the tokens' text."""
 
     id: str
     model: str
@@ -133,11 +124,10 @@ FEATURES = {
     "logit_bias": "`logit_bias` other than banning (-100) every end-of-text token",
     "fim": "fill-in-the-middle with `suffix` (it needs a model with fill-in-the-middle tokens)",
 }
-TASKS = ("generate", "embed", "tokenize")  # tokenize: Tokenize and Detokenize, which take no slot
 
 
 class Needs(msgspec.Struct, array_like=True, frozen=True):
-    task: str  # one of TASKS
+    task: str  # "generate", "embed" or "tokenize" (Tokenize and Detokenize, which take no slot)
     features: dict[str, str] = {}  # feature -> the request parameter that asks for it
     bans: list[int] | None = None  # with "logit_bias": the tokens it bans, when every bias is a ban (<= -100)
     json_schema: bool = False
@@ -226,7 +216,7 @@ def _bans_allowed(needs: Needs, can: Capabilities) -> bool:
     )
 
 
-def refusal(request_id: str, needs: Needs, feature: str, runtimes: list[str], model: str) -> "Output":
+def refusal(request_id: str, needs: Needs, feature: str, runtimes: list[str], model: str) -> "Failure":
     """The 400 for a request that no worker serving its model can ever serve, naming the parameter."""
     param = needs.features.get(feature, feature)
     what = FEATURES.get(feature, f"`{feature}`").format(param=param)
@@ -271,13 +261,13 @@ class Abort(Message):
 
 class StatusQuery(Message):
     id: str  # echoed in the Status reply
-    # True: the broker also pushes a Status (id "") to this client whenever a worker or model changes state,
-    # and as requests come and go (at most STATUS_PUSH_SECONDS apart), until the client is gone
+    # True: the broker also pushes this client a Status (id "") whenever a worker's or a model's state
+    # changes, and at least every second, until the client is gone (the frontend and the supervisor follow)
     follow: bool = False
 
 
 class ModelControl(Message):
-    """Load a model now (to warm it), or unload it once idle; answered by a Status (id echoed)."""
+    """Load a model now (to warm it), or unload it once idle; answered as a request is: a Final, or a Failure."""
 
     id: str
     model: str
@@ -359,32 +349,92 @@ class TokenLogprob(msgspec.Struct, array_like=True, frozen=True):
     top: list[TopLogprob] = []  # most likely first
 
 
-class Output(msgspec.Struct, array_like=True):
-    """What one request produced in one engine step: the one result type of every request."""
+class Result(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, gc=False):
+    """What a request produced: one of the types below, tagged, so that each says which it is and carries
+    only its own fields (a streamed chunk has 7, where the one flat result had 16). Flags as vLLM's outputs: no cyclic garbage collection (they hold no cycles); omit_defaults
+    drops nothing from an array_like struct in msgspec 0.23, so it costs nothing either."""
 
     id: str
-    text: str = ""  # generated text; a Detokenize's answer
-    finish_reason: str | None = None  # "stop" | "length" | "error" (with `failure`) on the last; None while running
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    timings: Timings | None = None  # set on the last output of a Generate
-    failure: Failure | None = None
-    worker: str = ""  # on the last output: the worker that served it (it stamps its own id)
-    logprobs: list[TokenLogprob] = []  # with SamplingParams.logprobs >= 0: the tokens generated since the last output
-    embeddings: list[bytes] = []  # the answer to an Embed, one per input: float32 little-endian, unit length
-    # with SamplingParams.prompt_logprobs >= 0, on the first output: every prompt token, the first with
+
+    def then(self, later: Output) -> Output:
+        """This result followed by a later one of the same request, as one: the later one, unless this is text."""
+        return later
+
+
+class Text(Result):
+    """A running generation's text since its last chunk. Every field holds what came since the chunk
+    before, so two chunks make one by adding each field up (`then`)."""
+
+    text: str = ""  # the answer's text
+    reasoning: str = ""  # thinking (a <think> block's text), apart from the answer
+    tokens: int = 0  # tokens generated
+    # with SamplingParams.logprobs >= 0: each generated token's
+    logprobs: list[TokenLogprob] = []
+    prompt_tokens: int = 0  # on the first chunk: the prompt's tokens (0 after)
+    # with SamplingParams.prompt_logprobs >= 0, on the first chunk: every prompt token, the first with
     # logprob NaN (nothing comes before it to predict it) and no top tokens
     prompt_logprobs: list[TokenLogprob] = []
-    tokens: list[int] = []  # a Tokenize's answer
+
+    def then(self, later: Output) -> Output:
+        """This chunk and a later result of the same request as one (a worker merges what it holds back)."""
+        if isinstance(later, Text):
+            return Text(self.id, **{name: getattr(self, name) + getattr(later, name) for name in _ADDED_UP})
+        if isinstance(later, Final):
+            return msgspec.structs.replace(later, last=self if later.last is None else self.then(later.last))
+        return later  # a failure: the text before it goes unread
+
+
+_ADDED_UP = Text.__struct_fields__[1:]  # every field but the id
+
+
+class Ending(Result, kw_only=True):
+    """A result that ends its request: nothing follows it."""
+
+    worker: str = ""  # the worker that served it (it stamps its own id as it sends it)
+
+
+class Final(Ending):
+    """A generation's end: its counts and timings, and its text since the last chunk."""
+
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0  # how many of completion_tokens were thinking
+    timings: Timings | None = None
+    stop: str = ""  # the stop string that ended it, if one did
+    last: Text | None = None  # what came since the last chunk (the whole answer if none was sent)
+
+
+class Embeddings(Ending):
+    """An Embed's answer."""
+
+    vectors: list[bytes]  # one per input: float32 little-endian, unit length
+    prompt_tokens: int = 0
+
+
+class Tokens(Ending):
+    """A tokenizer lookup's answer: a Tokenize's tokens (and their pieces if asked), or a Detokenize's text."""
+
+    tokens: list[int] = []
     pieces: list[bytes] = []  # with Tokenize.with_pieces: each token's bytes (may hold part of a UTF-8 character)
-    reasoning: str = ""  # generated thinking (a <think> block's text), apart from `text`, the answer
-    reasoning_tokens: int = 0  # on the last output: how many of completion_tokens were thinking
-    stop: str = ""  # on the last output: the stop string that ended it, if one did
+    text: str = ""
 
 
-def failed(request_id: str, status: int, message: str, *, param: str | None = None, code: str | None = None) -> Output:
-    """The last Output of a request that ends with an error instead of an answer."""
-    return Output(id=request_id, finish_reason="error", failure=Failure(status, message, code=code, param=param))
+class Failure(Ending):
+    """Why a request ended without an answer: becomes an error body of its API (its type follows the status)."""
+
+    status: int
+    message: str
+    code: str | None = None
+    param: str | None = None
+
+
+Output = Text | Final | Embeddings | Tokens | Failure  # what a request is answered with, chunk by chunk
+
+
+def failed(request_id: str, status: int, message: str, *, param: str | None = None, code: str | None = None) -> Failure:
+    """The Failure that ends a request with an error instead of an answer."""
+    return Failure(request_id, status, message, code=code, param=param)
 
 
 class Results(Message):
@@ -458,6 +508,9 @@ class ModelState(msgspec.Struct, array_like=True, frozen=True):
 
 
 class Status(Message):
+    """The broker's view: the answer to a StatusQuery, and what it pushes to the clients that follow it
+    (id "") whenever a worker's or a model's state changes, and at least every second."""
+
     id: str
     boot: str  # new each time the broker starts: a frontend that sees it change knows its routes are gone
     endpoints: dict[str, str]
@@ -466,7 +519,7 @@ class Status(Message):
     queued: int = 0  # requests queued in the broker for a free slot
     draining: bool = False
     models: list[ModelState] = []  # every model of the plan, the default first
-    plan_version: int = 0  # moves when the broker read the plan file anew: a follower reads it then too
+    replans: int = 0  # times this broker read the plan file anew: a frontend that sees it change reads it too
 
 
 def capacity(slots: int, max_waiting: int) -> int:

@@ -105,8 +105,13 @@ def outputs(client: Peer) -> list[wire.Output]:
     return [o for frames in client.received() for m in frames if isinstance(m, wire.Results) for o in m.outputs]
 
 
+def text(output: wire.Output) -> str:
+    """The text an output carries (a Final's in its last chunk)."""
+    return output.last.text if isinstance(output, wire.Final) else output.text
+
+
 def finish(worker: Peer, client: bytes, *ids: str) -> None:
-    results = wire.Results(outputs=[wire.Output(i, text="done", finish_reason="stop", worker=worker.info.worker_id)
+    results = wire.Results(outputs=[wire.Final(i, "stop", worker=worker.info.worker_id, last=wire.Text(i, "done"))
                                     for i in ids])
     worker.send(wire.Deliver(client=client, ended=list(ids)), results)
 
@@ -114,7 +119,7 @@ def finish(worker: Peer, client: bytes, *ids: str) -> None:
 def started(worker: Peer, client: bytes, *ids: str) -> None:
     """The worker sends each request's first output, not its last."""
     worker.send(wire.Deliver(client=client, ended=[], first=list(ids)),
-                wire.Results(outputs=[wire.Output(i, text="so") for i in ids]))
+                wire.Results(outputs=[wire.Text(i, "so") for i in ids]))
 
 
 def test_requests_wait_for_a_free_slot_in_arrival_order_and_answers_pass_through(net):
@@ -125,7 +130,7 @@ def test_requests_wait_for_a_free_slot_in_arrival_order_and_answers_pass_through
     assert net.broker.status("q").queued == 2
     finish(worker, b"app", "g0")
     [answer] = outputs(app)
-    assert (answer.id, answer.text, answer.worker) == ("g0", "done", "cpu")  # the worker's own stamp
+    assert (answer.id, text(answer), answer.worker) == ("g0", "done", "cpu")  # the worker's own stamp
     assert dispatched(worker) == ["g1"]
 
 
@@ -154,13 +159,13 @@ def test_what_no_worker_of_the_model_can_do_is_a_400_naming_the_parameter_whatev
     app = net.client()
     submit(app, generate("top", logprobs=2))
     [refused] = outputs(app)
-    assert refused.failure.status == 400 and refused.failure.param == "logprobs"  # a completion's name for it
-    assert "not supported by the OpenVINO engine" in refused.failure.message
+    assert refused.status == 400 and refused.param == "logprobs"  # a completion's name for it
+    assert "not supported by the OpenVINO engine" in refused.message
     # banning every end-of-text token is the part of logit_bias OpenVINO has, but not with a schema
     submit(app, generate("ban", logit_bias={2: -100.0, 5: -100.0}))
     submit(app, generate("bias", logit_bias={2: 5.0}))
     submit(app, generate("schema-ban", logit_bias={2: -100.0}, json_schema="{}"))
-    assert [(o.id, o.failure and o.failure.param) for o in outputs(app)] == [
+    assert [(o.id, isinstance(o, wire.Failure) and o.param) for o in outputs(app)] == [
         ("bias", "logit_bias"), ("schema-ban", "logit_bias")]
     assert "ban" in net.broker.routes
 
@@ -179,7 +184,7 @@ def test_unknown_model_404_loading_503_and_embeddings_go_to_the_embedding_worker
     worker, embedder, app = net.worker("cpu"), net.worker("embed", EMBED), net.client()
     submit(app, generate("x", model="other"))
     [missing] = outputs(app)
-    assert (missing.failure.status, missing.failure.code) == (404, "model_not_found")
+    assert (missing.status, missing.code) == (404, "model_not_found")
     embed = wire.Embed(id="e1", model="M", texts=["hi"])  # model ids match without case
     submit(app, embed)
     assert dispatched(embedder) == ["e1"] and dispatched(worker) == []
@@ -191,7 +196,7 @@ def test_a_full_queue_is_refused_with_503(net):
     for i in range(4):
         submit(app, generate(f"g{i}"))
     [refused] = outputs(app)
-    assert (refused.id, refused.failure.status, refused.failure.code) == ("g3", 503, "server_overloaded")
+    assert (refused.id, refused.status, refused.code) == ("g3", 503, "server_overloaded")
 
 
 def test_a_lookup_takes_no_slot_and_skips_the_queue(net):
@@ -202,7 +207,7 @@ def test_a_lookup_takes_no_slot_and_skips_the_queue(net):
     assert dispatched(worker) == ["g1", "t1"]
     status = net.broker.status("q")
     assert status.queued == 1 and status.workers[0].running == ["g1"] and "t1" in status.routed
-    worker.send(wire.Deliver(client=b"app", ended=["t1"]), wire.Results([wire.Output("t1", "", "stop", tokens=[7])]))
+    worker.send(wire.Deliver(client=b"app", ended=["t1"]), wire.Results([wire.Tokens("t1", tokens=[7])]))
     assert [o.tokens for o in outputs(app)] == [[7]] and "t1" not in net.broker.status("q").routed
 
 
@@ -217,8 +222,8 @@ def test_a_lost_worker_ends_what_it_ran_with_503_and_its_queue_goes_to_the_next(
     outputs(app)
     net.client(b"supervisor").send(wire.WorkerExited(worker_id="a", code=-9))
     [lost] = outputs(app)
-    assert lost.id == on_a[0] and lost.failure.status == 503
-    assert "worker a stopped while generating this request: its process was killed by SIGKILL" in lost.failure.message
+    assert lost.id == on_a[0] and lost.status == 503
+    assert "worker a stopped while generating this request: its process was killed by SIGKILL" in lost.message
     assert [w.state for w in net.broker.status("q").workers if w.worker_id == "a"] == ["restarting"]
     assert dispatched(a) == [] and net.broker.status("q").queued == 1
     finish(b, b"app", next(iter(net.broker.workers[b"b"].running)))
@@ -231,7 +236,7 @@ def test_a_lookup_on_a_lost_worker_is_retried_on_another(net):
     assert dispatched(a) == ["d1"]
     net.client(b"supervisor").send(wire.WorkerExited(worker_id="a", code=-9))
     assert outputs(app) == [] and dispatched(b) == ["d1"]
-    b.send(wire.Deliver(client=b"app", ended=["d1"], first=["d1"]), wire.Results([wire.Output("d1", "x", "stop")]))
+    b.send(wire.Deliver(client=b"app", ended=["d1"], first=["d1"]), wire.Results([wire.Tokens("d1", text="x")]))
     assert [(o.id, o.text) for o in outputs(app)] == [("d1", "x")]
     assert net.broker.status("q").routed == []
 
@@ -244,7 +249,7 @@ def test_a_silent_worker_is_lost(net, monkeypatch):
     monkeypatch.setattr(broker_module, "WORKER_TIMEOUT", 0.0)
     net.pump()
     [lost] = outputs(app)
-    assert lost.failure.status == 503 and "went silent" in lost.failure.message
+    assert lost.status == 503 and "went silent" in lost.message
     assert aborted(worker)[-1:] == ["g1"]  # in case it is alive after all
 
 
@@ -255,7 +260,7 @@ def test_a_worker_restarted_with_a_new_pid_loses_its_requests(net):
     outputs(app)
     worker.send(wire.WorkerStatus(info=msgspec.structs.replace(worker.info, pid=2, state="loading")))
     [lost] = outputs(app)
-    assert lost.failure.status == 503 and "restarted" in lost.failure.message
+    assert lost.status == 503 and "restarted" in lost.message
 
 
 def test_a_request_with_no_output_when_its_worker_dies_is_retried_on_another_at_its_place(net):
@@ -270,20 +275,20 @@ def test_a_request_with_no_output_when_its_worker_dies_is_retried_on_another_at_
     finish(b, b"app", "g1")
     assert dispatched(b) == ["g0"]
     finish(b, b"app", "g0")
-    assert [(o.id, o.text, o.worker, o.failure) for o in outputs(app)] == [("g1", "done", "b", None),
-                                                                           ("g0", "done", "b", None)]
+    assert [(o.id, text(o), o.worker, isinstance(o, wire.Failure)) for o in outputs(app)] == [
+        ("g1", "done", "b", False), ("g0", "done", "b", False)]
 
 
 def test_a_request_that_had_output_ends_with_an_error_naming_the_crash(net):
     worker, app = net.worker("cpu"), net.client()
     submit(app, generate("g1"))
     started(worker, b"app", "g1")
-    assert [o.text for o in outputs(app)] == ["so"]
+    assert [text(o) for o in outputs(app)] == ["so"]
     net.client(b"supervisor").send(wire.WorkerExited(worker_id="cpu", code=-11))
     [lost] = outputs(app)
-    assert lost.id == "g1" and lost.failure.status == 503
-    assert lost.failure.message == "worker cpu stopped while generating this request: its process was killed by SIGSEGV"
-    assert "retry" not in lost.failure.message and net.broker.queue == {}
+    assert lost.id == "g1" and lost.status == 503
+    assert lost.message == "worker cpu stopped while generating this request: its process was killed by SIGSEGV"
+    assert "retry" not in lost.message and net.broker.queue == {}
     assert wire.exit_words(1) == "exited with code 1"
     assert wire.exit_words(-9) == "was killed by SIGKILL"
 
@@ -297,7 +302,7 @@ def test_a_request_is_retried_once_only(net):
     assert net.broker.routes["g1"].worker == second.identity
     net.client(b"supervisor").send(wire.WorkerExited(worker_id=second.info.worker_id, code=-11))
     [lost] = outputs(app)
-    assert lost.id == "g1" and "SIGSEGV" in lost.failure.message
+    assert lost.id == "g1" and "SIGSEGV" in lost.message
     assert dispatched(a) + dispatched(b) + dispatched(c) == [] and net.broker.queue == {}
 
 
@@ -309,9 +314,9 @@ def test_a_late_first_output_from_a_lost_worker_is_not_passed_on(net):
     net.client(b"supervisor").send(wire.WorkerExited(worker_id="a", code=-11))
     finish(b, b"app", "g2")
     assert dispatched(b) == ["g1"]
-    a.send(wire.Deliver(client=b"app", ended=[], first=["g1"]), wire.Results([wire.Output("g1", text="late")]))
+    a.send(wire.Deliver(client=b"app", ended=[], first=["g1"]), wire.Results([wire.Text("g1", "late")]))
     started(b, b"app", "g1")
-    assert [(o.id, o.text) for o in outputs(app)] == [("g2", "done"), ("g1", "so")]
+    assert [(o.id, text(o)) for o in outputs(app)] == [("g2", "done"), ("g1", "so")]
 
 
 def test_the_body_is_dropped_once_the_first_output_passes(net):
@@ -337,9 +342,9 @@ def test_the_worker_names_each_request_s_first_output(net):
         _deliver(held.take(), clients, push, "cpu", first)
         return wire.decode(pull.recv_multipart()[0])
 
-    assert deliver(wire.Output("a", text="x")).first == ["a"]
+    assert deliver(wire.Text("a", "x")).first == ["a"]
     # a's second output is not its first; b's first is also its last
-    header = deliver(wire.Output("a", text="y"), wire.Output("b", text="z", finish_reason="stop"))
+    header = deliver(wire.Text("a", "y"), wire.Final("b", "stop", last=wire.Text("b", "z")))
     assert (header.first, header.ended) == (["b"], ["b"])
 
 
@@ -370,7 +375,7 @@ def test_drain_refuses_new_requests_and_ends_the_rest_at_the_deadline(net):
     submit(app, generate("queued"))
     net.client(b"supervisor").send(wire.Drain(grace=0.0))
     submit(app, generate("late"))
-    ended = {o.id: o.failure.code for o in outputs(app)}
+    ended = {o.id: o.code for o in outputs(app)}
     assert ended == {"late": "shutting_down", "running": "shutting_down", "queued": "shutting_down"}
     assert "running" in aborted(worker)
 
@@ -470,8 +475,8 @@ def test_queue_room_is_per_device_not_per_lane(net):
     app = net.client()
     for i in range(4):
         submit(app, generate(f"g{i}", max_tokens=128))
-    refused = [o for o in outputs(app) if o.failure]
-    assert [o.id for o in refused] == ["g3"] and refused[0].failure.status == 503
+    refused = [o for o in outputs(app) if isinstance(o, wire.Failure)]
+    assert [o.id for o in refused] == ["g3"] and refused[0].status == 503
 
 
 def test_a_burst_on_idle_lanes_is_gathered_and_goes_to_the_lane_for_many(net):
@@ -556,3 +561,27 @@ def test_the_lane_policy_sends_a_burst_on_an_idle_device_where_the_profiles_say_
     openvino.running.add("g0")
     assert policy.gather_until([llama, openvino], llama, first=0.0, latest=0.1, now=0.12) is None  # not idle
     assert policy.soonest([llama, openvino], work, Counter(m=7)) is openvino  # the computing lane keeps its turn
+
+
+def test_a_follower_is_pushed_the_status_when_a_state_changes_and_no_status_per_request(net, monkeypatch):
+    """A frontend follows with one StatusQuery(follow=True); the broker pushes it a Status (id "") when a
+    worker's state changes or it read the plan anew, and no Status for a request that comes and goes."""
+    monkeypatch.setattr(broker_module, "KEEPALIVE_SECONDS", 60)  # out of the way: only the pushes for changes are seen
+    app = net.client()
+    app.send(wire.StatusQuery(id="f", follow=True))
+
+    def pushed() -> list[wire.Status]:
+        return [m for frames in app.received() for m in frames if isinstance(m, wire.Status)]
+
+    assert [s.id for s in pushed()] == ["f", ""]  # the answer, then the first push
+    worker = net.worker("cpu", state="loading")
+
+    assert [s.workers[0].state for s in pushed()] == ["loading"]
+    worker.send(wire.WorkerStatus(info=msgspec.structs.replace(worker.info, state="ready")))
+    assert [(s.id, s.workers[0].state) for s in pushed()] == [("", "ready")]
+    submit(app, generate("g1"))
+    finish(worker, b"app", "g1")
+    assert pushed() == []
+    net.broker._replan(net.broker.plan)
+    assert [s.replans for s in pushed()] == [1]
+    assert net.broker.status("q").replans == 1

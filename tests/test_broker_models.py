@@ -16,7 +16,7 @@ from infersnap import plan as serve_plan
 from infersnap import wire
 from infersnap.broker.broker import Broker
 from infersnap.plan import ModelSpec, ServePlan, WorkerSpec
-from test_broker import LLAMA, Net, dispatched, finish, outputs, submit
+from test_broker import Net, dispatched, finish, outputs, submit
 
 MIB = 1 << 20
 _addresses = itertools.count()
@@ -134,8 +134,8 @@ def test_a_model_too_big_for_the_budget_is_refused_with_507_and_nothing_else_is_
         app = net.client()
         submit(app, wire.Generate(id="g1", model="huge", params=wire.SamplingParams(), prompt="x"))
         [refused] = outputs(app)
-        assert (refused.failure.status, refused.failure.code) == (507, "model_too_large")
-        assert "400 MiB" in refused.failure.message and "models.memory-budget" in refused.failure.message
+        assert (refused.status, refused.code) == (507, "model_too_large")
+        assert "400 MiB" in refused.message and "models.memory-budget" in refused.message
         assert wanted(net) == {"main"}
         submit(app, wire.Generate(id="g2", model="main", params=wire.SamplingParams(), prompt="x"))
         assert dispatched(main) == ["g2"]
@@ -149,7 +149,7 @@ def test_max_loaded_bounds_the_models_per_device(three):
         app = net.client()
         submit(app, wire.Generate(id="g1", model="a", params=wire.SamplingParams(), prompt="x"))
         [refused] = outputs(app)
-        assert refused.failure.status == 507 and "models.max-loaded" in refused.failure.message
+        assert refused.status == 507 and "models.max-loaded" in refused.message
     finally:
         zctx.destroy(linger=0)
 
@@ -159,13 +159,13 @@ def test_a_model_none_of_whose_workers_can_load_is_failed_and_not_tried_again_un
     submit(app, wire.Generate(id="g1", model="a", params=wire.SamplingParams(), prompt="x"))
     start(three, "a", state="failed", error="not a GGUF file")
     [failed] = outputs(app)
-    assert failed.failure.status == 503 and "not a GGUF file" in failed.failure.message
+    assert failed.status == 503 and "not a GGUF file" in failed.message
     status = {m.name: m for m in three.broker.status("q").models}["a"]
     assert status.state == "failed" and "not a GGUF file" in status.error and not status.wanted
     stop(three, "a")  # the supervisor ends its process: it stays failed
     submit(app, wire.Generate(id="g2", model="a", params=wire.SamplingParams(), prompt="x"))
     [again] = outputs(app)
-    assert again.failure.status == 503 and "a" not in wanted(three)  # not loaded again by a request
+    assert again.status == 503 and "a" not in wanted(three)  # not loaded again by a request
     three.client(b"cli").send(wire.ModelControl("c1", "a", load=True))
     assert "a" in wanted(three) and states(three)["a"] == "loading"  # asked by name: tried again
 
@@ -183,7 +183,7 @@ def test_model_control_loads_now_and_unloads_once_idle(three):
     assert outputs(cli)[0].finish_reason == "stop" and states(three)["b"] == "unloading"
     cli.send(wire.ModelControl("c3", "nope", load=True))
     [unknown] = outputs(cli)
-    assert unknown.failure.status == 404 and "main, a, b" in unknown.failure.message
+    assert unknown.status == 404 and "main, a, b" in unknown.message
 
 
 def test_keep_alive_counts_from_when_the_model_is_ready_not_from_when_its_load_was_asked(three):
@@ -253,8 +253,8 @@ def test_a_model_added_to_the_plan_file_is_served_and_a_removed_one_ends_its_req
     assert states(three) == {"main": "loading", "b": "unloaded", "c": "unloaded"}  # "a" is not served now
     submit(app, wire.Generate(id="late", model="a", params=wire.SamplingParams(), prompt="x"))
     [refused] = outputs(app)
-    assert refused.failure.status == 404 and "'a' does not exist" in refused.failure.message
-    assert "c" in refused.failure.message and ", a," not in refused.failure.message
+    assert refused.status == 404 and "'a' does not exist" in refused.message
+    assert "c" in refused.message and ", a," not in refused.message
     finish(worker_a, b"app", "on-a")  # the request it accepted ends with its answer
     assert [o.id for o in outputs(app)] == ["on-a"]
     three.pump()
@@ -273,7 +273,7 @@ def test_a_model_added_to_the_plan_file_is_served_and_a_removed_one_ends_its_req
 
 def test_the_broker_reads_the_plan_when_told_and_its_followers_learn_it_at_once(three, tmp_path):
     """The supervisor tells the broker when it wrote the plan anew; the broker reads it and moves the
-    plan_version of the Status it pushes, on which the frontend reads the file too: both agree on a model
+    replans of the Status it pushes, on which the frontend reads the file too: both agree on a model
     added and on one removed, and neither looks at the file between changes."""
     path = tmp_path / "plan.json"
     plan = three.broker.plan
@@ -282,27 +282,27 @@ def test_the_broker_reads_the_plan_when_told_and_its_followers_learn_it_at_once(
     frontend = three.client(b"frontend")
     frontend.send(wire.StatusQuery(id="f", follow=True))
     status = frontend.received()[-1][0]
-    version = status.plan_version
+    version = status.replans
     serve_plan.write(msgspec.structs.replace(
         plan, models=[*plan.models, model("c", 50)],
         workers=[*plan.workers, WorkerSpec("cpu@c", "cpu", "cpu", "llamacpp", [0], 1, 1, model="c")]), path)
     three.client(b"supervisor").send(wire.PlanChanged())
     pushed = [m for [m] in frontend.received() if isinstance(m, wire.Status)]
-    assert pushed and pushed[-1].plan_version > version and "c" in {m.name for m in pushed[-1].models}
+    assert pushed and pushed[-1].replans > version and "c" in {m.name for m in pushed[-1].models}
     app = three.client()
     submit(app, wire.Generate(id="on-c", model="c", params=wire.SamplingParams(), prompt="x"))
     assert "c" in wanted(three)
     assert dispatched(start(three, "c")) == ["on-c"]
     submit(app, wire.Generate(id="none", model="nowhere", params=wire.SamplingParams(), prompt="x"))
     [refused] = outputs(app)
-    assert refused.failure.status == 404 and "'nowhere' does not exist" in refused.failure.message
+    assert refused.status == 404 and "'nowhere' does not exist" in refused.message
     serve_plan.write(msgspec.structs.replace(  # "b" removed
         three.broker.plan, models=[m for m in three.broker.plan.models if m.name != "b"],
         workers=[w for w in three.broker.plan.workers if w.model != "b"]), path)
     three.client(b"supervisor").send(wire.PlanChanged())
     submit(app, wire.Generate(id="on-b", model="b", params=wire.SamplingParams(), prompt="x"))
     [refused] = outputs(app)
-    assert refused.failure.status == 404 and "'b' does not exist" in refused.failure.message
+    assert refused.status == 404 and "'b' does not exist" in refused.message
 
 
 # --- worker lives: the broker orders, the supervisor carries out ---------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from conftest import probed_options
@@ -102,17 +101,15 @@ def end_of_text_bans(engine) -> dict[int, float]:
     return {t: -100.0 for t in range(engine.n_vocab) if llama_cpp.llama_vocab_is_eog(engine.vocab, t)}
 
 
-def run(engine, request: wire.Generate) -> wire.Output:
-    """The request to its end; its last Output, with the text of all."""
+def run(engine, request: wire.Generate) -> wire.Ending:
+    """The request to its end; the output that ended it."""
     refused = engine.add(request)
     if refused is not None:
         return refused
-    text, last = "", None
+    last = None
     while engine.busy:
         for output in engine.step():
-            text += output.text
             last = output
-    last.text = text
     return last
 
 
@@ -125,7 +122,7 @@ def generate(engine, words: int, **params) -> wire.Generate:
 @pytest.mark.parametrize("max_tokens", [None, 100_000])
 def test_fit_context_ends_the_generation_where_the_context_does(engine, max_tokens):
     last = run(engine, generate(engine, 200, max_tokens=max_tokens, fit_context=True))
-    assert last.failure is None and last.finish_reason == "length"
+    assert isinstance(last, wire.Final) and last.finish_reason == "length"
     room = CONTEXT - last.prompt_tokens
     assert 0 < room < 100
     assert last.completion_tokens == room
@@ -139,11 +136,11 @@ def test_fit_context_keeps_a_max_tokens_that_fits(engine):
 def test_a_prompt_that_alone_does_not_fit_is_still_refused(engine):
     for fit in (True, False):
         last = run(engine, generate(engine, 400, fit_context=fit))
-        assert last.finish_reason == "error" and last.failure.status == 400
-        assert last.failure.code == "context_length_exceeded"
+        assert isinstance(last, wire.Failure) and last.status == 400
+        assert last.code == "context_length_exceeded"
 
 
 def test_without_fit_context_too_many_tokens_are_refused_as_before(engine):
     last = run(engine, generate(engine, 200, max_tokens=100_000))
-    assert last.failure.status == 400 and last.failure.code == "context_length_exceeded"
-    assert "maximum context length is 256 tokens" in last.failure.message
+    assert last.status == 400 and last.code == "context_length_exceeded"
+    assert "maximum context length is 256 tokens" in last.message

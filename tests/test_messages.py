@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import anthropic
-import httpx
 import pytest
 
 WEATHER = {

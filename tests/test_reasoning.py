@@ -99,10 +99,10 @@ def test_the_worker_merges_held_outputs_thinking_too():
     from infersnap.workers.worker import Held
 
     held = Held()
-    held.add([wire.Output("a", reasoning="one ")])
-    held.add([wire.Output("a", reasoning="two", text="x"), wire.Output("a", text="y")])
+    held.add([wire.Text("a", reasoning="one ")])
+    held.add([wire.Text("a", reasoning="two", text="x"), wire.Final("a", "stop", last=wire.Text("a", text="y"))])
     [output] = held.take()
-    assert (output.reasoning, output.text) == ("one two", "xy")
+    assert (output.last.reasoning, output.last.text) == ("one two", "xy")
 
 
 def chat_body(**fields) -> schema.ChatCompletionRequest:
@@ -133,17 +133,17 @@ def rendered(outputs: list[wire.Output], **fields) -> list[dict]:
     body = chat_body(**fields)
     toolset = tools.from_request(body)
     chat = render.ChatRender("chatcmpl-1", "m", body, toolset)
-    sent = [event.removeprefix(b"data: ") for output in outputs for event in chat.feed(0, output)]
+    sent = [event.removeprefix(b"data: ") for output in outputs for event in chat.feed(0, *render.split(output))]
     if not chat.stream:
-        sent.append(chat.final(wire.Output("x", prompt_tokens=3, completion_tokens=5)))
+        sent.append(chat.final(wire.Final("x", "stop", prompt_tokens=3, completion_tokens=5)))
     return [json.loads(s) for s in sent]
 
 
 OUTPUTS = [
-    wire.Output("x", reasoning="Let me"),
-    wire.Output("x", reasoning=" see."),
-    wire.Output("x", text="It is"),
-    wire.Output("x", text=" 4.", finish_reason="stop"),
+    wire.Text("x", reasoning="Let me"),
+    wire.Text("x", reasoning=" see."),
+    wire.Text("x", text="It is"),
+    wire.Final("x", "stop", last=wire.Text("x", text=" 4.")),
 ]
 
 
@@ -154,7 +154,7 @@ def test_the_message_carries_reasoning_and_every_required_field():
                                  "reasoning_content": "Let me see.", "reasoning": "Let me see."}
     assert choice["logprobs"] is None and choice["finish_reason"] == "stop"
     assert response["system_fingerprint"].startswith("infersnap-")
-    [plain] = rendered([wire.Output("x", text="Hi", finish_reason="stop")])
+    [plain] = rendered([wire.Final("x", "stop", last=wire.Text("x", text="Hi"))])
     assert plain["choices"][0]["message"] == {"role": "assistant", "content": "Hi", "refusal": None}
 
 
@@ -170,8 +170,8 @@ def test_streamed_deltas_carry_the_reasoning():
 
 def test_thinking_streams_while_an_answer_that_may_be_a_call_is_held():
     tools_field = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
-    outputs = [wire.Output("x", reasoning="call f"), wire.Output("x", text='{"name": "f", '),
-               wire.Output("x", text='"arguments": {}}', finish_reason="stop")]
+    outputs = [wire.Text("x", reasoning="call f"), wire.Text("x", text='{"name": "f", '),
+               wire.Final("x", "stop", last=wire.Text("x", text='"arguments": {}}'))]
     chunks = rendered(outputs, stream=True, tools=tools_field)
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
     assert deltas[0] == {"role": "assistant", "reasoning_content": "call f", "reasoning": "call f"}

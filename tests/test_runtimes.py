@@ -43,7 +43,7 @@ def test_refusals_name_runtimes_by_their_registry_display_names():
     needs = wire.Needs(task="generate")
     for name, runtime in runtimes.RUNTIMES.items():
         refused = wire.refusal("r", needs, "fim", [name], "m")
-        assert f"the {runtime.display} engine serving 'm'" in refused.failure.message
+        assert f"the {runtime.display} engine serving 'm'" in refused.message
 
 
 def test_an_embedding_only_runtime_never_generates_and_is_chosen_for_embeddings_by_name():
@@ -78,15 +78,15 @@ def embed(engine, request: wire.Embed) -> wire.Output:
 
 def test_the_third_runtime_embeds_the_default_model(embedder):
     output = embed(embedder, wire.Embed(id="e", model="m", texts=TEXTS))
-    vectors = [np.frombuffer(v, dtype="<f4") for v in output.embeddings]
+    vectors = [np.frombuffer(v, dtype="<f4") for v in output.vectors]
     assert all(v.shape == (576,) and math.isclose(float(np.linalg.norm(v)), 1.0, abs_tol=1e-4) for v in vectors)
     cat, kitten, revenue = vectors
     assert float(cat @ kitten) > float(cat @ revenue)
     assert output.prompt_tokens == sum(len(embedder._tokens(t)) for t in TEXTS) > 0
-    alone = np.frombuffer(embed(embedder, wire.Embed(id="a", model="m", texts=[TEXTS[2]])).embeddings[0], "<f4")
+    alone = np.frombuffer(embed(embedder, wire.Embed(id="a", model="m", texts=[TEXTS[2]])).vectors[0], "<f4")
     assert float(alone @ revenue) == pytest.approx(1.0, abs=1e-3)  # batching does not change a vector
     too_long = embedder.add(wire.Embed(id="l", model="m", texts=["word " * 3000]))
-    assert too_long.failure.status == 400 and "more than the model's context of 2048" in too_long.failure.message
+    assert too_long.status == 400 and "more than the model's context of 2048" in too_long.message
 
 
 def test_the_third_runtime_serves_v1_embeddings(tmp_path):

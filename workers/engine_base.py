@@ -1,9 +1,9 @@
 """What every engine shares: the interface the worker loop runs, the request queue, aborts, the checks
-before a request is queued, the prompt, the seed, and the Output of a step.
+before a request is queued, the prompt, the seed, and the output of a step.
 
 An engine takes requests with `add` (answering at once when it can: a refusal, a tokenizer lookup),
-works on them one `step` at a time (each step returns the Outputs it produced, the last of a request
-with `finish_reason` set), and drops them with `abort`. Requests wait in `waiting` until the engine
+works on them one `step` at a time (each step returns the outputs it produced: a generation's Text
+chunks, then its Final; any request's one answer or Failure), and drops them with `abort`. Requests wait in `waiting` until the engine
 admits them into `running`, one per slot; the worker reports both in its heartbeats.
 """
 
@@ -62,7 +62,7 @@ class Engine:
         self.running: list[Any] = []
 
     def add(self, request: wire.Request) -> wire.Output | None:
-        """Take a request; return its Output at once if it is answered (a refusal, a lookup's answer)."""
+        """Take a request; return its answer at once if it has one now (a refusal, a lookup's answer)."""
         needs = wire.needs_of(request)
         feature = wire.unmet(needs, self.capabilities)
         if feature is not None:  # the broker sends none such: the same rule, in case
@@ -78,7 +78,7 @@ class Engine:
         for item in [s for s in [*self.waiting, *self.running] if s.request.id in wanted]:
             self._end(item)
 
-    def fail_running(self, message: str) -> list[wire.Output]:
+    def fail_running(self, message: str) -> list[wire.Failure]:
         """End every running request with a 500 (the engine's step failed); the engine serves on."""
         outputs = [wire.failed(s.request.id, 500, message) for s in self.running]
         for item in list(self.running):
@@ -143,7 +143,7 @@ class Embedder(Engine):
     n_vocab = 0
     n_embd = 0
 
-    def _add(self, request: wire.Embed) -> wire.Output | None:
+    def _add(self, request: wire.Embed) -> wire.Failure | None:
         """Queue the request, or refuse at once with a 400 naming what the model cannot take."""
         if request.dimensions is not None and request.dimensions != self.n_embd:
             message = f"this model's embeddings have {self.n_embd} dimensions; it cannot give {request.dimensions}"
@@ -176,8 +176,7 @@ class Embedder(Engine):
         for job in [j for j in self.running if len(j.vectors) == len(j.inputs)]:
             self._end(job)
             prompt_tokens = sum(map(len, job.inputs))
-            outputs.append(wire.Output(job.request.id, finish_reason="stop", prompt_tokens=prompt_tokens,
-                                       embeddings=job.vectors))
+            outputs.append(wire.Embeddings(job.request.id, job.vectors, prompt_tokens))
         return outputs
 
     def _tokens(self, text: str) -> list[int]:
@@ -219,6 +218,9 @@ class Sequence:
     started: float = 0.0
     first_token_at: float = 0.0
     logprobs: list[wire.TokenLogprob] = field(default_factory=list)  # not yet sent
+    prompt_logprobs: list[wire.TokenLogprob] = field(default_factory=list)  # not yet sent (go with the first chunk)
+    tokens_sent: int = 0  # completion tokens counted in the chunks made so far
+    chunks: int = 0  # chunks made so far: the first carries the prompt's size
     # a chat's thinking is split from its answer: True when the prompt left it inside a think
     # block, False when not; None (a text completion): no split
     thinking: bool | None = None
@@ -255,11 +257,11 @@ class BatchingEngine(Engine):
         if thinking and request.params.json_schema is not None:
             thinking = False  # a schema holds the output to JSON from its first token: that is the answer
         max_tokens = completion_budget(request, prompt, self.context)
-        if isinstance(max_tokens, wire.Output):
+        if isinstance(max_tokens, wire.Failure):
             return max_tokens
         return self._queue(request, prompt, max_tokens, thinking)
 
-    def _lookup(self, request: wire.Tokenize | wire.Detokenize) -> wire.Output:
+    def _lookup(self, request: wire.Tokenize | wire.Detokenize) -> wire.Tokens | wire.Failure:
         """A tokenizer lookup's answer; an id outside the vocabulary is a 400 (the tokenizers would crash or guess)."""
         if isinstance(request, wire.Tokenize):
             try:  # a chat prompt, counted as its Generate's would be (count_tokens, input_tokens)
@@ -268,12 +270,12 @@ class BatchingEngine(Engine):
             except ValueError as exc:
                 return wire.failed(request.id, 400, f"could not format the prompt: {exc}", param="messages")
             pieces = [self.piece(t) for t in tokens] if request.with_pieces else []
-            return wire.Output(request.id, finish_reason="stop", tokens=tokens, pieces=pieces)
+            return wire.Tokens(request.id, tokens=tokens, pieces=pieces)
         bad = next((t for t in request.tokens if not 0 <= t < self.n_vocab), None)
         if bad is not None:
             message = f"token id {bad} is not in the model's vocabulary (ids 0 to {self.n_vocab - 1})"
             return wire.failed(request.id, 400, message, param="tokens")
-        return wire.Output(request.id, text=self.detokenize(request.tokens), finish_reason="stop")
+        return wire.Tokens(request.id, text=self.detokenize(request.tokens))
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         """`text` as token ids, special tokens written in it included; `add_special`: with the BOS (or EOS)
@@ -317,8 +319,8 @@ class BatchingEngine(Engine):
         raise NotImplementedError
 
     def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int, thinking: bool | None
-               ) -> wire.Output | None:
-        """Put a checked request in `waiting` (its sequence with `thinking`), or refuse it with a failure Output."""
+               ) -> wire.Failure | None:
+        """Put a checked request in `waiting` (its sequence with `thinking`), or refuse it with a Failure."""
         raise NotImplementedError
 
     def _start(self, seq: Sequence) -> None:
@@ -329,33 +331,30 @@ class BatchingEngine(Engine):
         self.running.append(seq)
 
     def _output(self, seq: Sequence, text: str, finish: str | None, completion_tokens: int, prompt_evaluated: int,
-                now: float) -> wire.Output | None:
-        """One step's Output of a sequence, None while it has nothing to send; the last one (finish set)
-        carries the timings and frees the sequence. `text` is answer text; its thinking comes from seq.text."""
+                now: float) -> wire.Text | wire.Final | None:
+        """One step's output of a sequence: a Text chunk, None while it has nothing to send, or the Final
+        (finish set) that carries the last text and the timings and frees the sequence. `text` is answer
+        text; its thinking comes from seq.text."""
         reasoning = seq.text.take_reasoning()
         if finish is None and not text and not reasoning:
             return None
-        output = wire.Output(
-            id=seq.request.id,
-            text=text,
-            reasoning=reasoning,
-            finish_reason=finish,
-            prompt_tokens=len(seq.prompt),
-            completion_tokens=completion_tokens,
-            logprobs=seq.logprobs,
+        # a token whose text is held back (part of a character or of a stop string) goes out with the next chunk
+        chunk = wire.Text(
+            seq.request.id, text, reasoning, completion_tokens - seq.tokens_sent, seq.logprobs,
+            0 if seq.chunks else len(seq.prompt), seq.prompt_logprobs,
         )
-        # a token whose text is held back (part of a character or of a stop string) goes out with the next Output
-        seq.logprobs = []
-        if finish is not None:
-            output.reasoning_tokens, output.stop = seq.text.reasoning_tokens, seq.text.stopped_by
-            output.timings = wire.Timings(
-                prompt_n=prompt_evaluated,
-                prompt_ms=(seq.first_token_at - seq.started) * 1000,
-                predicted_n=completion_tokens,
-                predicted_ms=(now - seq.first_token_at) * 1000,
-            )
-            self._end(seq)
-        return output
+        seq.logprobs, seq.prompt_logprobs, seq.tokens_sent, seq.chunks = [], [], completion_tokens, seq.chunks + 1
+        if finish is None:
+            return chunk
+        timings = wire.Timings(
+            prompt_n=prompt_evaluated,
+            prompt_ms=(seq.first_token_at - seq.started) * 1000,
+            predicted_n=completion_tokens,
+            predicted_ms=(now - seq.first_token_at) * 1000,
+        )
+        self._end(seq)
+        return wire.Final(seq.request.id, finish, len(seq.prompt), completion_tokens, seq.text.reasoning_tokens,
+                          timings, seq.text.stopped_by, last=chunk)
 
 
 NO_CHAT_TEMPLATE = "the model has no chat template; use /v1/completions"
@@ -373,12 +372,12 @@ def first_line(exc: BaseException) -> str:
     return (useful or lines or [type(exc).__name__])[0]
 
 
-def schema_refused(request: wire.Generate, reason: str) -> wire.Output:
+def schema_refused(request: wire.Generate, reason: str) -> wire.Failure:
     """The 400 for a JSON schema (from response_format or tools) that the engine cannot enforce."""
     return wire.failed(request.id, 400, f"the JSON schema cannot be enforced: {reason}", param="response_format")
 
 
-def completion_budget(request: wire.Generate, prompt: list[int], context: int) -> int | wire.Output:
+def completion_budget(request: wire.Generate, prompt: list[int], context: int) -> int | wire.Failure:
     """How many tokens the request may generate, or the 400 to answer when it cannot fit the context.
     With `fit_context`, max_tokens is lowered to the room the prompt leaves (the engines end the
     generation there with "length"); only a prompt that leaves no room is refused."""

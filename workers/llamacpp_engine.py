@@ -52,7 +52,6 @@ class LlamaSequence(Sequence):
     next_token: int = -1  # sampled, not yet fed back
     completion_tokens: int = 0
     prompt_evaluated: int = 0
-    prompt_logprobs: list[wire.TokenLogprob] = field(default_factory=list)  # not yet sent (echo with logprobs)
 
 
 def load_model(model_path: str, gpu_layers: int, options: EngineOptions) -> _internals.LlamaModel:
@@ -125,7 +124,7 @@ class LlamaCppEngine(BatchingEngine):
     # --- requests in -------------------------------------------------------
 
     def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int, thinking: bool | None
-               ) -> wire.Output | None:
+               ) -> wire.Failure | None:
         seq = LlamaSequence(request=request, prompt=prompt, max_tokens=max_tokens, thinking=thinking)
         if request.params.json_schema is not None:
             try:  # refused now rather than when admitted
@@ -214,7 +213,7 @@ class LlamaCppEngine(BatchingEngine):
         batch.n_tokens = n
         return rows, prompt_rows
 
-    def _sample(self, seq: LlamaSequence, row: int, now: float) -> wire.Output | None:
+    def _sample(self, seq: LlamaSequence, row: int, now: float) -> wire.Text | wire.Final | None:
         if seq.grammar_sampler is None:
             token = llama_cpp.llama_sampler_sample(seq.sampler.sampler, self.ctx.ctx, row)
         else:
@@ -235,10 +234,7 @@ class LlamaCppEngine(BatchingEngine):
                 text += seq.text.flush()
                 finish = "length"
         seq.next_token = token
-        output = self._output(seq, text, finish, seq.completion_tokens, seq.prompt_evaluated, now)
-        if output is not None:
-            output.prompt_logprobs, seq.prompt_logprobs = seq.prompt_logprobs, []
-        return output
+        return self._output(seq, text, finish, seq.completion_tokens, seq.prompt_evaluated, now)
 
     def _release(self, seq: LlamaSequence) -> None:
         """Free the sequence's slot (keeping its KV cache for prefix reuse) and its samplers."""

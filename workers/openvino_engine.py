@@ -110,7 +110,7 @@ class OpenVinoEngine(BatchingEngine):
     # --- requests in -------------------------------------------------------
 
     def _queue(self, request: wire.Generate, prompt: list[int], max_tokens: int, thinking: bool | None
-               ) -> wire.Output | None:
+               ) -> wire.Failure | None:
         config = self._config(request.params, max(max_tokens, 1))
         seq = OpenVinoSequence(request=request, prompt=prompt, max_tokens=max_tokens, thinking=thinking, config=config)
         self.waiting.append(seq)
@@ -141,7 +141,7 @@ class OpenVinoEngine(BatchingEngine):
                     outputs.append(output)
         return outputs
 
-    def _admit(self) -> list[wire.Output]:
+    def _admit(self) -> list[wire.Failure]:
         refused = []
         while self.waiting and len(self.running) < self.slots:
             seq = self.waiting.popleft()
@@ -203,7 +203,7 @@ class OpenVinoEngine(BatchingEngine):
             seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.ids)
         return pieces
 
-    def _emit(self, seq: OpenVinoSequence, piece: str, finish: str | None, now: float) -> wire.Output | None:
+    def _emit(self, seq: OpenVinoSequence, piece: str, finish: str | None, now: float) -> wire.Text | wire.Final | None:
         text = ""
         if piece:
             text, hit_stop = seq.text.push(piece.encode("utf-8"))
@@ -213,7 +213,7 @@ class OpenVinoEngine(BatchingEngine):
             text += seq.text.flush()
         return self._output(seq, text, finish, len(seq.ids), len(seq.prompt), now)
 
-    def _dropped(self, seq: OpenVinoSequence) -> wire.Output:
+    def _dropped(self, seq: OpenVinoSequence) -> wire.Failure:
         self._end(seq)
         return wire.failed(
             seq.request.id, 503, "the OpenVINO pipeline dropped the request (its KV cache could not hold it)"

@@ -44,16 +44,16 @@ def drive(engine: Engine, requests: list[wire.Request], fault: Fault) -> None:
     for request in requests:
         fault.request()
         refused = engine.add(request)
-        if refused is not None and refused.finish_reason == "error":
-            raise Refused(refused.failure.message if refused.failure else "refused")
+        if isinstance(refused, wire.Failure):
+            raise Refused(refused.message)
     for _ in range(MOST_STEPS):
         if not pending:
             return
         fault.step()
         for output in engine.step():
-            if output.finish_reason == "error":
-                raise Refused(output.failure.message if output.failure else "failed")
-            if output.finish_reason is not None:
+            if isinstance(output, wire.Failure):
+                raise Refused(output.message)
+            if isinstance(output, wire.Ending):
                 pending.discard(output.id)
     raise Refused(f"the engine did not finish {len(pending)} short requests in {MOST_STEPS} steps")
 

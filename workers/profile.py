@@ -83,17 +83,17 @@ class Driver:
         params = wire.SamplingParams(max_tokens=max_tokens, temperature=0.0)
         refused = self.engine.add(wire.Generate(id=request_id, model="profile", params=params, prompt=prompt))
         if refused is not None:
-            raise MeasureError(refused.failure.message if refused.failure else "a request was refused")
+            raise MeasureError(refused.message if isinstance(refused, wire.Failure) else "a request was refused")
         return request_id
 
     def step(self) -> list[wire.Output]:
         outputs = self.engine.step()
         for output in outputs:
-            if output.finish_reason == "error":
-                raise MeasureError(output.failure.message if output.failure else "a request failed")
+            if isinstance(output, wire.Failure):
+                raise MeasureError(output.message)
         return outputs
 
-    def lone(self, prompt: str, max_tokens: int) -> tuple[float, wire.Output]:
+    def lone(self, prompt: str, max_tokens: int) -> tuple[float, wire.Final]:
         """Seconds from add to a lone request's first output, and its last output."""
         start = time.perf_counter()
         request_id = self.submit(prompt, max_tokens)
@@ -102,7 +102,7 @@ class Driver:
             for output in self.step():
                 if output.id == request_id:
                     first = first or time.perf_counter() - start
-                    if output.finish_reason is not None:
+                    if isinstance(output, wire.Final):
                         return first, output
 
 
@@ -131,13 +131,15 @@ def generation(driver: Driver, streams: int, tokens: int) -> Level:
         done = False
         for output in outputs:
             stream = stream_of[output.id]
-            gained = output.completion_tokens - seen.get(output.id, 0)
-            seen[output.id] = output.completion_tokens
+            # a chunk counts the tokens since the last one; the Final, all of them
+            count = output.completion_tokens if isinstance(output, wire.Final) else seen.get(output.id, 0) + output.tokens
+            gained = count - seen.get(output.id, 0)
+            seen[output.id] = count
             generated[stream] += gained
             total += gained
-            if output.id in added_at and output.id not in first_at and output.completion_tokens:
+            if output.id in added_at and output.id not in first_at and count:
                 first_at[output.id] = now
-            if output.finish_reason is None:
+            if not isinstance(output, wire.Final):
                 continue
             del stream_of[output.id]
             if generated[stream] < tokens:  # the model ended its text: the stream asks for the rest

@@ -159,7 +159,8 @@ def serve(engine: Engine, inbox: queue.Queue, outbox: zmq.Socket, io: WorkerIO, 
 
 
 class Held:
-    """Outputs not yet sent, one per request: a request's later outputs are merged into the held one."""
+    """Outputs not yet sent, one per request: a request's later outputs are merged into the held one
+    (wire.Result.then: text chunks add up; an ending takes the text held before it)."""
 
     def __init__(self) -> None:
         self.outputs: dict[str, wire.Output] = {}
@@ -172,12 +173,9 @@ class Held:
         for output in outputs:
             earlier = self.outputs.get(output.id)
             if earlier is not None:
-                output.text = earlier.text + output.text
-                output.reasoning = earlier.reasoning + output.reasoning
-                output.logprobs = earlier.logprobs + output.logprobs
-                output.prompt_logprobs = earlier.prompt_logprobs or output.prompt_logprobs
+                output = earlier.then(output)
             self.outputs[output.id] = output
-            self.urgent |= output.finish_reason is not None or output.id not in self.sent
+            self.urgent |= isinstance(output, wire.Ending) or output.id not in self.sent
         return bool(self.outputs) and (self.urgent or time.monotonic() - self.last_send >= STREAM_INTERVAL)
 
     def unsent(self) -> set[str]:
@@ -187,7 +185,7 @@ class Held:
     def take(self) -> list[wire.Output]:
         outputs = list(self.outputs.values())
         for output in outputs:
-            (self.sent.add if output.finish_reason is None else self.sent.discard)(output.id)
+            (self.sent.discard if isinstance(output, wire.Ending) else self.sent.add)(output.id)
         self.outputs.clear()
         self.urgent, self.last_send = False, time.monotonic()
         return outputs
@@ -213,7 +211,7 @@ def _deliver(outputs: list[wire.Output], clients: dict[str, bytes], outbox: zmq.
         by_client.setdefault(client, []).append(output)
         if output.id in first:
             firsts.setdefault(client, []).append(output.id)
-        if output.finish_reason is not None:
+        if isinstance(output, wire.Ending):
             output.worker = worker_id
             ended.setdefault(client, []).append(output.id)
             del clients[output.id]
