@@ -58,11 +58,11 @@ from typing import Callable
 import msgspec
 import zmq
 
-from infersnap import paths, wire
+from infersnap import paths, routing, wire
 from infersnap.broker.lanes import LanePolicy
 from infersnap.broker.models import Model, ModelScheduler
 from infersnap.broker.workers import RESTARTING, UNLOADED, UNLOADING, Worker, takes_slot
-from infersnap.plan import PlanFile, ServePlan, announced
+from infersnap.plan import PlanFile, ServePlan, announced, room
 
 # Seconds without a heartbeat (sent every 0.25 s) before a live worker counts as stuck. A worker whose
 # process ends is reported at once by the supervisor (WorkerExited); this is for one that hangs.
@@ -265,9 +265,9 @@ class Broker:
             ready = [w for w in serving if w.info.state == "ready"]
             if not ready:  # every worker of this task failed (the embedding worker, say) while others serve
                 return wire.failed(submit.id, 503, self._task_failure(serving, needs.task))
-            feature = next(f for f in (wire.unmet(needs, w.info.capabilities) for w in ready) if f)
+            feature = next(f for f in (routing.unmet(needs, w.info.capabilities) for w in ready) if f)
             runtimes = [w.info.runtime for w in serving if w.info.state != "failed"]
-            return wire.refusal(submit.id, needs, feature, runtimes, ready[0].info.model)
+            return routing.refusal(submit.id, needs, feature, runtimes, ready[0].info.model)
         if not model.wanted:
             too_big = self.scheduler.never_fits(model)
             if too_big:
@@ -279,12 +279,12 @@ class Broker:
         for worker in serving:
             if worker.info.state != "failed":
                 lanes.setdefault(worker.info.device, []).append(worker)
-        room = sum(max(wire.capacity(w.info.slots, self.plan.max_waiting) for w in group)
+        free = sum(max(room(w.info.slots, self.plan.max_waiting) for w in group)
                    - sum(len(w.running) for w in group) for group in lanes.values())
         queued = sum(len(members) for members in self.kinds.values()
                      if next(iter(members.values())).submit.model.lower() == submit.model.lower()
                      and next(iter(members.values())).submit.needs.task == needs.task)
-        if queued >= room:
+        if queued >= free:
             # Refuse at once rather than queue without end; the frontend adds Retry-After.
             return wire.failed(submit.id, 503, "the server is at capacity; retry shortly", code="server_overloaded")
         return None

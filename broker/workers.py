@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from infersnap import wire
+from infersnap import routing, wire
 
 RESTARTING = "restarting"  # the state of a worker whose process stopped, until it comes back
 UNLOADED = "unloaded"  # a worker of a model not loaded: no process
@@ -40,7 +40,7 @@ class Worker:
     def cached_tokens(self, prefix: list[int]) -> int:
         """A guess of the tokens of this prompt its cache holds: the blocks it was sent before."""
         held = next((i for i, block in enumerate(prefix) if block not in self.prefixes), len(prefix))
-        return held * wire.PREFIX_BLOCK // wire.CHARS_PER_TOKEN
+        return held * routing.PREFIX_BLOCK // routing.CHARS_PER_TOKEN
 
     def serves(self, model: str, task: str) -> bool:
         return self.info.model.lower() == model.lower() and task in self.info.capabilities.tasks
@@ -49,11 +49,11 @@ class Worker:
         """Whether it can serve these needs now or once (re)loaded: a loading worker may still gain features."""
         if self.info.state == "failed":
             return False
-        return self.info.state in PENDING_STATES or wire.unmet(needs, self.info.capabilities) is None
+        return self.info.state in PENDING_STATES or routing.unmet(needs, self.info.capabilities) is None
 
     def able(self, needs: wire.Needs) -> bool:
         """Whether it is ready and can do what these needs ask, free slot or not."""
-        return self.info.state == "ready" and wire.unmet(needs, self.info.capabilities) is None
+        return self.info.state == "ready" and routing.unmet(needs, self.info.capabilities) is None
 
     def can_take(self, needs: wire.Needs) -> bool:
         """Whether it can start a request with these needs now, cores aside."""

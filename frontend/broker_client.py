@@ -25,7 +25,7 @@ from collections.abc import Callable
 import zmq
 import zmq.asyncio
 
-from infersnap import paths, wire
+from infersnap import paths, routing, wire
 
 WATCH_SECONDS = 1.0
 SILENT_SECONDS = 2.5  # the broker pushes a Status at least every second: this long without a word, it is asked
@@ -97,7 +97,7 @@ class BrokerClient:
         if isinstance(request, wire.ModelControl):
             frames = [wire.encode(request)]
         else:
-            submit = wire.Submit(request.id, request.model, wire.needs_of(request), wire.work_of(request))
+            submit = wire.Submit(request.id, request.model, routing.needs_of(request), routing.work_of(request))
             frames = [wire.encode(submit), wire.encode(request)]
         self.requests[request.id] = outputs
         await self.socket.send_multipart(frames)

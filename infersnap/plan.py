@@ -25,6 +25,11 @@ from infersnap.profiles import EngineOptions, Speed
 SPEC_TASKS = {"generate": ["generate", "tokenize"], "embed": ["embed"]}
 
 
+def room(slots: int, max_waiting: int) -> int:
+    """Requests one lane can run and have queued for it in the broker at once (a device's lanes share one room)."""
+    return slots + max_waiting
+
+
 class Fallback(msgspec.Struct, frozen=True):
     """Another way to run a worker whose way crashes while serving, in the order they are tried: its
     runtime's next settings, then its device's engine of another runtime that its stored probe says
@@ -124,7 +129,7 @@ class ServePlan(msgspec.Struct, frozen=True):
         per_device: dict[str, int] = {}
         for w in self.workers_of(model):
             if w.task == "generate":
-                per_device[w.device] = max(per_device.get(w.device, 0), wire.capacity(w.slots, self.max_waiting))
+                per_device[w.device] = max(per_device.get(w.device, 0), room(w.slots, self.max_waiting))
         return sum(per_device.values())
 
     def embeddings(self, model: str) -> bool:

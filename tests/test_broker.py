@@ -10,7 +10,7 @@ import msgspec
 import pytest
 import zmq
 
-from infersnap import wire
+from infersnap import routing, wire
 from infersnap.profiles import Level, PromptRead
 from infersnap.broker import broker as broker_module, lanes as lanes_module
 from infersnap.broker.broker import Broker
@@ -84,7 +84,7 @@ def generate(request_id: str, model: str = "m", **params) -> wire.Generate:
 
 
 def submit(client: Peer, request: wire.Request) -> None:
-    client.send(wire.Submit(request.id, request.model, wire.needs_of(request), wire.work_of(request)), request)
+    client.send(wire.Submit(request.id, request.model, routing.needs_of(request), routing.work_of(request)), request)
 
 
 def dispatched(worker: Peer) -> list[str]:
@@ -484,7 +484,7 @@ def test_a_burst_on_idle_lanes_is_gathered_and_goes_to_the_lane_for_many(net):
     app = net.client()
     for i in range(8):  # arriving within GATHER_SECONDS, as a burst's requests do, one by one
         request = generate(f"g{i}", max_tokens=128)
-        app.socket.send_multipart([wire.encode(wire.Submit(request.id, "m", wire.needs_of(request), wire.work_of(request))),
+        app.socket.send_multipart([wire.encode(wire.Submit(request.id, "m", routing.needs_of(request), routing.work_of(request))),
                                    wire.encode(request)])
         net.broker.poll_once(1)
     assert dispatched(openvino) == [f"g{i}" for i in range(8)] and dispatched(llama) == []
@@ -529,7 +529,7 @@ def test_a_burst_whose_requests_trickle_in_still_goes_to_the_lane_for_many(net):
     app = net.client()
     for i in range(8):
         request = generate(f"g{i}", max_tokens=128)
-        app.socket.send_multipart([wire.encode(wire.Submit(request.id, "m", wire.needs_of(request), wire.work_of(request))),
+        app.socket.send_multipart([wire.encode(wire.Submit(request.id, "m", routing.needs_of(request), routing.work_of(request))),
                                    wire.encode(request)])
         deadline = time.monotonic() + 0.035
         while time.monotonic() < deadline:
@@ -552,7 +552,7 @@ def test_the_lane_policy_sends_a_burst_on_an_idle_device_where_the_profiles_say_
 
     llama, openvino = worker("cpu/cpu", "llamacpp", LLAMA_SPEED), worker("cpu/intel-cpu", "openvino", OPENVINO_SPEED)
     policy = LanePolicy({w.identity: w for w in (llama, openvino)})
-    work = wire.work_of(generate("g", max_tokens=128))
+    work = routing.work_of(generate("g", max_tokens=128))
     assert policy.soonest([llama, openvino], work, Counter(m=1)) is llama  # alone: the lane best for one
     assert policy.soonest([llama, openvino], work, Counter(m=8)) is openvino  # eight together: the lane for many
     # while a burst still arrives on the idle device, its first request waits for the rest

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import start_server
-from infersnap import runtimes, wire
+from infersnap import routing, runtimes, wire
 from infersnap.engines import EngineChoiceError, manifests, parse_choice, parse_embedding_choice
 from infersnap.models import default_model_path
 from infersnap.workers.engine_base import EngineSettings
@@ -42,7 +42,7 @@ def test_every_runtime_is_listed_in_the_registry_alone():
 def test_refusals_name_runtimes_by_their_registry_display_names():
     needs = wire.Needs(task="generate")
     for name, runtime in runtimes.RUNTIMES.items():
-        refused = wire.refusal("r", needs, "fim", [name], "m")
+        refused = routing.refusal("r", needs, "fim", [name], "m")
         assert f"the {runtime.display} engine serving 'm'" in refused.message
 
 

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from infersnap import wire
+from infersnap import routing, wire
 from infersnap.profiles import EngineOptions
 from infersnap.workers.text import TextStream
 from infersnap.workers.thinking import ThinkingSplit, opens_thinking
@@ -63,10 +63,10 @@ class Engine:
 
     def add(self, request: wire.Request) -> wire.Output | None:
         """Take a request; return its answer at once if it has one now (a refusal, a lookup's answer)."""
-        needs = wire.needs_of(request)
-        feature = wire.unmet(needs, self.capabilities)
+        needs = routing.needs_of(request)
+        feature = routing.unmet(needs, self.capabilities)
         if feature is not None:  # the broker sends none such: the same rule, in case
-            return wire.refusal(request.id, needs, feature, [self.runtime], request.model)
+            return routing.refusal(request.id, needs, feature, [self.runtime], request.model)
         return self._add(request)
 
     def step(self) -> list[wire.Output]:
@@ -233,7 +233,7 @@ class BatchingEngine(Engine):
     `tokenize`, `piece` and `detokenize`."""
 
     n_vocab: int  # token ids run from 0 to n_vocab - 1
-    FEATURES: tuple[str, ...] = ()  # what the engine can do for any model (wire.FEATURES)
+    FEATURES: tuple[str, ...] = ()  # what the engine can do for any model (routing.FEATURES)
     ban_with: list[int] | None = None  # see wire.Capabilities
     fim_tokens: tuple[int, int, int] | None = None  # fill in the middle: prefix, suffix, middle; None: none
     bos_token: int | None = None  # the BOS the model starts a prompt with; None: it adds none
