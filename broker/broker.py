@@ -236,7 +236,7 @@ class Broker:
         elif isinstance(message, wire.Supervise):
             self._supervised_by(client, message)
         elif isinstance(message, wire.PlanChanged) and self.plan_file is not None:
-            replanned = self.plan_file.changed(at_once=True)
+            replanned = self.plan_file.changed()
             if replanned is not None:
                 self._replan(replanned)
         elif isinstance(message, wire.Drain) and self.drain_deadline is None:

@@ -62,7 +62,7 @@ def create_app(plan: ServePlan, plan_file: PlanFile | None = None) -> Sanic:
     def follow_plan() -> None:
         # The broker read the plan file anew (or is a new broker): read it too. Read after the broker,
         # a model listed here is one it serves, and one no longer listed here it refuses.
-        replanned = plan_file.changed(at_once=True)
+        replanned = plan_file.changed()
         if replanned is not None:
             app.ctx.plan = replanned
 

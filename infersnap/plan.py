@@ -13,7 +13,6 @@ the frontend read it again (PlanFile).
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import msgspec
@@ -161,12 +160,11 @@ def read(path: Path) -> ServePlan:
 
 class PlanFile:
     """The plan file as the broker and the frontend hold it: they outlive a change of it (a model added to
-    or removed from the catalog while serving; the supervisor writes the new plan) and read it again."""
+    or removed from the catalog while serving; the supervisor writes the new plan) and read it again when
+    told: the broker on the supervisor's PlanChanged, the frontend when the broker's Status.replans moves."""
 
-    def __init__(self, path: Path, look_seconds: float = 0.5) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
-        self.look_seconds = look_seconds  # the file is looked at no oftener: the broker asks on every message
-        self.looked_at = time.monotonic()
         self.stamp = self._stamp()
         self.plan = read(path)
 
@@ -174,14 +172,8 @@ class PlanFile:
         stat = self.path.stat()  # write() replaces the file: a new inode each time
         return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
-    def changed(self, at_once: bool = False) -> ServePlan | None:
-        """The plan as the file says now, if it changed since it was last read; else None. `at_once` looks
-        even within look_seconds: the broker as a request arrives, the frontend when the broker says it read
-        the file anew (Status.replans), so that the two agree on it."""
-        now = time.monotonic()
-        if not at_once and now - self.looked_at < self.look_seconds:
-            return None
-        self.looked_at = now
+    def changed(self) -> ServePlan | None:
+        """The plan as the file says now, if it changed since it was last read; else None."""
         try:
             stamp = self._stamp()
         except OSError:

@@ -238,7 +238,7 @@ def test_a_model_added_to_the_plan_file_is_served_and_a_removed_one_ends_its_req
     """What the supervisor does when a model file appears and another goes: it writes the plan anew."""
     path = tmp_path / "plan.json"
     serve_plan.write(three.broker.plan, path)
-    three.broker.plan_file = serve_plan.PlanFile(path, look_seconds=0)
+    three.broker.plan_file = serve_plan.PlanFile(path)
     app = three.client()
     submit(app, wire.Generate(id="on-a", model="a", params=wire.SamplingParams(), prompt="x"))
     worker_a = start(three, "a")
