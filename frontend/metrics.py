@@ -55,9 +55,10 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=registry)
         self.running = Gauge("infersnap_requests_running", "Requests a worker is running now",
                              ["worker"], registry=registry)
-        self.waiting = Gauge("infersnap_requests_waiting",
-                             "Requests waiting for a free slot, by worker and in the broker's queue",
+        self.waiting = Gauge("infersnap_requests_waiting", "Requests a worker's engine holds for a free slot",
                              ["worker"], registry=registry)
+        self.queued = Gauge("infersnap_requests_queued", "Requests queued in the broker for a free slot",
+                            registry=registry)
         self.ready = Gauge("infersnap_worker_ready",
                            "1 if the worker is ready to serve, by worker, device, engine and state",
                            ["worker", "device", "engine", "state"], registry=registry)
@@ -71,7 +72,7 @@ class Metrics:
             self.running.labels(w.worker_id).set(len(w.running))
             self.waiting.labels(w.worker_id).set(w.waiting)
             self.ready.labels(w.worker_id, w.device, w.engine, w.state).set(int(w.state == "ready"))
-        self.waiting.labels("").set(status.queued)
+        self.queued.set(status.queued)
         return prometheus_client.generate_latest(self.registry)
 
 

@@ -58,7 +58,7 @@ def test_metrics_count_requests_tokens_and_latencies(http, server):
     assert delta(before, after, "infersnap_request_duration_seconds_count") == 3
     assert delta(before, after, 'infersnap_request_duration_seconds_bucket{le="+Inf"}') == 3
     assert after[f'infersnap_requests_running{{worker="{worker}"}}'] == 0
-    assert after['infersnap_requests_waiting{worker=""}'] == 0
+    assert after["infersnap_requests_queued"] == 0
     assert any(k.startswith(f'infersnap_worker_ready{{worker="{worker}"') and v == 1 for k, v in after.items())
 
 
