@@ -2,8 +2,10 @@
 
 Messages are msgspec Structs encoded as msgpack arrays (array_like) with a
 tag as the first element, so each side decodes any message with one typed
-decoder. The frontend, the CLI, the broker and the workers all import this
-module; nothing else is shared between them.
+decoder. The frontend, the CLI, the supervisor, the broker and the workers all
+import this module; it holds messages only. What they share beside it lives in
+infersnap/ too: the plan (plan.py), the rule between a request's needs and a
+worker's capabilities (routing.py), the runtime registry (runtimes.py).
 """
 
 from __future__ import annotations
