@@ -140,6 +140,7 @@ def test_status_without_a_server_says_so(tmp_path):
     assert result.returncode != 0 and "not running" in result.stderr
 
 
+@pytest.mark.one_engine  # status reads what the broker knows, whatever the runtime
 def test_status_asks_the_running_server(server, model, engine):
     shown = yaml.safe_load(cli(server.env, "status").stdout)
     assert shown["endpoints"]["openai"] == f"http://localhost:{server.port}/v1"
