@@ -140,18 +140,22 @@ def test_a_model_no_lane_can_load_is_failed_on_both_not_retried_and_serve_keeps_
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(default_model_path().read_bytes()[:200_000])  # a truncated copy of the real model
     # llama.cpp refuses the file; OpenVINO either refuses it or its process dies reading it (SIGSEGV on
-    # some machines): either way the lane is failed and not started again
-    server = start_server(tmp_path / "data", **{**SETTINGS, "engines-measure": "false", "model.path": str(broken)})
+    # some machines): either way the lane is failed and not started again. The embedding worker (llama.cpp)
+    # cannot load it either: every worker is failed, is reported, and requests get 503.
+    server = start_server(tmp_path / "data", **{**SETTINGS, "engines-measure": "false", "model.path": str(broken),
+                                                "worker.embeddings": "true"})
     try:
+        assert "failed" in server.log.read_text()
         workers = {w["id"]: w for w in server.status()["workers"]}
-        assert {w["state"] for w in workers.values()} == {"failed"}, workers
-        assert "broken.gguf" in workers[LLAMA]["error"], workers
+        assert {w["state"] for w in workers.values()} == {"failed"} and "embed" in workers, workers
+        assert all(w["error"] for w in workers.values()) and "broken.gguf" in workers[LLAMA]["error"], workers
         reply = ask(server)
         assert reply.status_code == 503 and "no worker could load this model" in reply.json()["error"]["message"]
         time.sleep(3)  # were it restarted, it would be back by now
         again = {w["id"]: w for w in server.status()["workers"]}[OPENVINO]
         assert again["state"] == "failed" and again.get("restarts", 0) == 0, again
-        assert httpx.get(f"{server.base}/health", timeout=10).status_code == 503
+        health = httpx.get(f"{server.base}/health", timeout=10)
+        assert health.status_code == 503 and health.headers["retry-after"]
     finally:
         assert server.stop() == 0, server.log.read_text()
 
