@@ -168,29 +168,26 @@ def test_past_the_drain_timeout_running_requests_end_with_an_error_and_the_serve
     assert time.monotonic() - stopped_at < 6
 
 
-def test_a_killed_frontend_is_restarted_and_serves_again(tmp_path):
-    server = start_server(tmp_path)
-    try:
-        killed = child_pid(server, "infersnap.frontend")
-        os.kill(killed, signal.SIGKILL)
+@pytest.mark.one_engine  # the supervisor restarts the frontend whatever the runtime: the shared server's
+def test_a_killed_frontend_is_restarted_and_serves_again(server):
+    killed = child_pid(server, "infersnap.frontend")
+    os.kill(killed, signal.SIGKILL)
 
-        def restarted() -> bool:
-            try:
-                return child_pid(server, "infersnap.frontend") != killed
-            except AssertionError:  # between the kill and the restart
-                return False
+    def restarted() -> bool:
+        try:
+            return child_pid(server, "infersnap.frontend") != killed
+        except AssertionError:  # between the kill and the restart
+            return False
 
-        wait_until(restarted, 10, "the frontend was not restarted")
+    wait_until(restarted, 10, "the frontend was not restarted")
 
-        def answers() -> bool:
-            try:
-                return httpx.get(f"{server.base}/health", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{server.base}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
 
-        wait_until(answers, 20, "the restarted frontend does not answer")
-        chat = httpx.post(f"{server.url}/chat/completions", json={**LONG, "max_tokens": 3}, timeout=30)
-        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 3
-        assert "the frontend process exited with code -9" in server.log.read_text()
-    finally:
-        assert server.stop() == 0
+    wait_until(answers, 20, "the restarted frontend does not answer")
+    chat = httpx.post(f"{server.url}/chat/completions", json={**LONG, "max_tokens": 3}, timeout=30)
+    assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 3
+    assert "the frontend process exited with code -9" in server.log.read_text()
