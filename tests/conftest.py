@@ -145,6 +145,7 @@ def second_model() -> Path:
 
 
 _session_data: Path | None = None
+_session_measured: tuple[subprocess.CompletedProcess, list[str]] | None = None
 
 
 def session_data() -> Path:
@@ -153,12 +154,13 @@ def session_data() -> Path:
     served tests name (ENGINES) that auto does not measure. Test servers get copies of its `probes`
     and `profiles`, so that none spends seconds probing or a minute measuring; only a server with
     another model (probes, profiles), threads or context (profiles) would."""
-    global _session_data
+    global _session_data, _session_measured
     if _session_data is None:
         data = Path(tempfile.mkdtemp(prefix="infersnap-profiles-"))
         atexit.register(shutil.rmtree, data, True)
-        cli(data_env(data), "use-engine", "--auto", "--quick", timeout=600)
+        done = cli(data_env(data), "use-engine", "--auto", "--quick", timeout=600)
         folder = data / "profiles"
+        _session_measured = (done, sorted(p.name for p in folder.glob("*.json")))
         measured = {json.loads(p.read_text())["engine"] for p in folder.glob("*.json")}
         context = serve_context(Config(data / "config.json"), detect("/")).tokens  # as serve chooses it
         for name in [n for n in ENGINES if n not in measured]:
@@ -175,6 +177,13 @@ def session_data() -> Path:
             (folder / f"{profile['key']}.json").write_text(done.stdout)
         _session_data = data
     return _session_data
+
+
+def session_measured() -> tuple[subprocess.CompletedProcess, list[str]]:
+    """What the session's `use-engine --auto --quick` (session_data) printed, and the profiles it wrote (file
+    names in session_data()/profiles; the CPU engines measured after it are not among them)."""
+    session_data()
+    return _session_measured
 
 
 def probed_options(engine: str, data: Path | None = None, model: Path | None = None) -> EngineOptions:
@@ -240,20 +249,98 @@ def served_by(server: Server, endpoint: str) -> dict[str, int]:
     return counts
 
 
-# The served path is tested on both runtimes: llama.cpp ("cpu", any CPU) and OpenVINO ("intel-cpu").
+# --- the servers the tests share ---------------------------------------------------------------------
+#
+# `server` (with `http`, `model`): the default model served by one runtime, parametrized over ENGINES, llama.cpp
+# ("cpu", any CPU) and OpenVINO ("intel-cpu"). A test whose answer depends on the runtime (generation features,
+# logprobs, structured output, tokenizing, reasoning) runs on both; a test of what the frontend and broker do
+# whatever the runtime (validation and error shapes, clients' protocol, metrics, access, the page) is marked
+# `one_engine` and runs on llama.cpp's only. `keyed_server`: the one server with API keys, CORS and no room to
+# queue. Each shared server is started once and stopped after the last test that uses it (see below).
 ENGINES = ["cpu", "intel-cpu"]
 
 
-@pytest.fixture(scope="session", params=ENGINES)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "one_engine: the test does not depend on the runtime: served by llama.cpp only")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """`engine` (and with it `server`): every runtime of ENGINES, or the first only for a `one_engine` test."""
+    if "engine" not in metafunc.fixturenames or any(
+            "engine" in m.args[0] for m in metafunc.definition.iter_markers("parametrize")):
+        return
+    one = metafunc.definition.get_closest_marker("one_engine") is not None
+    metafunc.parametrize("engine", ENGINES[:1] if one else ENGINES, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
 def engine(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+# The shared servers that are running, by (fixture, engine); each is stopped after the last test that uses it
+# rather than at the end of the session (pytest's way), so that at most one of them and a test's own server
+# run at a time.
+_SHARED: dict[tuple[str, str | None], Server] = {}
+_LAST_USE = pytest.StashKey[list]()
+
+
+def _shared_keys(item: pytest.Item) -> list[tuple[str, str | None]]:
+    params = getattr(item, "callspec", None)
+    engine = params.params.get("engine") if params else None
+    return [(name, engine if name == "server" else None) for name in ("server", "keyed_server")
+            if name in getattr(item, "fixturenames", ())]
+
+
+@pytest.hookimpl(trylast=True)  # after pytest has put the tests of each session parameter together
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    last: dict[tuple[str, str | None], pytest.Item] = {}
+    for item in items:
+        for key in _shared_keys(item):
+            last[key] = item
+    for key, item in last.items():
+        item.stash.setdefault(_LAST_USE, []).append(key)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    yield
+    for key in item.stash.get(_LAST_USE, []):
+        running = _SHARED.pop(key, None)
+        if running is not None:
+            assert running.stop() == 0, running.log.read_text()
+
+
+def shared(key: tuple[str, str | None], running: Server):
+    """Yield `running` as a shared server; stopped after its last test, or here if that did not happen."""
+    _SHARED[key] = running
+    yield running
+    _SHARED.pop(key, None)
+    assert running.stop() == 0, running.log.read_text()
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, engine: str):
-    running = start_server(tmp_path_factory.mktemp("data"), **{"worker.slots": "4", "engines": engine})
-    yield running
-    assert running.stop() == 0, running.log.read_text()
+    yield from shared(("server", engine), start_server(
+        tmp_path_factory.mktemp("data"), **{"worker.slots": "4", "engines": engine}))
+
+
+# The keyed server: three keys given, one more in a keys file; one CORS origin; one lane with one slot and no
+# room to queue (test_webui tells a full server by it); two more models to pick from (test_webui's picker).
+KEYS = ["key-one", "key-two", "webui-key"]
+KEYS_FILE = "# the team's key\nkey-three  # added in March\n\n"  # the file's key: "key-three"
+KEYED = {"http.api-keys": ", ".join(KEYS), "http.cors-origins": "http://app.example", "engines": "cpu",
+         "worker.slots": "1", "queue.max-waiting": "0", "worker.embeddings": "false"}
+
+
+@pytest.fixture(scope="session", params=["keyed"])  # a parameter, so that pytest runs the tests that use it together
+def keyed_server(tmp_path_factory: pytest.TempPathFactory):
+    data = tmp_path_factory.mktemp("keyed")
+    (data / "keys.txt").write_text(KEYS_FILE)
+    # a copy of the default model, and Gemma 3, which has no chat template
+    cli(data_env(data), "models", "add", str(default_model_path()), "--name", "smol-copy", "--copy")
+    cli(data_env(data), "models", "add", str(second_model()), "--name", "gemma3-270m")
+    yield from shared(("keyed_server", None), start_server(data, **KEYED, **{"http.api-keys-file": str(data / "keys.txt")}))
 
 
 @pytest.fixture(scope="session")

@@ -7,37 +7,18 @@ import anthropic
 import openai
 import pytest
 
-from conftest import cli, data_env, start_server
+from conftest import KEYED, cli, data_env, start_server
 from infersnap import access_keys
 
-KEYS = ["key-one", "key-two", "key-three"]  # the third comes from the keys file
-ORIGIN = "http://app.example"
+# The keyed server's (conftest.keyed_server): two of its keys are set, the third comes from its keys file
+KEYS = ["key-one", "key-two", "key-three"]
+ORIGIN = KEYED["http.cors-origins"]
 CHAT = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 3}
 
 
-@pytest.fixture(scope="module")
-def guarded(tmp_path_factory: pytest.TempPathFactory):
-    data = tmp_path_factory.mktemp("guarded")
-    keys_file = data / "keys.txt"
-    keys_file.write_text("# the team's key\nkey-three  # added in March\n\n")
-    server = start_server(
-        data,
-        **{
-            "http.api-keys": "key-one, key-two",
-            "http.api-keys-file": str(keys_file),
-            "http.cors-origins": ORIGIN,
-            "worker.slots": "2",
-        },
-    )
-    try:
-        yield server
-    finally:
-        assert server.stop() == 0, server.log.read_text()
-
-
 @pytest.fixture()
-def http(guarded):
-    with httpx.Client(base_url=guarded.base, timeout=60) as client:
+def http(keyed_server):
+    with httpx.Client(base_url=keyed_server.base, timeout=60) as client:
         yield client
 
 
@@ -78,8 +59,8 @@ def test_an_unknown_v1_route_needs_a_key_too(http):
 
 
 @pytest.mark.parametrize("key", KEYS)
-def test_each_key_works_with_the_openai_sdk(guarded, key):
-    client = openai.OpenAI(base_url=guarded.url, api_key=key)
+def test_each_key_works_with_the_openai_sdk(keyed_server, key):
+    client = openai.OpenAI(base_url=keyed_server.url, api_key=key)
     model = client.models.list().data[0].id
     reply = client.chat.completions.create(model=model, messages=CHAT["messages"], max_tokens=3)
     assert reply.choices[0].finish_reason in ("stop", "length")
@@ -88,21 +69,21 @@ def test_each_key_works_with_the_openai_sdk(guarded, key):
     assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
-def test_the_sdk_reports_a_wrong_key_as_an_authentication_error(guarded):
-    client = openai.OpenAI(base_url=guarded.url, api_key="sk-not-this-one", max_retries=0)
+def test_the_sdk_reports_a_wrong_key_as_an_authentication_error(keyed_server):
+    client = openai.OpenAI(base_url=keyed_server.url, api_key="sk-not-this-one", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as caught:
         client.chat.completions.create(model="any", messages=CHAT["messages"], max_tokens=3)
     assert caught.value.status_code == 401
     assert caught.value.code == "invalid_api_key"
 
 
-def test_anthropic_clients_send_the_key_as_x_api_key_and_get_errors_in_anthropics_shape(guarded, http):
-    client = anthropic.Anthropic(base_url=guarded.base, api_key="key-two", max_retries=0)
+def test_anthropic_clients_send_the_key_as_x_api_key_and_get_errors_in_anthropics_shape(keyed_server, http):
+    client = anthropic.Anthropic(base_url=keyed_server.base, api_key="key-two", max_retries=0)
     model = client.models.list().data[0].id
     message = client.messages.create(model=model, max_tokens=2, messages=CHAT["messages"])
     assert message.usage.output_tokens <= 2
     with pytest.raises(anthropic.AuthenticationError) as caught:
-        anthropic.Anthropic(base_url=guarded.base, api_key="key-four", max_retries=0).messages.create(
+        anthropic.Anthropic(base_url=keyed_server.base, api_key="key-four", max_retries=0).messages.create(
             model="any", max_tokens=2, messages=CHAT["messages"])
     assert caught.value.body == {"type": "error", "error": {"type": "authentication_error", "message": caught.value.body[
         "error"]["message"]}} and "Incorrect API key" in caught.value.body["error"]["message"]

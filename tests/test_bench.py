@@ -10,7 +10,7 @@ from conftest import Server, cli, data_env, free_port
 from infersnap.cli.bench import LevelResult, RequestResult, Target, build_prompt, parse_levels, percentile, summarize
 
 # One engine is enough here: bench measures the HTTP API, which both engines serve the same way.
-cpu_only = pytest.mark.parametrize("engine", ["cpu"], indirect=True)
+pytestmark = pytest.mark.one_engine
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -26,7 +26,6 @@ def assert_ordered(level: dict) -> None:
         assert 0 < p["p50"] <= p["p90"] <= p["p99"], (key, p)
 
 
-@cpu_only
 def test_sweep_on_the_running_server_by_default(server: Server) -> None:
     document = bench_json(server, "--requests", "4", "--concurrency", "1,2", "--max-tokens", "8")
     assert document["url"] == server.status()["endpoints"]["openai"]  # no --url: this infersnap's
@@ -39,7 +38,6 @@ def test_sweep_on_the_running_server_by_default(server: Server) -> None:
         assert_ordered(level)
 
 
-@cpu_only
 def test_compare_and_plot(server: Server, tmp_path) -> None:
     png = tmp_path / "bench.png"
     document = bench_json(
@@ -56,7 +54,6 @@ def test_compare_and_plot(server: Server, tmp_path) -> None:
     assert png.read_bytes()[:8] == PNG_MAGIC
 
 
-@cpu_only
 def test_table_without_streaming_and_with_duration(server: Server) -> None:
     out = cli(server.env, "bench", "--no-stream", "--duration", "0.5", "--concurrency", "2", "--max-tokens", "4").stdout
     assert "no stream" in out and "E2E ms p50/p90/p99" in out
@@ -64,7 +61,6 @@ def test_table_without_streaming_and_with_duration(server: Server) -> None:
     assert row[0] == "2" and int(row[1]) >= 2 and row[2] == "0"  # concurrency, done (each worker sent one), errors
 
 
-@cpu_only
 def test_server_errors_are_reported(server: Server) -> None:
     result = cli(server.env, "bench", "--json", "--model", "no-such-model", "--requests", "2", "--concurrency", "1", check=False)
     assert result.returncode == 1 and "every request failed" in result.stderr
@@ -126,7 +122,6 @@ def test_parse_levels_and_prompt() -> None:
     assert build_prompt(32, 0) != build_prompt(32, 1)
 
 
-@cpu_only
 def test_a_request_past_its_timeout_is_an_error(server: Server) -> None:
     document = bench_json(server, "--timeout", "0.01", "--requests", "2", "--concurrency", "2", "--max-tokens", "64", check=False)
     level = document["levels"][0]

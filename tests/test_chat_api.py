@@ -1,4 +1,5 @@
-"""The served path end to end: the real server, the real model, the openai SDK and raw httpx."""
+"""The served path end to end: the real server, the real model, the openai SDK and raw httpx; on both runtimes,
+but for what the frontend answers alone (`one_engine`)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ def stream_chunks(http, path: str, body: dict) -> list[dict]:
     return [json.loads(e[6:]) for e in events[:-1]]
 
 
+@pytest.mark.one_engine  # the frontend's listing
 def test_models_lists_the_default_model(http, model):
     listing = http.get("/v1/models").json()
     assert listing["object"] == "list"
@@ -41,6 +43,7 @@ def test_models_lists_the_default_model(http, model):
     assert http.get(f"/v1/models/{model}").json()["id"] == model
 
 
+@pytest.mark.one_engine
 def test_health_is_ok_when_a_worker_is_ready(http):
     reply = http.get("/health")
     assert reply.status_code == 200
@@ -184,11 +187,13 @@ def test_every_turn_counts_in_the_prompt(http):
     assert prompt_tokens([{"role": "system", "content": "Be brief. " * 10}, *STORY]) > base + 20
 
 
+@pytest.mark.one_engine  # the frontend joins the parts
 def test_content_parts_are_accepted(http):
     messages = [{"role": "user", "content": [{"type": "text", "text": "Say hi"}]}]
     assert http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 3}).status_code == 200
 
 
+@pytest.mark.one_engine
 def test_curl_as_in_the_guide(server, model):
     listing = subprocess.run(["curl", "-s", f"{server.url}/models"], capture_output=True, text=True, check=True)
     assert json.loads(listing.stdout)["data"][0]["id"] == model

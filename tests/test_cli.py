@@ -117,17 +117,26 @@ def test_set_and_serve_refuse_a_damaged_config(tmp_path, damage):
     assert shown.stdout.strip() == "9090" and shown.stderr == ""
 
 
-def test_status_warns_about_a_damaged_config_and_still_answers(tmp_path):
-    server = start_server(tmp_path)
-    config = tmp_path / "config.json"
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    """A server as `infersnap serve` starts with the defaults, for two tests: the last of them kills it."""
+    server = start_server(tmp_path_factory.mktemp("default"))
+    yield server
+    if server.process.poll() is None:  # the killing test did not run
+        assert server.stop() == 0, server.log.read_text()
+
+
+def test_status_warns_about_a_damaged_config_and_still_answers(default_server):
+    config = default_server.log.parent / "config.json"
+    kept = config.read_text()
     try:
         for damage, text in DAMAGED.items():
             config.write_text(text)
-            shown = cli(server.env, "status")  # exit 0
+            shown = cli(default_server.env, "status")  # exit 0
             assert "warning" in shown.stderr and str(config) in shown.stderr, (damage, shown.stderr)
-            assert yaml.safe_load(shown.stdout)["endpoints"]["openai"] == f"http://localhost:{server.port}/v1"
+            assert yaml.safe_load(shown.stdout)["endpoints"]["openai"] == f"http://localhost:{default_server.port}/v1"
     finally:
-        assert server.stop() == 0, server.log.read_text()
+        config.write_text(kept)
 
 
 def test_get_unknown_key_fails(tmp_path):
@@ -140,6 +149,7 @@ def test_status_without_a_server_says_so(tmp_path):
     assert result.returncode != 0 and "not running" in result.stderr
 
 
+@pytest.mark.one_engine  # status reads what the broker knows, whatever the runtime
 def test_status_asks_the_running_server(server, model, engine):
     shown = yaml.safe_load(cli(server.env, "status").stdout)
     assert shown["endpoints"]["openai"] == f"http://localhost:{server.port}/v1"
@@ -173,10 +183,9 @@ def test_restart_applies_a_new_port_and_ctrl_c_leaves_no_orphans(tmp_path):
     assert cli(second.env, "status", check=False).returncode != 0
 
 
-def test_a_killed_supervisor_takes_its_processes_along(tmp_path):
-    server = start_server(tmp_path)
-    pids = [w["pid"] for w in server.status()["workers"]]
-    server.stop(signal.SIGKILL)
+def test_a_killed_supervisor_takes_its_processes_along(default_server):
+    pids = [w["pid"] for w in default_server.status()["workers"]]
+    default_server.stop(signal.SIGKILL)
     wait_until(lambda: not any(_alive(p) for p in pids), 10, "a child outlived the killed supervisor")
 
 

@@ -21,7 +21,7 @@ from langchain_openai import ChatOpenAI, OpenAIEmbeddings
 from conftest import Server
 from test_structured import ASK_PERSON, ASK_WEATHER, GetWeather, Person
 
-pytestmark = pytest.mark.parametrize("engine", ["cpu"], indirect=True)
+pytestmark = pytest.mark.one_engine
 
 LLM = str(Path(sys.executable).parent / "llm")
 QUESTION = "What is the capital of France?"

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 
 import pytest
-from conftest import probed_options
+from conftest import ENGINES, probed_options
 
 from infersnap import wire
 from infersnap.planning import serve_context
 from infersnap.config import Config
 from infersnap.context import MIN_CONTEXT, Pool, choose
+from infersnap.engines import MEMORY_SHARE, candidates
 from infersnap.hwdetect import detect
 from infersnap.models import ModelShape, default_model_path, model_shape, trained_context
+from infersnap.profiles import MOST_STREAMS
 
 SMOLLM2 = ModelShape(trained_context=8192, kv_bytes_per_token=23040, weights_bytes=98_362_432)
 GIB = 1 << 30
@@ -57,14 +59,44 @@ def test_a_set_context_is_kept_capped_at_the_models():
     assert capped.tokens == 8192 and "capped" in capped.why
 
 
-def test_serve_context_counts_every_lane_and_the_slots(tmp_path):
+def expected_context(machine, lanes: list, slots: int, embeddings: bool = True) -> int:
+    """The context serve should choose for the default model, computed from this machine's memory reading:
+    on each memory pool (the machine's, or a device's own), each lane's slots and the embedding worker's
+    one stream of KV cache at the context, and a copy of the weights per worker, in MEMORY_SHARE of what
+    is there; the model's trained context halved until that fits, never below MIN_CONTEXT."""
+    own = {a.device: a.vram_bytes for a in machine.accelerators if a.vram_bytes}
+    pools: dict[str, list[int]] = {}  # pool -> [bytes, sequences, copies]
+    for device, sequences in [(lane.device, slots) for lane in lanes] + ([("cpu", 1)] if embeddings else []):
+        pool = pools.setdefault(device if device in own else "memory",
+                                [own.get(device, machine.memory.available_bytes or 0), 0, 0])
+        pool[1] += sequences
+        pool[2] += 1
+    tokens = SMOLLM2.trained_context
+
+    def fits(bytes_, sequences, copies) -> bool:
+        need = copies * SMOLLM2.weights_bytes + sequences * tokens * SMOLLM2.kv_bytes_per_token
+        return not bytes_ or need <= bytes_ * MEMORY_SHARE
+
+    while tokens > MIN_CONTEXT and not all(fits(*pool) for pool in pools.values()):
+        tokens //= 2
+    return tokens
+
+
+def test_serve_context_counts_every_lane_and_the_slots_in_the_memory_it_reads(tmp_path):
     config = Config(tmp_path / "config.json")
     machine = detect("/")
-    assert serve_context(config, machine).tokens == 8192  # this machine holds 16 slots of each lane
+    lanes = candidates(machine)  # engines=auto: serve may run each of them, and counts them all
+    # left unset, a lane may take up to MOST_STREAMS slots; set, each lane takes worker.slots
+    assert serve_context(config, machine).tokens == expected_context(machine, lanes, MOST_STREAMS)
+    for slots in (64, 256):  # enough to lower the context where memory is short (on 20 GiB: 4096, 2048)
+        config.set_many({"worker.slots": str(slots)})
+        assert serve_context(config, machine).tokens == expected_context(machine, lanes, slots), slots
+    config.set_many({"worker.embeddings": "false"})
+    assert serve_context(config, machine).tokens == expected_context(machine, lanes, 256, embeddings=False)
     config.set_many({"worker.context": "1024"})
     assert serve_context(config, machine).tokens == 1024
-    config.set_many({"worker.context": "0"})  # 0: the model's own again
-    assert serve_context(config, machine).tokens == 8192
+    config.set_many({"worker.context": "0", "worker.slots": "8", "worker.embeddings": "true"})  # 0: the model's own again
+    assert serve_context(config, machine).tokens == expected_context(machine, lanes, 8)
 
 
 def test_worker_context_takes_0_or_128_and_more(tmp_path):
@@ -81,8 +113,8 @@ def test_worker_context_takes_0_or_128_and_more(tmp_path):
 CONTEXT = 256
 
 
-@pytest.fixture(scope="module", params=["cpu", "intel-cpu"])
-def engine(request):
+@pytest.fixture(scope="module", params=ENGINES)
+def built(request):
     from infersnap.engines import manifests
     from infersnap.workers.engine_base import EngineSettings
     from infersnap.workers.worker import engine_class
@@ -92,55 +124,55 @@ def engine(request):
     return engine_class(manifests()[request.param].runtime, "generate")(settings)
 
 
-def end_of_text_bans(engine) -> dict[int, float]:
+def end_of_text_bans(built) -> dict[int, float]:
     """Every end-of-text token banned, so that only the length ends a generation."""
-    if engine.ban_with is not None:  # OpenVINO: bans of exactly this set
-        return {t: -100.0 for t in engine.ban_with}
+    if built.ban_with is not None:  # OpenVINO: bans of exactly this set
+        return {t: -100.0 for t in built.ban_with}
     import llama_cpp
 
-    return {t: -100.0 for t in range(engine.n_vocab) if llama_cpp.llama_vocab_is_eog(engine.vocab, t)}
+    return {t: -100.0 for t in range(built.n_vocab) if llama_cpp.llama_vocab_is_eog(built.vocab, t)}
 
 
-def run(engine, request: wire.Generate) -> wire.Ending:
+def run(built, request: wire.Generate) -> wire.Ending:
     """The request to its end; the output that ended it."""
-    refused = engine.add(request)
+    refused = built.add(request)
     if refused is not None:
         return refused
     last = None
-    while engine.busy:
-        for output in engine.step():
+    while built.busy:
+        for output in built.step():
             last = output
     return last
 
 
-def generate(engine, words: int, **params) -> wire.Generate:
+def generate(built, words: int, **params) -> wire.Generate:
     prompt = " ".join(["river", "mountain", "lantern", "garden"] * (words // 4))
-    sampling = wire.SamplingParams(temperature=0, logit_bias=end_of_text_bans(engine), **params)
+    sampling = wire.SamplingParams(temperature=0, logit_bias=end_of_text_bans(built), **params)
     return wire.Generate(id=f"r{words}-{sorted(params.items())}", model="m", params=sampling, prompt=prompt)
 
 
 @pytest.mark.parametrize("max_tokens", [None, 100_000])
-def test_fit_context_ends_the_generation_where_the_context_does(engine, max_tokens):
-    last = run(engine, generate(engine, 200, max_tokens=max_tokens, fit_context=True))
+def test_fit_context_ends_the_generation_where_the_context_does(built, max_tokens):
+    last = run(built, generate(built, 200, max_tokens=max_tokens, fit_context=True))
     assert isinstance(last, wire.Final) and last.finish_reason == "length"
     room = CONTEXT - last.prompt_tokens
     assert 0 < room < 100
     assert last.completion_tokens == room
 
 
-def test_fit_context_keeps_a_max_tokens_that_fits(engine):
-    last = run(engine, generate(engine, 200, max_tokens=5, fit_context=True))
+def test_fit_context_keeps_a_max_tokens_that_fits(built):
+    last = run(built, generate(built, 200, max_tokens=5, fit_context=True))
     assert (last.finish_reason, last.completion_tokens) == ("length", 5)
 
 
-def test_a_prompt_that_alone_does_not_fit_is_still_refused(engine):
+def test_a_prompt_that_alone_does_not_fit_is_still_refused(built):
     for fit in (True, False):
-        last = run(engine, generate(engine, 400, fit_context=fit))
+        last = run(built, generate(built, 400, fit_context=fit))
         assert isinstance(last, wire.Failure) and last.status == 400
         assert last.code == "context_length_exceeded"
 
 
-def test_without_fit_context_too_many_tokens_are_refused_as_before(engine):
-    last = run(engine, generate(engine, 200, max_tokens=100_000))
+def test_without_fit_context_too_many_tokens_are_refused_as_before(built):
+    last = run(built, generate(built, 200, max_tokens=100_000))
     assert last.status == 400 and last.code == "context_length_exceeded"
     assert "maximum context length is 256 tokens" in last.message

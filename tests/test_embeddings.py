@@ -1,4 +1,8 @@
-"""POST /v1/embeddings, served by the embedding worker (the model in llama.cpp's embedding mode)."""
+"""POST /v1/embeddings, served by the embedding worker (the model in llama.cpp's embedding mode).
+
+The embedding worker is llama.cpp's whichever runtime generates: its answers are checked on one shared
+server (`one_engine`); what meets the generating lane (its status beside it, token ids from its tokenizer)
+on both."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import start_server, wait_until
+from conftest import KEYS, start_server, wait_until
 from test_errors import assert_error
 from test_metrics import scrape
 
@@ -28,6 +32,7 @@ def cosine(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b))  # the vectors have unit length
 
 
+@pytest.mark.one_engine
 def test_one_text_with_the_sdk(client, model):
     reply = client.embeddings.create(model=model, input="The cat sat on the mat.")
     assert reply.object == "list" and reply.model == model
@@ -38,6 +43,7 @@ def test_one_text_with_the_sdk(client, model):
     assert reply.usage.prompt_tokens == reply.usage.total_tokens > 0
 
 
+@pytest.mark.one_engine
 def test_similar_texts_are_closer(client, model):
     texts = ["The cat sat on the mat.", "A cat is sitting on a mat.", "Quarterly revenue rose by eight percent."]
     reply = client.embeddings.create(model=model, input=texts)
@@ -59,6 +65,7 @@ def test_token_ids_embed_like_their_text(http, client, model):
     assert len(both["data"]) == 2 and both["usage"]["prompt_tokens"] == len(tokens) + 2
 
 
+@pytest.mark.one_engine
 def test_base64_is_the_float32_bytes(http):
     body = {"input": "hello there"}
     floats = http.post("/v1/embeddings", json=body).json()["data"][0]["embedding"]
@@ -84,15 +91,18 @@ def test_base64_is_the_float32_bytes(http):
         ({"input": ["x"] * 2049}, "input"),
     ],
 )
+@pytest.mark.one_engine
 def test_bad_input_is_400(http, body, param):
     assert_error(http.post("/v1/embeddings", json=body), 400, param)
     assert http.post("/v1/embeddings", json={"input": "still serving"}).status_code == 200
 
 
+@pytest.mark.one_engine
 def test_unknown_model_is_404(http):
     assert_error(http.post("/v1/embeddings", json={"input": "x", "model": "nope"}), 404, "model", "model_not_found")
 
 
+@pytest.mark.one_engine
 def test_embeddings_are_counted_for_the_embedding_worker(http):
     def counted() -> tuple[float, float]:
         samples = scrape(http)
@@ -111,14 +121,13 @@ def test_status_shows_the_embedding_worker(server):
     assert workers["cpu"]["task"] == "generate"
 
 
-def test_embeddings_can_be_switched_off(tmp_path):
-    server = start_server(tmp_path, **{"worker.embeddings": "false", "engines": "cpu"})
-    try:
-        error = assert_error(httpx.post(f"{server.url}/embeddings", json={"input": "x"}), 501, code="not_supported")
-        assert "worker.embeddings" in error["message"]
-        assert [w["task"] for w in server.status()["workers"]] == ["generate"]
-    finally:
-        assert server.stop() == 0, server.log.read_text()
+def test_embeddings_can_be_switched_off(keyed_server):
+    # the keyed server runs with worker.embeddings=false (conftest.KEYED)
+    key = {"Authorization": f"Bearer {KEYS[0]}"}
+    error = assert_error(httpx.post(f"{keyed_server.url}/embeddings", json={"input": "x"}, headers=key), 501,
+                         code="not_supported")
+    assert "worker.embeddings" in error["message"]
+    assert {w["task"] for w in keyed_server.status()["workers"]} == {"generate"}  # its other models may be loaded
 
 
 def test_a_long_embedding_ends_with_504_and_the_worker_goes_on_even_when_it_dies(tmp_path):

@@ -1,10 +1,15 @@
-"""Every bad input gets an OpenAI-shaped error with the right status, and the server keeps serving."""
+"""Every bad input gets an OpenAI-shaped error with the right status, and the server keeps serving.
+
+The frontend checks and refuses these whatever the runtime (the engines' own refusals of a prompt past the
+context are tested on both in test_context): llama.cpp's server is enough."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+
+pytestmark = pytest.mark.one_engine
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 

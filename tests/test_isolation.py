@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, data_env, process_tree, start_server
+from conftest import cli, data_env, process_tree
 
 NOBODY = 65534
+pytestmark = pytest.mark.one_engine  # the sockets are the broker's, whatever the runtime: the shared server's
 
 
 def connect_as(path: Path, uid: int | None = None) -> str:
@@ -50,15 +51,6 @@ def connect_as(path: Path, uid: int | None = None) -> str:
         outcome = pipe.read().decode()
     os.waitpid(pid, 0)
     return outcome
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory):
-    server = start_server(tmp_path_factory.mktemp("data"))
-    try:
-        yield server
-    finally:
-        assert server.stop() == 0, server.log.read_text()
 
 
 def runtime_dir(server) -> Path:
@@ -127,24 +119,25 @@ def unix_socket_paths(inodes: set[int]) -> set[str]:
     return found
 
 
-def test_the_runtime_folder_is_private_and_holds_the_sockets(served):
-    runtime = runtime_dir(served)
+def test_the_runtime_folder_is_private_and_holds_the_sockets(server):
+    runtime = runtime_dir(server)
     info = runtime.lstat()
     assert stat.S_ISDIR(info.st_mode), f"{runtime} is not a plain folder"
     assert stat.S_IMODE(info.st_mode) == 0o700, oct(info.st_mode)
-    assert info.st_uid == process_uid(served.process.pid) == os.getuid()
+    assert info.st_uid == process_uid(server.process.pid) == os.getuid()
     sockets = sorted(p.name for p in runtime.iterdir() if stat.S_ISSOCK(p.lstat().st_mode))
     assert {"clients.sock", "workers.sock"} <= set(sockets), sockets
     # every named unix socket the server's processes hold lies in that folder
-    named = unix_socket_paths(socket_inodes(process_tree(served.process.pid)))
+    named = unix_socket_paths(socket_inodes(process_tree(server.process.pid)))
     assert named, "no unix socket found in the server's processes"
     assert all(Path(p).parent == runtime for p in named), named
 
 
-def test_another_user_cannot_connect_to_the_sockets(served):
+def test_another_user_cannot_connect_to_the_sockets(server):
     if os.getuid() != 0:
-        pytest.skip("needs root to run a probe as a second user (nobody); the tests do not run as root")
-    runtime = runtime_dir(served)
+        # CI runs as root and so runs this; a run as another user cannot switch to a second one
+        pytest.skip("this run is not root: only root can connect as a second user (nobody) to check the refusal")
+    runtime = runtime_dir(server)
 
     for name in ("clients.sock", "workers.sock"):
         path = runtime / name
@@ -152,13 +145,13 @@ def test_another_user_cannot_connect_to_the_sockets(served):
         assert connect_as(path, NOBODY) == "EACCES"
 
 
-def test_only_the_http_port_listens_on_tcp(served):
-    tree = process_tree(served.process.pid)
+def test_only_the_http_port_listens_on_tcp(server):
+    tree = process_tree(server.process.pid)
     assert len(tree) >= 4, f"expected supervisor, broker, worker and frontend, found {tree}"
     inodes = socket_inodes(tree)
     listening = listening_tcp_ports(inodes)
     assert listening, "the HTTP port was not found listening"
-    assert {port for _, port in listening} == {served.port}, listening
+    assert {port for _, port in listening} == {server.port}, listening
     assert bound_udp_ports(inodes) == set()
 
 

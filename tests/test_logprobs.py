@@ -161,6 +161,7 @@ def test_logprobs_under_a_json_schema(http):
         ("/v1/completions", {"logprobs": True}, "logprobs"),
     ],
 )
+@pytest.mark.one_engine  # the frontend's refusal, whatever the runtime
 def test_bad_logprobs_are_400(http, path, body, param):
     base = {"messages": MESSAGES} if path == "/v1/chat/completions" else {"prompt": PROMPT}
     assert_error(http.post(path, json={**base, "max_tokens": 2, **body}), 400, param)

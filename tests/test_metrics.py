@@ -1,8 +1,12 @@
-"""GET /metrics in Prometheus' text format, and one log line per request."""
+"""GET /metrics in Prometheus' text format, and one log line per request: the frontend's, whatever the runtime."""
 
 from __future__ import annotations
 
 import re
+
+import pytest
+
+pytestmark = pytest.mark.one_engine
 
 SAY_HI = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "logit_bias": {"0": -100, "2": -100}}
 # The format gives labels no order (prometheus-client writes them sorted by name); sample keys here list them in this one.

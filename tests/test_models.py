@@ -133,25 +133,26 @@ def test_a_budget_that_fits_one_model_evicts_and_reloads_and_a_too_large_one_is_
         assert server.stop() == 0, server.log.read_text()
 
 
-def test_a_corrupt_model_is_failed_with_its_reason_not_retried_and_the_others_serve(tmp_path):
+def test_a_corrupt_model_is_failed_with_its_reason_not_retried_and_the_others_serve(two, tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(default_model_path().read_bytes()[:300_000])  # the header, cut short
-    (tmp_path / "data" / "models").mkdir(parents=True)
-    os.symlink(broken, tmp_path / "data" / "models" / "broken.gguf")
-    server = start_server(tmp_path / "data", **SETTINGS)
+    link = two.log.parent / "models" / "broken.gguf"  # in the models folder of `two`'s data folder
+    os.symlink(broken, link)
     try:
-        first = complete(server, "broken")
+        wait_until(lambda: "broken" in models(two), 15, "a model put in the models folder was not listed")
+        first = complete(two, "broken")
         assert first.status_code == 503 and "broken.gguf" in first.json()["error"]["message"], first.text
-        card = models(server)["broken"]
+        card = models(two)["broken"]
         assert card["state"] == "failed" and "broken.gguf" in card["error"]
-        log_before = server.log.read_text().count("loading model broken")
-        again = complete(server, "broken")
+        log_before = two.log.read_text().count("loading model broken")
+        again = complete(two, "broken")
         assert again.status_code == 503
         time.sleep(1)
-        assert server.log.read_text().count("loading model broken") == log_before  # not tried again
-        assert complete(server, DEFAULT).status_code == 200
+        assert two.log.read_text().count("loading model broken") == log_before  # not tried again
+        assert complete(two, DEFAULT).status_code == 200
     finally:
-        assert server.stop() == 0, server.log.read_text()
+        link.unlink()
+        wait_until(lambda: "broken" not in models(two), 15, "a model taken out of the models folder is still listed")
 
 
 def test_a_model_added_while_serving_is_served_within_seconds_and_one_removed_is_refused(two, tmp_path):

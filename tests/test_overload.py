@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 
 from conftest import process_tree, start_server, tree_rss_kib, wait_until
 
@@ -188,10 +189,10 @@ def test_200_concurrent_clients_are_served_or_refused_promptly_and_nothing_leaks
         assert server.stop() == 0
 
 
-def test_200_connections_made_while_the_frontend_is_busy_are_not_dropped(tmp_path):
+@pytest.mark.one_engine  # the frontend's listen backlog: the shared server's
+def test_200_connections_made_while_the_frontend_is_busy_are_not_dropped(server):
     """A frontend busy for a moment (a CPU starved by generation, a GC pause) leaves connections
     waiting in the listen backlog; none of the 200 may be dropped and left to a SYN retransmit."""
-    server = start_server(tmp_path, **{"worker.threads": "1", "engines-measure": "false"})
     frontend = [
         pid for pid in process_tree(server.process.pid)
         if b"infersnap.frontend" in Path(f"/proc/{pid}/cmdline").read_bytes()
@@ -223,4 +224,3 @@ def test_200_connections_made_while_the_frontend_is_busy_are_not_dropped(tmp_pat
     finally:
         for pid in frontend:
             os.kill(pid, signal.SIGCONT)
-        assert server.stop() == 0

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import msgspec
 import pytest
 import yaml
-from conftest import cli, data_env, start_server
+from conftest import cli, data_env, session_data, session_measured
 
 from infersnap import probes, profiles
 from infersnap import planning, profiling
@@ -31,8 +32,16 @@ def measured_lines(stderr: str) -> list[str]:
 
 
 def test_use_engine_auto_measures_each_engine_once_and_engines_shows_the_figures(tmp_path):
+    # The run under test is the session's own `use-engine --auto --quick` in a fresh data folder
+    # (conftest.session_data, which every test server copies its profiles from): measured once, not again here.
+    # Its data folder as that run left it is copied here, to be shown and asked again.
+    first, written = session_measured()
+    shutil.copy(session_data() / "config.json", tmp_path / "config.json")
+    shutil.copytree(session_data() / "probes", tmp_path / "probes")
+    (tmp_path / "profiles").mkdir()
+    for name in written:
+        shutil.copy(session_data() / "profiles" / name, tmp_path / "profiles" / name)
     env = data_env(tmp_path)
-    first = cli(env, "use-engine", "--auto", "--quick", timeout=600)
     shown = json.loads(cli(env, "engines", "--format", "json").stdout)
     wanted = {a.engine for a in candidates(detect("/"))}  # each device's best engine of each runtime
     assert {line.split()[1] for line in measured_lines(first.stderr)} == wanted
@@ -62,11 +71,7 @@ def test_use_engine_auto_measures_each_engine_once_and_engines_shows_the_figures
     again = cli(env, "use-engine", "--auto", "--quick", timeout=600)
     assert measured_lines(again.stderr) == [] and stored(tmp_path) == found  # measured once, then read
     assert "tok/s" in again.stdout
-
-    remeasured = cli(env, "use-engine", "--auto", "--quick", "--again", timeout=600)
-    assert len(measured_lines(remeasured.stderr)) == len(wanted)
-    assert set(stored(tmp_path)) == set(found)  # the same keys, measured anew
-    assert all(stored(tmp_path)[k].measured_at >= found[k].measured_at for k in found)
+    # `--again` measures anew: tested where measuring is quick, on a model no engine loads (below)
 
 
 def test_no_measure_keeps_the_static_score_and_is_stored(tmp_path):
@@ -108,15 +113,18 @@ def test_an_engine_that_cannot_load_gets_a_profile_with_why_and_one_that_crashes
     # stored: the next run says the same without loading anything again
     again = cli(env, "use-engine", "--auto", "--quick").stderr
     assert measured_lines(again) == [] and "checking that" not in again
+    # and with --again, each engine measured before is measured anew, under the same key
+    remeasured = cli(env, "use-engine", "--auto", "--quick", "--again", timeout=600)
+    assert len(measured_lines(remeasured.stderr)) == len(found), remeasured.stderr
+    assert set(stored(tmp_path / "data")) == set(found)
+    assert all(stored(tmp_path / "data")[k].measured_at >= found[k].measured_at for k in found)
 
 
-def test_a_test_server_uses_the_session_profiles_and_measures_nothing(tmp_path):
-    server = start_server(tmp_path, **{"engines": "cpu", "worker.embeddings": "false"})
-    try:
-        assert "measuring" not in server.log.read_text() and "checking that" not in server.log.read_text()
-        assert (tmp_path / "profiles").is_dir() and (tmp_path / "probes").is_dir()  # probed and measured once
-    finally:
-        assert server.stop() == 0
+@pytest.mark.one_engine
+def test_a_test_server_uses_the_session_profiles_and_measures_nothing(server):
+    data = server.log.parent  # the shared server's data folder (conftest.start_server)
+    assert "measuring" not in server.log.read_text() and "checking that" not in server.log.read_text()
+    assert (data / "profiles").is_dir() and (data / "probes").is_dir()  # probed and measured once
 
 
 # --- serve measures first, once; in-process with a stand-in for the measuring process -------------------

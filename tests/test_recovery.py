@@ -53,20 +53,7 @@ def test_a_request_caught_in_a_broker_crash_ends_with_an_error_and_service_resum
         assert server.stop(signal.SIGTERM) == 0
 
 
-def test_a_worker_that_cannot_load_is_reported_and_requests_get_503(tmp_path):
-    broken = tmp_path / "broken.gguf"
-    broken.write_bytes(b"GGUF" + b"\0" * 64)
-    server = start_server(tmp_path / "data", **{"model.path": str(broken)})
-    try:
-        assert "failed" in server.log.read_text()
-        workers = server.status()["workers"]  # the generating worker and the embedding worker
-        assert workers and all(w["state"] == "failed" and w["error"] for w in workers)
-        health = httpx.get(f"{server.base}/health")
-        assert health.status_code == 503 and health.headers["retry-after"]
-        chat = httpx.post(f"{server.url}/chat/completions", json={**LONG, "max_tokens": 3}, timeout=10)
-        assert chat.status_code == 503 and chat.json()["error"]["message"]
-    finally:
-        assert server.stop() == 0
+# A model no worker can load (every worker failed and reported, requests 503): test_lanes.py, on both lanes.
 
 
 # `infersnap serve` as it is, with one more worker in its plan: OpenVINO on an Intel GPU this machine lacks.
@@ -182,29 +169,26 @@ def test_past_the_drain_timeout_running_requests_end_with_an_error_and_the_serve
     assert time.monotonic() - stopped_at < 6
 
 
-def test_a_killed_frontend_is_restarted_and_serves_again(tmp_path):
-    server = start_server(tmp_path)
-    try:
-        killed = child_pid(server, "infersnap.frontend")
-        os.kill(killed, signal.SIGKILL)
+@pytest.mark.one_engine  # the supervisor restarts the frontend whatever the runtime: the shared server's
+def test_a_killed_frontend_is_restarted_and_serves_again(server):
+    killed = child_pid(server, "infersnap.frontend")
+    os.kill(killed, signal.SIGKILL)
 
-        def restarted() -> bool:
-            try:
-                return child_pid(server, "infersnap.frontend") != killed
-            except AssertionError:  # between the kill and the restart
-                return False
+    def restarted() -> bool:
+        try:
+            return child_pid(server, "infersnap.frontend") != killed
+        except AssertionError:  # between the kill and the restart
+            return False
 
-        wait_until(restarted, 10, "the frontend was not restarted")
+    wait_until(restarted, 10, "the frontend was not restarted")
 
-        def answers() -> bool:
-            try:
-                return httpx.get(f"{server.base}/health", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
+    def answers() -> bool:
+        try:
+            return httpx.get(f"{server.base}/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
 
-        wait_until(answers, 20, "the restarted frontend does not answer")
-        chat = httpx.post(f"{server.url}/chat/completions", json={**LONG, "max_tokens": 3}, timeout=30)
-        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 3
-        assert "the frontend process exited with code -9" in server.log.read_text()
-    finally:
-        assert server.stop() == 0
+    wait_until(answers, 20, "the restarted frontend does not answer")
+    chat = httpx.post(f"{server.url}/chat/completions", json={**LONG, "max_tokens": 3}, timeout=30)
+    assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 3
+    assert "the frontend process exited with code -9" in server.log.read_text()

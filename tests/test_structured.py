@@ -335,6 +335,7 @@ def test_streamed_auto_answer_is_the_plain_one(http):
          "response_format.json_schema.schema"),
     ],
 )  # fmt: skip
+@pytest.mark.one_engine  # the frontend's refusal, whatever the runtime
 def test_bad_tools_and_formats_are_400(http, extra, param):
     body = {"messages": ASK_WEATHER, "max_tokens": 4, **extra}
     assert_error(http.post("/v1/chat/completions", json=body), 400, param=param)

@@ -93,6 +93,7 @@ def test_the_model_may_be_named(http, model):
         ("/detokenize", {"tokens": [[1]]}, "tokens[0]"),
     ],
 )
+@pytest.mark.one_engine  # the frontend's refusal, whatever the runtime
 def test_bad_bodies_get_400(http, path, body, param):
     reply = http.post(path, content=body) if isinstance(body, bytes) else http.post(path, json=body)
     assert_error(reply, 400, param)

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import Server, cli, data_env, second_model, start_server, wait_until
+from conftest import Server, cli, wait_until
 from infersnap.models import default_model_path
 from infersnap.frontend.app import create_app
 from infersnap.plan import ModelSpec, ServePlan
@@ -25,8 +25,8 @@ if not Path(CHROMIUM).exists():
     pytest.skip(HOW_TO_INSTALL, allow_module_level=True)
 expect = sync_api.expect
 
-on_session_server = pytest.mark.parametrize("engine", ["cpu"], indirect=True)  # the page is the same on either runtime
-KEY = "webui-key"
+pytestmark = pytest.mark.one_engine  # the page is the same on either runtime
+KEY = "webui-key"  # one of conftest.KEYS
 SHORT = {"max_tokens": 48, "temperature": 0}  # the page's settings for an answer that ends soon
 SOME_TEXT = re.compile(r"\S")
 
@@ -92,7 +92,6 @@ def evaluate_module(page, module: str, body: str):
 # --- served as part of the API -----------------------------------------------------------------
 
 
-@on_session_server
 def test_the_page_and_its_files_come_from_the_package_with_a_strict_policy(server, http):
     page = http.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -115,7 +114,6 @@ def test_webui_enabled_false_serves_no_page():
     assert plan.webui_url == "http://localhost:1/"
 
 
-@on_session_server
 def test_v1_status_is_the_document_infersnap_status_prints(server, http):
     served = http.get("/v1/status").json()
     printed = json.loads(cli(server.env, "status", "--format", "json").stdout)
@@ -126,7 +124,6 @@ def test_v1_status_is_the_document_infersnap_status_prints(server, http):
     assert served["endpoints"]["webui"] == f"http://localhost:{server.port}/"
 
 
-@on_session_server
 def test_infersnap_webui_prints_the_url_and_opens_it_on_a_desktop(server, tmp_path):
     env = {k: v for k, v in server.env.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
     assert cli(env, "webui").stdout.strip() == f"http://localhost:{server.port}/"
@@ -144,7 +141,6 @@ def test_infersnap_webui_prints_the_url_and_opens_it_on_a_desktop(server, tmp_pa
 # --- chatting with the real model --------------------------------------------------------------
 
 
-@on_session_server
 def test_the_picker_lists_what_v1_models_lists_and_selects_the_first(chat, http):
     listed = [m["id"] for m in http.get("/v1/models").json()["data"]]
     options = chat.eval_on_selector_all("#model option", "options => options.map(o => o.value)")
@@ -152,7 +148,6 @@ def test_the_picker_lists_what_v1_models_lists_and_selects_the_first(chat, http)
     assert chat.input_value("#model") == listed[0]
 
 
-@on_session_server
 def test_an_answer_streams_in_token_by_token_and_a_reload_keeps_the_conversation(chat, server):
     requests: list[dict] = []
     chat.on("request", lambda r: requests.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
@@ -188,7 +183,6 @@ def test_an_answer_streams_in_token_by_token_and_a_reload_keeps_the_conversation
     expect(last_answer(chat).locator(".meta")).to_have_text(meta)
 
 
-@on_session_server
 def test_stop_and_escape_end_the_generation_on_the_server(chat, server):
     chat.click("#open-settings")
     chat.fill("#max-tokens", "4000")
@@ -215,7 +209,6 @@ def test_stop_and_escape_end_the_generation_on_the_server(chat, server):
     expect(last_answer(chat).locator(".content")).to_have_text(kept)  # what came before Stop is kept
 
 
-@on_session_server
 def test_errors_are_told_in_words_and_retry_sends_again(chat):
     # A real 400: the answer asked for does not fit the context (8192 tokens).
     chat.click("#open-settings")
@@ -294,7 +287,6 @@ def assert_inert(page, selector: str) -> None:
     assert all(h.startswith(("http://", "https://")) for h in found["hrefs"]), found
 
 
-@on_session_server
 def test_the_markdown_renderer_never_executes_model_output(chat):
     shown = evaluate_module(chat, "markdown.js", f"""
         const box = document.createElement("div");
@@ -307,7 +299,6 @@ def test_the_markdown_renderer_never_executes_model_output(chat):
         assert text in shown
 
 
-@on_session_server
 def test_a_streamed_answer_shows_its_reasoning_folded_and_hostile_text_as_text(chat):
     body = sse_body({"role": "assistant", "reasoning_content": "The user wants "},
                     {"reasoning_content": "a greeting."},
@@ -331,7 +322,6 @@ def test_a_streamed_answer_shows_its_reasoning_folded_and_hostile_text_as_text(c
     expect(last_answer(chat).locator(".thinking-text")).to_have_text("The user wants a greeting.")
 
 
-@on_session_server
 def test_markdown_renders_what_answers_use(browser, server):
     page = open_page(browser, server.base, permissions=["clipboard-read", "clipboard-write"])
     source = "\n".join([
@@ -368,7 +358,6 @@ def test_markdown_renders_what_answers_use(browser, server):
     page.context.close()
 
 
-@on_session_server
 def test_the_sse_parser_reads_events_split_anywhere(chat):
     stream = 'data: {"a":1}\r\n\r\n: a comment\n\nevent: named\ndata: two\ndata: lines\n\ndata:[DONE]\r\rdata: tail'
     results = evaluate_module(chat, "sse.js", f"""
@@ -388,7 +377,6 @@ def test_the_sse_parser_reads_events_split_anywhere(chat):
     assert all(split == expected for split in results["splits"])
 
 
-@on_session_server
 def test_conversations_are_listed_renamed_deleted_exported_and_imported(chat, tmp_path):
     conversations = [
         {"id": "a", "title": "First", "created": 1, "updated": 2, "messages": [
@@ -438,7 +426,6 @@ def test_conversations_are_listed_renamed_deleted_exported_and_imported(chat, tm
     expect(titles).to_have_count(4)
 
 
-@on_session_server
 def test_a_phone_width_screen_and_the_keyboard_alone(browser, server):
     page = open_page(browser, server.base, SHORT, viewport={"width": 390, "height": 800}, has_touch=True)
     expect(page.locator("#model option")).not_to_have_count(0)
@@ -464,27 +451,12 @@ def test_a_phone_width_screen_and_the_keyboard_alone(browser, server):
     page.context.close()
 
 
-# --- a server with API keys and no room to queue -----------------------------------------------
+# --- the server with API keys and no room to queue (conftest.keyed_server) ---------------------------------------
 
 
-@pytest.fixture(scope="module")
-def guarded(tmp_path_factory: pytest.TempPathFactory):
-    data = tmp_path_factory.mktemp("guarded-webui")
-    # two more models to pick from: a copy of the default one, and Gemma 3, which has no chat template
-    cli(data_env(data), "models", "add", str(default_model_path()), "--name", "smol-copy", "--copy")
-    cli(data_env(data), "models", "add", str(second_model()), "--name", "gemma3-270m")
-    server = start_server(data, **{
-        # one lane: a second lane on the CPU would take the request the full one refuses
-        "http.api-keys": KEY, "engines": "cpu", "worker.slots": "1", "queue.max-waiting": "0", "worker.embeddings": "false"})
-    try:
-        yield server
-    finally:
-        assert server.stop() == 0, server.log.read_text()
-
-
-def test_the_page_asks_for_a_key_keeps_it_and_says_when_it_is_wrong(browser, guarded):
-    assert httpx.get(f"{guarded.base}/").status_code == 200  # the page itself needs no key
-    page = open_page(browser, guarded.base, SHORT)
+def test_the_page_asks_for_a_key_keeps_it_and_says_when_it_is_wrong(browser, keyed_server):
+    assert httpx.get(f"{keyed_server.base}/").status_code == 200  # the page itself needs no key
+    page = open_page(browser, keyed_server.base, SHORT)
     dialog = page.locator("#key-dialog")
     expect(dialog).to_be_visible()
     expect(page.locator("#key-message")).to_have_text("This server needs an API key (401).")
@@ -494,7 +466,7 @@ def test_the_page_asks_for_a_key_keeps_it_and_says_when_it_is_wrong(browser, gua
     expect(page.locator("#notice")).to_contain_text("Incorrect API key")
     page.fill("#key", KEY)
     page.press("#key", "Enter")
-    expect(page.locator("#model option")).to_have_count(3)  # the models of the guarded server
+    expect(page.locator("#model option")).to_have_count(3)  # the models of the keyed server
     expect(dialog).to_be_hidden()
     expect(page.locator("#notice")).to_be_hidden()
     send(page, "Hi")
@@ -510,15 +482,15 @@ def test_the_page_asks_for_a_key_keeps_it_and_says_when_it_is_wrong(browser, gua
     page.context.close()
 
 
-def test_a_full_server_is_told_as_busy_and_retry_works_once_it_has_room(browser, guarded):
-    page = open_page(browser, guarded.base, SHORT, key=KEY)
+def test_a_full_server_is_told_as_busy_and_retry_works_once_it_has_room(browser, keyed_server):
+    page = open_page(browser, keyed_server.base, SHORT, key=KEY)
     expect(page.locator("#model option")).to_have_count(3)
     body = {"messages": [{"role": "user", "content": "Count from 1 to 3000."}], "max_tokens": 4000, "stream": True,
             "logit_bias": {"0": -100, "2": -100}}  # no end-of-text: it holds the slot until released
     started, release = threading.Event(), threading.Event()
 
     def occupy() -> None:  # the one slot, until released
-        with httpx.stream("POST", f"{guarded.url}/chat/completions", json=body, timeout=120,
+        with httpx.stream("POST", f"{keyed_server.url}/chat/completions", json=body, timeout=120,
                           headers={"Authorization": f"Bearer {KEY}"}) as reply:
             for _ in reply.iter_lines():
                 started.set()
@@ -537,7 +509,7 @@ def test_a_full_server_is_told_as_busy_and_retry_works_once_it_has_room(browser,
     finally:
         release.set()
         blocker.join(60)
-    wait_until(lambda: running(guarded) == 0, 15, "the long generation still runs")
+    wait_until(lambda: running(keyed_server) == 0, 15, "the long generation still runs")
     retry.click()
     wait_for_answer(page)
     expect(last_answer(page).locator(".content")).not_to_be_empty()
@@ -546,8 +518,8 @@ def test_a_full_server_is_told_as_busy_and_retry_works_once_it_has_room(browser,
     page.context.close()
 
 
-def test_the_picker_switches_models_and_the_one_picked_loads_and_answers(browser, guarded):
-    page = open_page(browser, guarded.base, SHORT, key=KEY)
+def test_the_picker_switches_models_and_the_one_picked_loads_and_answers(browser, keyed_server):
+    page = open_page(browser, keyed_server.base, SHORT, key=KEY)
     default = default_model_path().name.removesuffix(".gguf")
     expect(page.locator("#model option")).to_have_count(3)
     options = page.eval_on_selector_all("#model option", "os => os.map(o => [o.value, o.disabled, o.textContent])")
@@ -561,15 +533,15 @@ def test_the_picker_switches_models_and_the_one_picked_loads_and_answers(browser
     wait_for_answer(page)
     expect(last_answer(page).locator(".content")).to_have_text(SOME_TEXT)
     assert sent[-1]["model"] == "smol-copy"
-    card = httpx.get(f"{guarded.url}/models/smol-copy", headers={"Authorization": f"Bearer {KEY}"}).json()
+    card = httpx.get(f"{keyed_server.url}/models/smol-copy", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert card["state"] == "loaded"  # loaded by that message
     page.reload()
     expect(page.locator("#model option")).to_have_count(3)
     assert page.input_value("#model") == "smol-copy"  # the choice is kept
     # a model added while the server runs is in the picker the next time it is opened, without a reload
-    cli(guarded.env, "models", "add", str(default_model_path()), "--name", "smol-late", "--copy")
+    cli(keyed_server.env, "models", "add", str(default_model_path()), "--name", "smol-late", "--copy")
     wait_until(lambda: "smol-late" in [m["id"] for m in httpx.get(
-        f"{guarded.url}/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]], 15,
+        f"{keyed_server.url}/models", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]], 15,
         "a model added while serving was not listed")
     page.focus("#model")
     expect(page.locator("#model option")).to_have_count(4)
