@@ -62,7 +62,7 @@ from infersnap import paths, routing, wire
 from infersnap.broker.lanes import LanePolicy
 from infersnap.broker.models import Model, ModelScheduler
 from infersnap.broker.workers import RESTARTING, UNLOADED, UNLOADING, Worker, takes_slot
-from infersnap.plan import PlanFile, ServePlan, announced, room
+from infersnap.plan import PlanFile, ServePlan, room
 
 # Seconds without a heartbeat (sent every 0.25 s) before a live worker counts as stuck. A worker whose
 # process ends is reported at once by the supervisor (WorkerExited); this is for one that hangs.
@@ -120,6 +120,7 @@ class Broker:
         self.drain_deadline: float | None = None
         self.next_pass = 0.0  # when _tick runs a dispatch pass, if nothing else has
         self.schedule_due, self.scheduled_at = True, 0.0
+        self.dispatching = self.dispatch_again = False
         self.lanes = LanePolicy(self.workers)
         self.scheduler = ModelScheduler(plan, self.workers, self.queued_models)
         self.supervisor: bytes | None = None  # the client that carries out the Orders (Supervise)
@@ -302,7 +303,22 @@ class Broker:
 
     def _dispatch(self) -> None:
         """Hand queued requests, oldest first across the kinds, to the lanes that end them soonest; end
-        those no worker can serve. A kind is left as soon as no worker can take its next request."""
+        those no worker can serve. A kind is left as soon as no worker can take its next request. Not
+        reentrant: what a pass sets off (a failure sent to a client that is gone, which aborts its other
+        requests) asks for one more pass after it."""
+        if self.dispatching:
+            self.dispatch_again = True
+            return
+        self.dispatching = True
+        try:
+            self._dispatch_pass()
+            while self.dispatch_again:
+                self.dispatch_again = False
+                self._dispatch_pass()
+        finally:
+            self.dispatching = self.dispatch_again = False
+
+    def _dispatch_pass(self) -> None:
         now = time.monotonic()
         self.next_pass = now + TICK_MS / 1000
         demand: Counter[str] = Counter()  # slot-taking requests queued, by model
@@ -323,6 +339,8 @@ class Broker:
         """Send this request to its lane, end it if no worker may ever serve it, or leave it queued;
         whether the next request of its kind may yet move in this pass."""
         submit, request_id = queued.submit, queued.submit.id
+        if self.queue.get(request_id) is not queued:
+            return True  # ended or aborted in this pass (its client is gone)
         serving = [w for w in self.workers.values() if w.serves(submit.model, submit.needs.task)]
         if not any(w.may_serve(submit.needs) for w in serving):  # none left to wait for
             why = self.scheduler.load_failure(submit.model) or self._task_failure(serving, submit.needs.task)
@@ -498,7 +516,12 @@ class Broker:
     def _supervised_by(self, client: bytes, supervise: wire.Supervise) -> None:
         """The supervisor's channel; a broker started anew goes on from what it hands back."""
         self.supervisor, self.orders = client, None
-        self.scheduler.lives.resume(supervise.running, supervise.failed)
+        self.scheduler.lives.resume(supervise, time.monotonic())
+        for worker_id in supervise.alive:  # its model counts as loaded, even before its heartbeat comes
+            worker = self.workers.get(worker_id.encode())
+            model = self.models.get(worker.info.model.lower()) if worker is not None else None
+            if model is not None:
+                self.scheduler.running_anyway(model)
         for worker_id, why in supervise.failed.items():
             worker = self.workers.get(worker_id.encode())
             if worker is not None:
@@ -514,21 +537,30 @@ class Broker:
 
     def _exited(self, worker_id: str, code: int) -> None:
         """A worker's process ended: stopped as ordered, or on its own (restart, fall back, or quarantine)."""
+        lives = self.scheduler.lives
         worker = self.workers.get(worker_id.encode())
         if worker is None or worker.info.state == UNLOADING or not self.scheduler.wanted(worker):
-            self.scheduler.lives.stopped(worker_id)
+            lives.stopped(worker_id)
             if worker is not None:
                 self._gone(worker)
             return
         if worker.info.state not in (RESTARTING, "failed"):
             self._lost(worker, wire.exit_words(code))
         spec = next((s for s in self.plan.workers if s.worker_id == worker_id), None)
-        if spec is None:  # not of the plan (it announced itself): no life to decide
+        if spec is None:  # not of the plan: nothing to decide; a removed model's is not started again
+            lives.stopped(worker_id)
+            model = self.models.get(worker.info.model.lower())
+            if model is not None and model.removed:  # failed, so that its model may be unloaded and forgotten
+                self._failed(worker_id, f"its process {wire.exit_words(code)} after its model was removed")
+            return
+        if not lives.expected(worker_id):  # a start no Orders of this broker's ran (told of it late): started anew
+            lives.stopped(worker_id)
+            self.schedule_due = True
             return
         lanes = [s.worker_id.encode() for s in self.plan.workers_of(spec.model)
                  if (s.device, s.task) == (spec.device, spec.task) and s is not spec]
         others_serve = any(self.workers[i].info.state != "failed" for i in lanes if i in self.workers)
-        next_step, words = self.scheduler.lives.died(spec, code, others_serve, time.monotonic())
+        next_step, words = lives.died(spec, code, others_serve, time.monotonic())
         if next_step == "fallback":
             log.warning("worker %s: %s", worker_id, words)
         elif next_step == "quarantine":
@@ -565,7 +597,7 @@ class Broker:
                     "the rest end with an error", worker.info.worker_id, why, len(routes), len(retry))
         message = f"worker {worker.info.worker_id} stopped while generating this request: its process {why}"
         self._fail({i: r for i, r in routes.items() if i not in retry}, message)
-        for pending in retry.values():  # its wait counts from its arrival, as before: dispatch takes it at its place
+        for pending in sorted(retry.values(), key=lambda q: q.since):  # its wait counts from its arrival, as before
             self._enqueue(Queued(pending.client, pending.submit, pending.body, pending.since,
                                  avoid=frozenset([worker.identity])))
         if retry:  # listed at their places by arrival, ahead of later requests
@@ -602,13 +634,11 @@ class Broker:
                  request_id, dead.info.worker_id, where)
 
     def _failed(self, worker_id: str, why: str) -> None:
-        """The worker could not load and is not restarted: it counts as failed, even if it never announced itself
-        (a crash while loading), so that status says why and requests stop waiting for it."""
-        spec = next((s for s in self.plan.workers if s.worker_id == worker_id), None)
-        if spec is None:
+        """The worker is not started again: it counts as failed, even if it never announced itself (a crash
+        while loading), so that status says why and requests stop waiting for it."""
+        worker = self.workers.get(worker_id.encode())
+        if worker is None:
             return
-        identity = worker_id.encode()
-        worker = self.workers.setdefault(identity, Worker(identity, announced(self.plan, spec), time.monotonic()))
         if worker.last_ran:  # it died serving: what it ran is part of why
             why = f"{why} (it was running {worker.last_ran})"
         worker.info = msgspec.structs.replace(worker.info, state="failed", error=why)
@@ -658,6 +688,7 @@ class Broker:
                     self._gone(worker)
                 else:
                     self._lost(worker, f"went silent (no heartbeat for {WORKER_TIMEOUT:g} s)")
+                    self.scheduler.lives.silent(worker.info.worker_id)  # stopped, then started again
         if self.schedule_due or now - self.scheduled_at >= SCHEDULE_SECONDS:  # or a keep-alive ran out
             self._schedule(now)
             if self.queue:

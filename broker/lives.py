@@ -32,6 +32,7 @@ class Life:
     early_deaths: int = 0  # in a row, each within SOON_AFTER_READY of becoming ready
     restart_at: float = 0.0  # set: started again at this time
     quarantined: str = ""  # why it is not started again
+    hung: bool = False  # it went silent: its process is stopped, then started again
 
 
 class WorkerLives:
@@ -41,12 +42,16 @@ class WorkerLives:
     def of(self, worker_id: str) -> Life:
         return self.lives.setdefault(worker_id, Life())
 
-    def resume(self, running: dict[str, wire.WorkerStart], failed: dict[str, str]) -> None:
-        """A broker started anew goes on from the starts whose processes run, and the quarantines."""
-        for worker_id, start in running.items():
+    def resume(self, supervise: wire.Supervise, now: float) -> None:
+        """A broker started anew goes on from the last starts (its numbers follow them), the processes that
+        run, and the quarantines."""
+        for worker_id, start in supervise.starts.items():
             life = self.of(worker_id)
-            life.start, life.running = start, True
-        for worker_id, why in failed.items():
+            life.start, life.running = start, worker_id in supervise.alive
+            # a process that runs is taken as ready until it says otherwise: were it to die before its first
+            # heartbeat reaches this broker, that is no death while loading
+            life.started_at = life.ready_at = now if life.running else 0.0
+        for worker_id, why in supervise.failed.items():
             self.of(worker_id).quarantined = why
 
     def ready(self, worker_id: str, now: float) -> None:
@@ -54,16 +59,17 @@ class WorkerLives:
         if not life.ready_at:
             life.ready_at = now
 
-    def orders(self, wanted: list[str], now: float) -> wire.Orders:
+    def orders(self, wanted: list[str], startable: set[str], now: float) -> wire.Orders:
         """What should run now, of the workers whose models are `wanted`: each gets a new start when it has
-        no process and is neither quarantined nor pausing before a restart."""
+        no process, may be started (`startable`: its spec is in the plan), and is neither quarantined, nor
+        hung (stopped first), nor pausing before a restart."""
         run = {}
         for worker_id in wanted:
             life = self.of(worker_id)
-            if life.quarantined:
+            if life.quarantined or life.hung:
                 continue
             if not life.running:
-                if life.restart_at > now:
+                if life.restart_at > now or worker_id not in startable:
                     continue
                 restarts = life.start.restarts + (1 if life.restart_at else 0)
                 life.start = wire.WorkerStart(life.start.number + 1, life.start.fallback, restarts, life.start.settings)
@@ -71,6 +77,16 @@ class WorkerLives:
             run[worker_id] = life.start
         failed = {worker_id: life.quarantined for worker_id, life in self.lives.items() if life.quarantined}
         return wire.Orders(run, failed)
+
+    def silent(self, worker_id: str) -> None:
+        """It went silent while its process runs (hung): the Orders leave it out, so that it is stopped."""
+        life = self.of(worker_id)
+        if life.running:
+            life.hung = True
+
+    def expected(self, worker_id: str) -> bool:
+        """Whether a process of this worker was ordered and not yet reported ended: an exit means something."""
+        return self.of(worker_id).running
 
     def stopped(self, worker_id: str) -> None:
         """Its process ended after it was stopped (its model unloaded): the next load starts it afresh."""
@@ -83,6 +99,9 @@ class WorkerLives:
         (`others_serve`) serves its model; ("quarantine", why): not again until lifted."""
         life = self.of(spec.worker_id)
         life.running = False
+        if life.hung:  # stopped because it went silent: started again at once, counted
+            life.hung, life.restart_at = False, now
+            return "restart", ""
         if now - life.started_at > HEALTHY_SECONDS:
             life.failures = 0
         why = self._quarantine(life, spec, code, now)

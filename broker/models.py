@@ -94,11 +94,11 @@ class ModelScheduler:
             self._want(model, time.monotonic())
 
     def orders(self, now: float) -> wire.Orders:
-        """The worker processes that should run now: those of the wanted models, as their lives allow."""
-        wanted = [spec.worker_id for spec in self.plan.workers
-                  if (worker := self.workers.get(spec.worker_id.encode())) is not None
-                  and self.wanted(worker) and worker.info.state != UNLOADING]
-        return self.lives.orders(wanted, now)
+        """The worker processes that should run now: those of the wanted models, as their lives allow. A
+        removed model's worker runs on until its model is unloaded, but is never started again: the plan
+        file it would read has no spec of it."""
+        wanted = [w.info.worker_id for w in self.workers.values() if self.wanted(w) and w.info.state != UNLOADING]
+        return self.lives.orders(wanted, {spec.worker_id for spec in self.plan.workers}, now)
 
     def _unload(self, model: Model, why: str) -> None:
         """Stop the model's workers (the supervisor ends their processes); a failed one keeps its reason."""

@@ -32,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 import zmq
@@ -106,7 +106,7 @@ class WorkerProcess:
 
     start: wire.WorkerStart
     process: subprocess.Popen | None = None
-    stopping: bool = field(default=False)  # asked to end (its model unloaded): not reported as a crash
+    stopping_at: float = 0.0  # set: asked to end (SIGTERM) at this time; killed if it has not after STOP_GRACE_SECONDS
 
 
 class Supervisor:
@@ -171,9 +171,12 @@ class Supervisor:
         self.channel.setsockopt(zmq.IDENTITY, IDENTITY)
         self.channel.setsockopt(zmq.LINGER, 0)
         self.channel.connect(paths.socket_address("clients"))  # queued until the broker has bound it
-        running = {worker_id: w.start for worker_id, w in self.workers.items()
-                   if w.process is not None and w.process.poll() is None}
-        self._tell(wire.Supervise(running, dict(self.failed)))
+        for worker in self.workers.values():  # what ended meanwhile is simply not alive for the new broker
+            if worker.process is not None and worker.process.poll() is not None:
+                worker.process, worker.stopping_at = None, 0.0
+        starts = {worker_id: w.start for worker_id, w in self.workers.items()}
+        alive = [worker_id for worker_id, w in self.workers.items() if w.process is not None]
+        self._tell(wire.Supervise(starts, alive, dict(self.failed)))
         self._tell(wire.StatusQuery(id=uuid.uuid4().hex, follow=True))
 
     def _tell(self, message: wire.Message) -> None:
@@ -211,8 +214,8 @@ class Supervisor:
             self.workers[worker_id] = WorkerProcess(start, _spawn(argv))
         for worker_id, worker in self.workers.items():
             if worker_id not in orders.run and worker.process is not None and worker.process.poll() is None:
-                if not worker.stopping:
-                    worker.stopping = True
+                if not worker.stopping_at:
+                    worker.stopping_at = time.monotonic()
                     worker.process.terminate()
 
     # --- processes --------------------------------------------------------
@@ -223,9 +226,13 @@ class Supervisor:
         self._keep(self.broker, now)
         self._keep(self.frontend, now)
         for worker_id, worker in self.workers.items():
-            if worker.process is not None and worker.process.poll() is not None:
+            if worker.process is None:
+                continue
+            if worker.process.poll() is not None:
                 self._tell(wire.WorkerExited(worker_id, worker.process.returncode))  # the broker decides what next
-                worker.process, worker.stopping = None, False
+                worker.process, worker.stopping_at = None, 0.0
+            elif worker.stopping_at and now - worker.stopping_at > STOP_GRACE_SECONDS:
+                worker.process.kill()  # hung where SIGTERM's handler cannot run (in native code)
         self._follow_catalog(now)
 
     def _keep(self, child: Child, now: float) -> None:

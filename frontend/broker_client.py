@@ -44,7 +44,7 @@ class BrokerClient:
         self.requests: dict[str, asyncio.Queue[wire.Output]] = {}  # pending requests' output queues
         self.replies: dict[str, asyncio.Future[wire.Status]] = {}  # status replies awaited, by query id
         self.latest: wire.Status | None = None  # the broker's Status as it last sent it
-        self.heard_at = 0.0  # when the broker last sent anything, on the event loop's clock
+        self.heard_at = 0.0  # when the broker last sent a Status, on the event loop's clock
         self.on_replan = on_replan
         self._reader: asyncio.Task | None = None
         self._follower: asyncio.Task | None = None
@@ -71,7 +71,6 @@ class BrokerClient:
         loop = asyncio.get_running_loop()
         while True:
             message = wire.decode(await self.socket.recv())
-            self.heard_at = loop.time()
             if isinstance(message, wire.Results):
                 for output in message.outputs:
                     queue = self.requests.get(output.id)
@@ -81,6 +80,9 @@ class BrokerClient:
                         del self.requests[output.id]
                     queue.put_nowait(output)
             elif isinstance(message, wire.Status):
+                # only a Status counts as hearing from it: a broker started anew answers requests sent to it
+                # but pushes nothing to a client it does not know follows it
+                self.heard_at = loop.time()
                 self._keep(message)
                 future = self.replies.pop(message.id, None)
                 if future is not None and not future.done():

@@ -209,10 +209,11 @@ class Orders(Message):
 class Supervise(Message):
     """Supervisor -> broker, first on its one channel, and again on a new channel whenever it started the
     broker anew: it carries out the broker's Orders and reports its workers' exits (WorkerExited). A broker
-    started anew goes on from what it hands back: the starts whose processes run now, and the workers
-    the last Orders said are quarantined."""
+    started anew goes on from what it hands back: the last start of every worker it ran, those whose
+    process runs now, and the workers the last Orders said are quarantined."""
 
-    running: dict[str, WorkerStart] = {}
+    starts: dict[str, WorkerStart] = {}
+    alive: list[str] = []
     failed: dict[str, str] = {}
 
 

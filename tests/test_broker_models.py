@@ -375,3 +375,20 @@ def test_a_lane_alone_that_crashes_soon_after_ready_twice_runs_on_its_next_fallb
         assert net.broker.plan.workers[0].started(run).options == EngineOptions(repack=False)
     finally:
         zctx.destroy(linger=0)
+
+
+def test_a_broker_started_anew_numbers_starts_after_the_supervisors_and_keeps_what_runs_loaded(three):
+    """The supervisor hands back every worker's last start: one that ran and ended (its model unloaded
+    before the broker restarted) gets a new number when loaded again, not one it already ran; one whose
+    process runs keeps its model loaded, even before its first heartbeat reaches the new broker."""
+    supervisor = three.client(b"supervisor")
+    supervisor.send(wire.Supervise(starts={"cpu@main": wire.WorkerStart(3), "cpu@a": wire.WorkerStart(1),
+                                           "cpu@b": wire.WorkerStart(2)}, alive=["cpu@main", "cpu@b"]))
+    [resumed] = orders(supervisor)[-1:]
+    assert resumed.run == {"cpu@main": wire.WorkerStart(3), "cpu@b": wire.WorkerStart(2)}
+    assert "b" in wanted(three)
+    start(three, "b")  # its heartbeat: ready, idle, so it may make room (the budget holds two)
+    submit(three.client(), wire.Generate(id="on-a", model="a", params=wire.SamplingParams(), prompt="x"))
+    assert "cpu@b" not in orders(supervisor)[-1].run  # unloaded for "a" ...
+    supervisor.send(wire.WorkerExited("cpu@b", 0))
+    assert orders(supervisor)[-1].run["cpu@a"] == wire.WorkerStart(2)  # ... which loads on a start not run yet
