@@ -34,7 +34,9 @@ def install(app: Sanic, plan: ServePlan) -> None:
     """GET /v1/status always; the page at / and its assets at /webui/NAME when webui.enabled."""
 
     async def server_status(request: Request) -> HTTPResponse:
-        status = await request.app.ctx.broker.status()
+        # asked now, as `infersnap status` does: what runs and what is queued change with every request,
+        # and the pushed Status carries them only as of its last push
+        status = await request.app.ctx.broker.status(fresh=True)
         return raw(msgspec.json.encode(status_document(status)), content_type="application/json")
 
     app.add_route(server_status, "/v1/status", methods=["GET"], name="server_status")
