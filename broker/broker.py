@@ -116,6 +116,7 @@ class Broker:
         self.queue: dict[str, Queued] = {}  # accepted, waiting for a worker, in arrival order
         self.kinds: dict[bytes, dict[str, Queued]] = {}  # the same requests by kind, each in arrival order
         self.queued_models: Counter[str] = Counter()  # queued requests by model (lowercase)
+        self.queued_tasks: Counter[tuple[str, str]] = Counter()  # ... by (model, task): what a queue room holds
         self.latest_arrival: dict[str, float] = {}  # by model: when its latest request was queued
         self.drain_deadline: float | None = None
         self.next_pass = 0.0  # when _tick runs a dispatch pass, if nothing else has
@@ -191,6 +192,7 @@ class Broker:
         self.queue[request_id] = queued
         self.kinds.setdefault(queued.kind, {})[request_id] = queued
         self.queued_models[queued.submit.model.lower()] += 1
+        self.queued_tasks[queued.submit.model.lower(), queued.submit.needs.task] += 1
 
     def _dequeue(self, request_id: str) -> Queued | None:
         queued = self.queue.pop(request_id, None)
@@ -204,6 +206,7 @@ class Broker:
         self.queued_models[model] -= 1
         if not self.queued_models[model]:
             del self.queued_models[model]
+        self.queued_tasks[model, queued.submit.needs.task] -= 1
         return queued
 
     # --- clients -----------------------------------------------------------
@@ -282,10 +285,7 @@ class Broker:
                 lanes.setdefault(worker.info.device, []).append(worker)
         free = sum(max(room(w.info.slots, self.plan.max_waiting) for w in group)
                    - sum(len(w.running) for w in group) for group in lanes.values())
-        queued = sum(len(members) for members in self.kinds.values()
-                     if next(iter(members.values())).submit.model.lower() == submit.model.lower()
-                     and next(iter(members.values())).submit.needs.task == needs.task)
-        if queued >= free:
+        if self.queued_tasks[submit.model.lower(), needs.task] >= free:
             # Refuse at once rather than queue without end; the frontend adds Retry-After.
             return wire.failed(submit.id, 503, "the server is at capacity; retry shortly", code="server_overloaded")
         return None
