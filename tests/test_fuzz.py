@@ -60,7 +60,7 @@ JSON_VALUES = st.recursive(
 )
 NASTY_VALUES = [
     None, True, False, 0, -1, 2**31, 2**63, 2**64, 10**30, -(10**30), 1e308, -1e308, 5e-324, 0.5, "", "NaN",
-    "Infinity", "1e308", "x " * 3000, [], {}, [None], {"": None}, [[[[[]]]]], {"role": "user"},
+    "Infinity", "1e308", "x " * 9000, [], {}, [None], {"": None}, [[[[[]]]]], {"role": "user"},
 ]  # fmt: skip
 # JSON text spliced in as a field's value: not JSON at all, numbers past any range, bad escapes and UTF-8, deep nesting
 RAW_VALUES = [
