@@ -168,7 +168,7 @@ def test_an_unlisted_origin_gets_no_cors_headers(http):
 
 
 def test_an_open_server_on_the_network_warns_and_needs_no_key(tmp_path):
-    server = start_server(tmp_path, **{"http.host": "0.0.0.0", "worker.slots": "1"})
+    server = start_server(tmp_path, **{"http.host": "0.0.0.0", "worker.slots": "1", "engines": "cpu"})
     try:
         log = server.log.read_text()
         assert "serving on 0.0.0.0 to the network with no API key" in log, log

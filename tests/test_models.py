@@ -80,7 +80,7 @@ def test_a_cold_model_loads_on_its_first_request_and_two_serve_side_by_side(two)
 
 
 def test_an_idle_model_is_unloaded_after_its_keep_alive_and_its_memory_freed(two):
-    assert complete(two, GEMMA, keep_alive="10s").status_code == 200  # loaded still while it is measured
+    assert complete(two, GEMMA, keep_alive="5s").status_code == 200  # loaded still while it is measured
     pid = worker_pid(two, GEMMA)
     loaded_kib = tree_rss_kib(two.process.pid)
     wait_until(lambda: models(two)[GEMMA]["state"] == "unloaded", 30, "Gemma 3 was not unloaded when idle")

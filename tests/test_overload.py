@@ -23,7 +23,7 @@ LONG = {
 
 
 def test_requests_past_the_queue_get_503_promptly(tmp_path):
-    server = start_server(tmp_path, **{"worker.slots": "1", "queue.max-waiting": "1"})
+    server = start_server(tmp_path, **{"worker.slots": "1", "queue.max-waiting": "1", "engines": "cpu"})
 
     async def call(client: httpx.AsyncClient) -> tuple[httpx.Response, float]:
         start = time.monotonic()
@@ -55,7 +55,7 @@ def test_requests_past_the_queue_get_503_promptly(tmp_path):
 
 
 def test_a_request_past_the_timeout_is_stopped_with_504(tmp_path):
-    server = start_server(tmp_path, **{"worker.slots": "1", "queue.request-timeout": "2"})
+    server = start_server(tmp_path, **{"worker.slots": "1", "queue.request-timeout": "2", "engines": "cpu"})
     endless = {**LONG, "max_tokens": 1500}
     try:
         start = time.monotonic()
@@ -126,7 +126,8 @@ async def post(port: int, body: dict) -> Outcome:
 def test_200_concurrent_clients_are_served_or_refused_promptly_and_nothing_leaks(tmp_path):
     # One llama.cpp thread: on 2 cores, threads on every core spin against the frontend,
     # the broker and the 200 clients and make the run slow and erratic (15-40 s instead of ~3 s).
-    server = start_server(tmp_path, **{"worker.slots": "4", "queue.max-waiting": "16", "worker.threads": "1", "engines-measure": "false"})
+    server = start_server(tmp_path, **{"worker.slots": "4", "queue.max-waiting": "16", "worker.threads": "1",
+                                       "engines": "cpu", "engines-measure": "false"})
     bodies = [
         {**SHORT, "stream": True, "stream_options": {"include_usage": True}} if i % 2 else SHORT for i in range(CLIENTS)
     ]

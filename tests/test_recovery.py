@@ -24,7 +24,7 @@ LONG = {
 def test_a_request_caught_in_a_broker_crash_ends_with_an_error_and_service_resumes(tmp_path):
     """The restarted broker knows no routes: the worker's heartbeat lists the old request, the broker
     aborts it there, so the one slot is free for the next request at once (not after 1500 tokens)."""
-    server = start_server(tmp_path, **{"worker.slots": "1", "worker.embeddings": "false"})
+    server = start_server(tmp_path, **{"worker.slots": "1", "worker.embeddings": "false", "engines": "cpu"})
     try:
         replies: list[httpx.Response] = []
         caller = threading.Thread(
@@ -135,7 +135,7 @@ def test_a_killed_worker_is_noticed_at_once_what_it_ran_ends_with_an_error_what_
 
 
 def test_sigterm_lets_running_requests_finish_refuses_new_ones_and_exits_0(tmp_path):
-    server = start_server(tmp_path, **{"worker.slots": "2"})
+    server = start_server(tmp_path, **{"worker.slots": "2", "engines": "cpu"})
     events: list[str] = []
     started = threading.Event()
     body = {**LONG, "max_tokens": 150, "stream_options": {"include_usage": True}}
@@ -155,7 +155,7 @@ def test_sigterm_lets_running_requests_finish_refuses_new_ones_and_exits_0(tmp_p
 
 
 def test_past_the_drain_timeout_running_requests_end_with_an_error_and_the_server_exits_0(tmp_path):
-    server = start_server(tmp_path, **{"worker.slots": "1", "queue.drain-timeout": "1"})
+    server = start_server(tmp_path, **{"worker.slots": "1", "queue.drain-timeout": "1", "engines": "cpu"})
     events: list[str] = []
     started = threading.Event()
     streamer = threading.Thread(target=stream_events, args=(server.url, LONG, events, started))

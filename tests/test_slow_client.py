@@ -16,7 +16,7 @@ ENDLESS = {
 
 
 def test_a_stalled_streaming_client_is_dropped_and_its_generation_stopped(tmp_path):
-    server = start_server(tmp_path, **{"worker.slots": "1", "http.send-timeout": "1"})
+    server = start_server(tmp_path, **{"worker.slots": "1", "http.send-timeout": "1", "engines": "cpu"})
     try:
         stalled = socket.socket()
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's buffers fill
