@@ -12,6 +12,7 @@ ENDLESS = {
     "max_tokens": 1500,
     "logit_bias": {"0": -100, "2": -100},  # never stop early
     "stream": True,
+    "logprobs": True, "top_logprobs": 20,  # a few KB per chunk: the socket buffers fill in a second, not ten
 }
 
 
