@@ -260,4 +260,4 @@ class ModelScheduler:
         idle = now - model.last_used if state == "loaded" and not self.busy(model) else None
         spec = model.spec
         return wire.ModelState(spec.name, state, model.failed, model.wanted, model.keep_alive, idle,
-                               spec.context, spec.context_note, spec.left_out)
+                               spec.context, spec.context_note, spec.left_out, self.queued[spec.name.lower()])

@@ -281,17 +281,22 @@ class Supervisor:
                 return
 
     def _drain(self) -> None:
-        """New requests get 503 while running ones finish, for up to the drain timeout."""
+        """New requests (and /health) get 503 while running ones finish, for up to the drain timeout, and
+        for at least the drain linger: a router's health check sees the 503 and sends clients elsewhere
+        before the port closes and connections are refused."""
+        began = time.monotonic()
         self._tell(wire.Drain(grace=self.plan.drain_timeout))
         self._hear(0.5)  # the Status the drain pushes
         running = len(self.status.routed) if self.status else 0
         if running:
             _say(f"stopping; letting {running} running requests finish "
                  f"(up to {self.plan.drain_timeout}s; signal again to stop now)")
-        deadline = time.monotonic() + self.plan.drain_timeout + 2  # the broker ends them at the timeout
-        while running and not self.hurry and time.monotonic() < deadline and not self.broker.ended():
+        deadline = began + self.plan.drain_timeout + 2  # the broker ends them at the timeout
+        linger_until = began + self.plan.drain_linger
+        while (running and time.monotonic() < deadline or time.monotonic() < linger_until) \
+                and not self.hurry and not self.broker.ended():
             self._hear(0.1)
-            running = len(self.status.routed)
+            running = len(self.status.routed) if self.status else 0
         time.sleep(0.3)  # the frontend writes the last bytes of the answers that just ended
 
     def _follow_catalog(self, now: float) -> None:

@@ -92,16 +92,30 @@ def create_app(plan: ServePlan, plan_file: PlanFile | None = None) -> Sanic:
 
     @app.get("/health")
     async def health(request: Request) -> HTTPResponse:
+        """200 while the default model can be served, now or by loading it on demand; 503 only while
+        starting, draining, or when every lane of it failed. Busy is healthy: load is /get_load's."""
         status = await request.app.ctx.broker.status()
         if status.draining:
             raise APIError(503, "Shutting down", type="unavailable_error", headers={"Retry-After": "1"})
-        generating = [w for w in status.workers if "generate" in w.capabilities.tasks]
+        default = request.app.ctx.plan.default_model.name.lower()
+        generating = [w for w in status.workers if w.model.lower() == default and "generate" in w.capabilities.tasks]
         if any(w.state == "ready" for w in generating):
+            request.app.ctx.served = True
             return json_response(b'{"status":"ok"}')
         if generating and all(w.state == "failed" for w in generating):  # nothing to wait for: say why
             reasons = "; ".join(f"{w.worker_id}: {w.error}" for w in generating)
             raise APIError(503, f"No worker can serve: {reasons}", type="unavailable_error", headers={"Retry-After": "60"})
+        state = next((m.state for m in status.models if m.name.lower() == default), "loading")
+        if request.app.ctx.served or state in ("unloaded", "unloading"):  # idle, or loading again: a request loads it
+            return json_response(b'{"status":"ok"}')
         raise APIError(503, "Loading model", type="unavailable_error", headers={"Retry-After": "1"})
+
+    @app.get("/get_load")
+    async def get_load(request: Request) -> HTTPResponse:
+        """The default model's running and waiting requests, as vllm-router's power_of_two policy reads a node."""
+        status = await request.app.ctx.broker.status(fresh=True)
+        load = metrics.model_load(status, request.app.ctx.plan.default_model.name)
+        return json_response(msgspec.json.encode({"load": load.running + load.waiting}))
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> HTTPResponse:
@@ -136,6 +150,7 @@ def create_app(plan: ServePlan, plan_file: PlanFile | None = None) -> Sanic:
     app.ctx.started = schema.now()
     app.ctx.plan = plan
     app.ctx.metrics = metrics.Metrics()
+    app.ctx.served = False  # /health has seen the default model ready: loading it again later is not starting
     app.ctx.responses = responses.Store()
     access.install(app, plan)
     openapi.install(app, plan)

@@ -53,10 +53,19 @@ class Metrics:
                               buckets=TTFT_BUCKETS, registry=registry)
         self.latency = Histogram("infersnap_request_duration_seconds", "Time from arrival to the end of the answer",
                                  buckets=LATENCY_BUCKETS, registry=registry)
-        self.running = Gauge("infersnap_requests_running", "Requests a worker is running now",
-                             ["worker"], registry=registry)
-        self.waiting = Gauge("infersnap_requests_waiting", "Requests a worker's engine holds for a free slot",
-                             ["worker"], registry=registry)
+        # per model, as a router or an autoscaler reads a node's load (docs/cluster.md)
+        self.running = Gauge("infersnap_requests_running", "Sequences generating now, one per slot in use",
+                             ["model"], registry=registry)
+        self.waiting = Gauge("infersnap_requests_waiting",
+                             "Requests accepted and not yet running: queued in the broker or waiting in an engine",
+                             ["model"], registry=registry)
+        self.slots_used = Gauge("infersnap_slots_used", "Slots in use on the model's ready workers",
+                                ["model"], registry=registry)
+        self.slots_total = Gauge("infersnap_slots_total", "Slots of the model's ready workers",
+                                 ["model"], registry=registry)
+        self.kv_usage = Gauge("infersnap_kv_cache_usage_ratio",
+                              "Share of the KV cache of the model's ready workers that running sequences hold, 0 to 1",
+                              ["model"], registry=registry)
         self.queued = Gauge("infersnap_requests_queued", "Requests queued in the broker for a free slot",
                             registry=registry)
         self.ready = Gauge("infersnap_worker_ready",
@@ -65,15 +74,40 @@ class Metrics:
 
     def exposition(self, status: wire.Status) -> bytes:
         """Every metric in the text format, the gauges as the broker's `status` has them now."""
-        # Cleared first, so that a worker gone from the status (or in another state) leaves no stale series.
-        for gauge in (self.running, self.waiting, self.ready):
+        # Cleared first, so that a worker or model gone from the status (or in another state) leaves no stale series.
+        for gauge in (self.running, self.waiting, self.slots_used, self.slots_total, self.kv_usage, self.ready):
             gauge.clear()
         for w in status.workers:
-            self.running.labels(w.worker_id).set(len(w.running))
-            self.waiting.labels(w.worker_id).set(w.waiting)
             self.ready.labels(w.worker_id, w.device, w.engine, w.state).set(int(w.state == "ready"))
+        for model in status.models:
+            load = model_load(status, model.name)
+            self.running.labels(model.name).set(load.running)
+            self.waiting.labels(model.name).set(load.waiting)
+            self.slots_used.labels(model.name).set(load.running)
+            self.slots_total.labels(model.name).set(load.slots)
+            self.kv_usage.labels(model.name).set(load.kv_usage)
         self.queued.set(status.queued)
         return prometheus_client.generate_latest(self.registry)
+
+
+@dataclass(frozen=True)
+class ModelLoad:
+    """What a model's generating workers run and hold, and what waits for them, from one Status."""
+
+    running: int  # sequences in slots
+    waiting: int  # queued in the broker, plus waiting inside the engines
+    slots: int  # of its ready workers
+    kv_usage: float  # 0 to 1, over its ready workers' KV caches
+
+
+def model_load(status: wire.Status, model: str) -> ModelLoad:
+    workers = [w for w in status.workers if w.model.lower() == model.lower() and "generate" in w.capabilities.tasks]
+    ready = [w for w in workers if w.state == "ready"]
+    queued = next((m.queued for m in status.models if m.name.lower() == model.lower()), 0)
+    capacity = sum(w.slots * w.context for w in ready)
+    held = sum(w.kv_used * w.slots * w.context for w in ready)
+    return ModelLoad(running=sum(len(w.running) for w in workers), waiting=queued + sum(w.waiting for w in workers),
+                     slots=sum(w.slots for w in ready), kv_usage=round(held / capacity, 4) if capacity else 0.0)
 
 
 @dataclass

@@ -86,6 +86,12 @@ def build(plan: ServePlan) -> dict[str, Any]:
         "properties": {"status": {"const": "ok"}},
         "required": ["status"],
     }
+    components["Load"] = {
+        "title": "Load",
+        "type": "object",
+        "properties": {"load": {"type": "integer", "minimum": 0}},
+        "required": ["load"],
+    }
 
     secured = {"security": [{"bearer": []}]} if plan.api_keys else {}
 
@@ -191,7 +197,10 @@ def build(plan: ServePlan) -> dict[str, Any]:
                           [400, 401, 404, 413, 501, 503, 504], body="EmbeddingRequest")
             )
         },
-        "/health": {"get": operation("200 once a generating worker is ready; 503 while loading", _json("Health"), [503])},
+        "/health": {"get": operation("200 while the default model can be served, now or by loading it; 503 while "
+                                     "starting, draining, or when every lane of it failed", _json("Health"), [503])},
+        "/get_load": {"get": operation("The default model's running and waiting requests (vllm-router's power_of_two)",
+                                       _json("Load"), [503])},
     }
     document: dict[str, Any] = {
         "openapi": "3.1.0",

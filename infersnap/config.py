@@ -105,6 +105,7 @@ KEYS: dict[str, Key] = {
         Key("queue.max-waiting", int, 64, "requests that may wait per worker beyond its slots; more get 503", _between(0, 100_000)),
         Key("queue.request-timeout", int, 600, "seconds a request may take, waiting included, before it is stopped with 504; 0: no limit", _between(0, 86_400)),
         Key("queue.drain-timeout", int, 30, "seconds running requests may take to finish after SIGTERM before they are stopped", _between(0, 3600)),
+        Key("queue.drain-linger", int, 2, "seconds the port stays open after SIGTERM, answering 503, so a router's health checks move clients away first (docs/cluster.md)", _between(0, 600)),
         Key("verbose", bool, False, "log more"),
     )
 }

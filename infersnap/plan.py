@@ -103,6 +103,7 @@ class ServePlan(msgspec.Struct, frozen=True):
     max_tokens: int = 32768  # the largest max_tokens a request may ask for
     max_n: int = 8
     drain_timeout: int = 30  # seconds running requests may take after SIGTERM
+    drain_linger: int = 2  # seconds the port stays open after SIGTERM, answering 503, even with nothing running
     send_timeout: int = 30  # seconds a stream may stay unread before its client is dropped
     # per device ("cpu" for the machine's RAM, or an accelerator with its own memory): the bytes loaded
     # models may hold there; a device not listed has no bound

@@ -222,6 +222,7 @@ def build_plan(config: Config, machine: Machine) -> ServePlan:
         max_tokens=config.get("limits.max-tokens"),
         max_n=config.get("limits.max-n"),
         drain_timeout=config.get("queue.drain-timeout"),
+        drain_linger=config.get("queue.drain-linger"),
         send_timeout=config.get("http.send-timeout"),
         webui=config.get("webui.enabled"),
     )

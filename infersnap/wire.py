@@ -387,6 +387,7 @@ class WorkerInfo(msgspec.Struct, array_like=True, frozen=True):
     capabilities: Capabilities = Capabilities(tasks=[])
     speed: Speed | None = None  # its engine's measured profile on this machine; None: not measured
     settings: str = ""  # the runtime settings it runs with, and why (infersnap/probes.py): "no-repack (default: ...)"
+    kv_used: float = 0.0  # the share of its KV cache (slots x context tokens) its running sequences hold, 0 to 1
 
 
 class WorkerStatus(Message):
@@ -412,6 +413,7 @@ class ModelState(msgspec.Struct, array_like=True, frozen=True):
     context: int = 0  # tokens per sequence (ModelSpec.context)
     context_note: str = ""  # why
     left_out: list[str] = []  # lanes `serve` did not start for it, and why
+    queued: int = 0  # its requests queued in the broker for a free slot
 
 
 class Status(Message):

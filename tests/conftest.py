@@ -218,6 +218,7 @@ def start_server(data: Path, command: list[str] | None = None, session_profiles_
     `env`: more environment for the server (the fault hook, INFERSNAP_FAULT)."""
     env = {**data_env(data), **(env or {})}
     port = int(settings.pop("http.port", free_port()))
+    settings.setdefault("queue.drain-linger", "0")  # no router watches a test server: it stops at once
     if os.environ.get("PYTEST_CURRENT_TEST") and session_profiles_too:
         if settings.get("engines-measure") != "false":
             shutil.copytree(session_data() / "profiles", data / "profiles", dirs_exist_ok=True)

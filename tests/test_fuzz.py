@@ -303,6 +303,7 @@ def test_openapi_document(http):
     paths = document["paths"]
     assert set(paths) >= {
         "/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model}", "/tokenize", "/detokenize", "/health",
+        "/get_load",
         "/v1/embeddings", "/v1/responses", "/v1/responses/{response_id}", "/v1/responses/input_tokens",
         "/v1/messages", "/v1/messages/count_tokens",
     }

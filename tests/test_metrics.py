@@ -6,11 +6,13 @@ import re
 
 import pytest
 
+from conftest import wait_until
+
 pytestmark = pytest.mark.one_engine
 
 SAY_HI = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4, "logit_bias": {"0": -100, "2": -100}}
 # The format gives labels no order (prometheus-client writes them sorted by name); sample keys here list them in this one.
-LABEL_ORDER = ("endpoint", "worker", "device", "engine", "state", "status", "le")
+LABEL_ORDER = ("endpoint", "model", "worker", "device", "engine", "state", "status", "le")
 
 
 def scrape(http) -> dict[str, float]:
@@ -61,9 +63,29 @@ def test_metrics_count_requests_tokens_and_latencies(http, server):
     assert delta(before, after, "infersnap_time_to_first_token_seconds_count") == 2
     assert delta(before, after, "infersnap_request_duration_seconds_count") == 3
     assert delta(before, after, 'infersnap_request_duration_seconds_bucket{le="+Inf"}') == 3
-    assert after[f'infersnap_requests_running{{worker="{worker}"}}'] == 0
+    model = reply.json()["model"]
+    for gauge in ("requests_running", "requests_waiting", "slots_used"):
+        assert after[f'infersnap_{gauge}{{model="{model}"}}'] == 0, gauge
+    assert 0 <= after[f'infersnap_kv_cache_usage_ratio{{model="{model}"}}'] < 0.01  # as of the last heartbeat
+    assert after[f'infersnap_slots_total{{model="{model}"}}'] == server.status()["workers"][0]["slots"]
     assert after["infersnap_requests_queued"] == 0
     assert any(k.startswith(f'infersnap_worker_ready{{worker="{worker}"') and v == 1 for k, v in after.items())
+
+
+def test_a_running_generation_shows_as_the_models_load_slots_and_kv_cache(http, model):
+    assert http.get("/get_load").json() == {"load": 0}
+    long = {**SAY_HI, "messages": [{"role": "user", "content": "Write a very long story."}],
+            "max_tokens": 400, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=long) as streamed:
+        lines = streamed.iter_lines()  # held: a line iterator dropped would close the stream, and end the request
+        next(line for line in lines if '"content":"' in line)  # it generates
+        during = scrape(http)
+        load = http.get("/get_load").json()
+        kv = f'infersnap_kv_cache_usage_ratio{{model="{model}"}}'
+        wait_until(lambda: scrape(http)[kv] > 0, 3, "no KV cache use shown")  # as of the worker's next heartbeat
+        assert scrape(http)[kv] < 0.05  # a short prompt and a few tokens, of 4 slots x 8192 tokens
+    assert during[f'infersnap_requests_running{{model="{model}"}}'] == 1 == load["load"]
+    assert during[f'infersnap_slots_used{{model="{model}"}}'] == 1
 
 
 def test_each_request_logs_one_line(http, server):

@@ -89,6 +89,10 @@ class Engine:
     def busy(self) -> bool:
         return bool(self.running or self.waiting)
 
+    def kv_tokens(self) -> int:
+        """Tokens the running requests hold in the KV cache (WorkerInfo.kv_used); 0 where it keeps none."""
+        return 0
+
     def _add(self, request: wire.Request) -> wire.Output | None:
         raise NotImplementedError
 
@@ -238,6 +242,9 @@ class BatchingEngine(Engine):
     fim_tokens: tuple[int, int, int] | None = None  # fill in the middle: prefix, suffix, middle; None: none
     bos_token: int | None = None  # the BOS the model starts a prompt with; None: it adds none
     prompt_add_special: bool = True  # whether a prompt is tokenized with the tokenizer's BOS/EOS
+
+    def kv_tokens(self) -> int:
+        return sum(len(seq.prompt) + seq.tokens_sent for seq in self.running)
 
     def _announce(self) -> None:
         """Set `capabilities` once the model is loaded (FIM depends on its tokens)."""

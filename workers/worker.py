@@ -154,8 +154,9 @@ def serve(engine: Engine, inbox: queue.Queue, outbox: zmq.Socket, io: WorkerIO, 
             first = held.unsent()
             _deliver(held.take(), clients, outbox, io.info.worker_id, first)
         running = [s.request.id for s in engine.running]
-        if running != io.info.running or len(engine.waiting) != io.info.waiting:
-            io.info = msgspec.structs.replace(io.info, running=running, waiting=len(engine.waiting))
+        kv_used = round(engine.kv_tokens() / max(1, io.info.slots * io.info.context), 4)
+        if running != io.info.running or len(engine.waiting) != io.info.waiting or kv_used != io.info.kv_used:
+            io.info = msgspec.structs.replace(io.info, running=running, waiting=len(engine.waiting), kv_used=kv_used)
 
 
 class Held:
