@@ -14,6 +14,7 @@ from infersnap import __version__
 from infersnap.catalog import ModelEntry, scan
 from infersnap.cli import engines as engine_views
 from infersnap.cli import models as model_views
+from infersnap.cli.router import POLICIES as ROUTER_POLICIES
 from infersnap.cli.status import NotRunning, query_status
 from infersnap.config import Config, ConfigError
 from infersnap.engines import EngineChoiceError, manifests
@@ -357,6 +358,34 @@ def chat(system: str | None, max_tokens: int | None, temperature: float | None) 
     from infersnap.cli.chat import run
 
     run(_config_for_reading("using the defaults in its place"), system, max_tokens, temperature)
+
+
+@main.command()
+@click.argument("nodes", nargs=-1, required=True)
+@click.option("--policy", type=click.Choice(ROUTER_POLICIES),
+              default="consistent_hash", show_default=True,
+              help="consistent_hash keeps a conversation that sends X-Session-ID on one node; cache_aware places "
+                   "by the prompt's beginning (agents that send no header); see docs/cluster.md")
+@click.option("--host", default="127.0.0.1", show_default=True, help="the address the router listens on")
+@click.option("--port", type=click.IntRange(1, 65535), default=30000, show_default=True)
+@click.option("--prometheus-port", type=click.IntRange(1, 65535), default=29000, show_default=True,
+              help="the router's own /metrics (one port per router on a host)")
+@click.option("--api-key", help="a key of the nodes, sent on the routes the router passes through (messages, responses)")
+@click.option("--run", "run_it", is_flag=True, help="start the router instead of printing its command")
+def router(nodes: tuple[str, ...], policy: str, host: str, port: int, prometheus_port: int, api_key: str | None,
+           run_it: bool) -> None:
+    """The vllm-router command for these infersnap nodes (http://HOST:PORT each): print it, or --run it."""
+    import shlex
+
+    from infersnap.cli import router as router_command
+
+    argv = router_command.command(list(nodes), policy, host, port, prometheus_port, api_key)
+    if run_it:
+        try:
+            router_command.run(argv)
+        except FileNotFoundError:
+            raise click.ClickException(f"vllm-router is not installed: pip install vllm-router=={router_command.TESTED_VERSION}")
+    click.echo(shlex.join(argv))
 
 
 class _Levels(click.ParamType):

@@ -187,6 +187,21 @@ def openai_routes() -> Blueprint:
     async def completions(request: Request) -> HTTPResponse | None:
         return await complete(request, schema.CompletionRequest, prepare_text)
 
+    # vLLM's render routes: the prompt's tokens as the request would have them, which vllm-router's
+    # cache_aware policy asks of every node to find the one that holds the longest beginning of it
+    @v1.post("/chat/completions/render")
+    async def render_chat(request: Request) -> HTTPResponse:
+        tokens = await chat_prompt_tokens(request, decode_body(request, schema.ChatCompletionRequest))
+        return json_response(msgspec.json.encode(schema.RenderedPrompt(token_ids=tokens)))
+
+    @v1.post("/completions/render")
+    async def render_completion(request: Request) -> HTTPResponse:
+        body = decode_body(request, schema.CompletionRequest)
+        model = body.model or request.app.ctx.plan.default_model.name
+        message = wire.Tokenize(id=f"tok-{uuid.uuid4().hex}", model=model, content=body.prompts()[0], add_special=True)
+        tokens = list((await lookup(request, message)).tokens)
+        return json_response(msgspec.json.encode(schema.RenderedPrompt(token_ids=tokens)))
+
     @v1.post("/messages")
     async def messages(request: Request) -> HTTPResponse | None:
         return await complete(request, anthropic.MessagesRequest, prepare_messages)
@@ -194,7 +209,7 @@ def openai_routes() -> Blueprint:
     @v1.post("/messages/count_tokens")
     async def count_message_tokens(request: Request) -> HTTPResponse:
         body = decode_body(request, anthropic.CountTokensRequest)
-        count = await prompt_tokens(request, anthropic.to_chat(body))
+        count = len(await chat_prompt_tokens(request, anthropic.to_chat(body)))
         return json_response(msgspec.json.encode(anthropic.TokenCount(count)))
 
     @v1.post("/responses")
@@ -211,7 +226,7 @@ def openai_routes() -> Blueprint:
     @v1.post("/responses/input_tokens")
     async def count_response_tokens(request: Request) -> HTTPResponse:
         body = decode_body(request, responses.InputTokensRequest)
-        count = await prompt_tokens(request, responses.to_chat(body, request.app.ctx.responses))
+        count = len(await chat_prompt_tokens(request, responses.to_chat(body, request.app.ctx.responses)))
         return json_response(msgspec.json.encode(responses.InputTokens(count)))
 
     @v1.get("/responses/<response_id>")
@@ -277,13 +292,13 @@ async def control_model(request: Request, load: bool) -> HTTPResponse:
     return json_response(msgspec.json.encode(await model_card(request, body.model, fresh=True)))
 
 
-async def prompt_tokens(request: Request, chat: schema.ChatCompletionRequest) -> int:
-    """How many tokens the prompt of this chat body makes, counted by a worker's tokenizer and template."""
+async def chat_prompt_tokens(request: Request, chat: schema.ChatCompletionRequest) -> list[int]:
+    """The tokens of this chat body's prompt, by a worker's tokenizer and template."""
     plan: ServePlan = request.app.ctx.plan
     [generate] = convert.chat_request(chat, plan.default_model.name, tools.from_request(chat))
     count = wire.Tokenize(id=f"tok-{uuid.uuid4().hex}", model=generate.model, content="",
                           messages=generate.messages, template_args=generate.template_args)
-    return len((await lookup(request, count)).tokens)
+    return list((await lookup(request, count)).tokens)
 
 
 async def lookup(request: Request, message: wire.Tokenize | wire.Detokenize) -> wire.Tokens:

@@ -341,6 +341,12 @@ class DetokenizeResponse(msgspec.Struct):
     content: str
 
 
+class RenderedPrompt(msgspec.Struct):
+    """vLLM's render answer: the prompt's token ids as the request would be generated from."""
+
+    token_ids: list[int]
+
+
 # --- embeddings --------------------------------------------------------------
 
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on inputs per request

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,7 @@ def second_model() -> Path:
 
 
 _session_data: Path | None = None
+_session_lock = threading.Lock()  # servers started side by side (test_cluster) measure once, not each
 _session_measured: tuple[subprocess.CompletedProcess, list[str]] | None = None
 
 
@@ -154,28 +156,32 @@ def session_data() -> Path:
     served tests name (ENGINES) that auto does not measure. Test servers get copies of its `probes`
     and `profiles`, so that none spends seconds probing or a minute measuring; only a server with
     another model (probes, profiles), threads or context (profiles) would."""
+    with _session_lock:
+        return _session_data or _measure_session()
+
+
+def _measure_session() -> Path:
     global _session_data, _session_measured
-    if _session_data is None:
-        data = Path(tempfile.mkdtemp(prefix="infersnap-profiles-"))
-        atexit.register(shutil.rmtree, data, True)
-        done = cli(data_env(data), "use-engine", "--auto", "--quick", timeout=600)
-        folder = data / "profiles"
-        _session_measured = (done, sorted(p.name for p in folder.glob("*.json")))
-        measured = {json.loads(p.read_text())["engine"] for p in folder.glob("*.json")}
-        context = serve_context(Config(data / "config.json"), detect("/")).tokens  # as serve chooses it
-        for name in [n for n in ENGINES if n not in measured]:
-            # as serve would run it on the CPU: one thread per physical core, the context serve gives it, the
-            # default model, and the settings its probe finds (the defaults crash on some CPUs)
-            options = probed_options(name, data)
-            done = subprocess.run(
-                [sys.executable, "-m", "infersnap.workers.profile", "--engine", name, "--device", "cpu",
-                 "--threads", str(len(physical_core_cpus())), "--context", str(context),
-                 "--model", str(default_model_path()), "--quick", "--options", msgspec.json.encode(options).decode()],
-                capture_output=True, text=True, timeout=300, check=True, cwd="/",
-            )
-            profile = json.loads(done.stdout)
-            (folder / f"{profile['key']}.json").write_text(done.stdout)
-        _session_data = data
+    data = Path(tempfile.mkdtemp(prefix="infersnap-profiles-"))
+    atexit.register(shutil.rmtree, data, True)
+    done = cli(data_env(data), "use-engine", "--auto", "--quick", timeout=600)
+    folder = data / "profiles"
+    _session_measured = (done, sorted(p.name for p in folder.glob("*.json")))
+    measured = {json.loads(p.read_text())["engine"] for p in folder.glob("*.json")}
+    context = serve_context(Config(data / "config.json"), detect("/")).tokens  # as serve chooses it
+    for name in [n for n in ENGINES if n not in measured]:
+        # as serve would run it on the CPU: one thread per physical core, the context serve gives it, the
+        # default model, and the settings its probe finds (the defaults crash on some CPUs)
+        options = probed_options(name, data)
+        done = subprocess.run(
+            [sys.executable, "-m", "infersnap.workers.profile", "--engine", name, "--device", "cpu",
+             "--threads", str(len(physical_core_cpus())), "--context", str(context),
+             "--model", str(default_model_path()), "--quick", "--options", msgspec.json.encode(options).decode()],
+            capture_output=True, text=True, timeout=300, check=True, cwd="/",
+        )
+        profile = json.loads(done.stdout)
+        (folder / f"{profile['key']}.json").write_text(done.stdout)
+    _session_data = data
     return _session_data
 
 
