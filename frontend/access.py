@@ -1,7 +1,7 @@
 """Who may call the HTTP API: API keys for /v1/, and CORS for browsers, as Sanic middleware.
 
-With API keys set, every request under /v1/ (and to /tokenize and
-/detokenize, which use the model too) needs `Authorization: Bearer KEY` with
+With API keys set, every request under /v1/ but the render routes a router
+calls (and to /tokenize and /detokenize, which use the model too) needs `Authorization: Bearer KEY` with
 one of them (or `x-api-key: KEY`, as Anthropic's clients send it), else 401 in the
 API's shape; /health and other routes stay
 open. With CORS origins set, OPTIONS preflights are answered (without a key:
@@ -25,6 +25,9 @@ ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
 ALLOW_HEADERS = "Authorization, Content-Type, X-Api-Key"
 MAX_AGE_SECONDS = 600
 KEYED_OUTSIDE_V1 = ("/tokenize", "/detokenize")  # llama-server's routes: they use the model, so a key too
+# vLLM's render routes: vllm-router's cache_aware policy asks them of every node with no key (docs/cluster.md);
+# they give a prompt's token ids and generate nothing
+OPEN_INSIDE_V1 = ("/v1/chat/completions/render", "/v1/completions/render")
 NO_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header "
     "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or in an x-api-key header."
@@ -45,7 +48,8 @@ def _install_keys(app: Sanic, api_keys: list[str]) -> None:
 
     async def require_key(request: Request) -> None:
         path = request.path
-        if not (path == "/v1" or path.startswith("/v1/") or path.rstrip("/") in KEYED_OUTSIDE_V1):
+        if not (path == "/v1" or path.startswith("/v1/") or path.rstrip("/") in KEYED_OUTSIDE_V1) \
+                or path.rstrip("/") in OPEN_INSIDE_V1:
             return
         scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
         token = token.strip() if scheme.lower() == "bearer" else ""

@@ -37,6 +37,11 @@ LONG = {"messages": [{"role": "user", "content": "Write a very long story."}], "
 class Router:
     process: subprocess.Popen
     base: str
+    metrics: str  # its own Prometheus endpoint
+
+    def counted(self, name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(self.metrics).text.splitlines()
+                   if line.startswith(name))
 
     def stop(self) -> None:
         self.process.terminate()
@@ -44,10 +49,11 @@ class Router:
 
 
 def start_router(nodes: list[Server], policy: str) -> Router:
-    port = free_port()
+    port, metrics = free_port(), free_port()
     argv = [INFERSNAP, "router", *(n.base for n in nodes), "--policy", policy, "--port", str(port),
-            "--prometheus-port", str(free_port()), "--api-key", KEY, "--run"]
-    router = Router(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), f"http://127.0.0.1:{port}")
+            "--prometheus-port", str(metrics), "--api-key", KEY, "--run"]
+    router = Router(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), f"http://127.0.0.1:{port}",
+                    f"http://127.0.0.1:{metrics}/metrics")
 
     def ready() -> bool:
         assert router.process.poll() is None, router.process.stderr.read().decode()
@@ -66,9 +72,11 @@ def nodes(tmp_path_factory) -> list[Server]:
     with ThreadPoolExecutor(3) as pool:  # started side by side: each waits mostly on its model loading
         started = list(pool.map(lambda folder: start_server(folder, **NODE), folders))
     yield started
-    for node in started:
-        if node.process.poll() is None:
-            assert node.stop() == 0, node.log.read_text()
+    running = [node for node in started if node.process.poll() is None]
+    for node in running:  # all at once: each lingers its 2 s
+        node.process.send_signal(signal.SIGTERM)
+    for node in running:
+        assert node.process.wait(30) == 0, node.log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +194,9 @@ def test_a_conversation_with_a_session_id_stays_on_one_node_and_sessions_spread(
 
 def test_an_agent_that_sends_no_header_keeps_its_prefix_with_cache_aware(nodes, prefixes):
     system = "You are a coding agent. Follow the repository's conventions. " * 40  # an agent's long preamble
+    hits = 'vllm_router_prefix_routing_decisions_total{policy="cache_aware",stage="regular",outcome="prefix_hit"}'
     for agent in range(2):
+        hits_before = prefixes.counted(hits)
         messages = [{"role": "system", "content": f"Agent {agent}. {system}"},
                     {"role": "user", "content": "List the files."}]
         homes = []
@@ -201,6 +211,8 @@ def test_an_agent_that_sends_no_header_keeps_its_prefix_with_cache_aware(nodes, 
             assert sorted(growth) == [0, 0, 1], growth
             homes.append(growth.index(1))
         assert len(set(homes)) == 1, f"the turns of one agent went to nodes {homes}"
+        # placed there by the prefix the node holds (the render routes answer the router without a key)
+        assert prefixes.counted(hits) - hits_before == 2
 
 
 @dataclass
