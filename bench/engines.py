@@ -100,14 +100,15 @@ def long_text(seed: int, tokens: int) -> str:
     return f"{seed}. {words}\nSum this up in one line."
 
 
-async def stream(client: httpx.AsyncClient, prompt: str, max_tokens: int, model: str | None = None) -> Done:
-    """One streamed greedy chat completion (of `model`, or the server's own); tokens are counted from usage,
-    so the end of turn stays allowed."""
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+async def stream(client: httpx.AsyncClient, prompt: str, max_tokens: int, model: str | None = None,
+                 messages: list[dict] | None = None, headers: dict[str, str] | None = None) -> Done:
+    """One streamed greedy chat completion (of `model`, or the server's own) of `prompt` as the user's message,
+    or of a whole conversation's `messages`; tokens are counted from usage, so the end of turn stays allowed."""
+    body = {"messages": messages or [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, **({"model": model} if model else {})}
     start, first, usage = time.perf_counter(), None, None
     try:
-        async with client.stream("POST", "/chat/completions", json=body) as response:
+        async with client.stream("POST", "/chat/completions", json=body, headers=headers) as response:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")
                 return Done(start, None, time.perf_counter(), 0, 0, f"HTTP {response.status_code}: {text[:300]}")

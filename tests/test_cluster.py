@@ -70,7 +70,13 @@ def start_router(nodes: list[Server], policy: str) -> Router:
 def nodes(tmp_path_factory) -> list[Server]:
     folders = [tmp_path_factory.mktemp(f"node{i}") for i in range(3)]
     with ThreadPoolExecutor(3) as pool:  # started side by side: each waits mostly on its model loading
-        started = list(pool.map(lambda folder: start_server(folder, **NODE), folders))
+        starts = [pool.submit(start_server, folder, **NODE) for folder in folders]
+    if any(s.exception() for s in starts):  # none left running behind a failed start
+        for start in starts:
+            if not start.exception():
+                start.result().stop(signal.SIGKILL)
+        raise starts[[bool(s.exception()) for s in starts].index(True)].exception()
+    started = [s.result() for s in starts]
     yield started
     running = [node for node in started if node.process.poll() is None]
     for node in running:  # all at once: each lingers its 2 s
