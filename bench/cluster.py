@@ -77,7 +77,8 @@ def overhead(targets: list[Target], rounds: int, max_tokens: int) -> dict[tuple[
         for clients in (1, 8):
             for i in range(len(targets)):
                 target = targets[(i + round_) % len(targets)]  # the order rotates: noise hits all alike
-                done = burst(target.url, [story(f"{round_}-{clients}-{n}") for n in range(clients)], max_tokens)
+                # new prompts for each target: the router and "alone" share a node, and its prompt cache
+                done = burst(target.url, [story(f"{target.name}-{round_}-{clients}-{n}") for n in range(clients)], max_tokens)
                 assert not any(d.error for d in done), [d.error for d in done if d.error]
                 runs.setdefault((target.name, clients), []).append(rates(done))
     return {key: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for key, rs in runs.items()}
