@@ -162,7 +162,7 @@ def test_status_asks_the_running_server(server, model, engine):
 
 
 def test_restart_applies_a_new_port_and_ctrl_c_leaves_no_orphans(tmp_path):
-    first = start_server(tmp_path)
+    first = start_server(tmp_path, engines="cpu")  # one lane: the default install has its own server above
     assert first.status()["endpoints"]["openai"].endswith(f":{first.port}/v1")
     second_port = free_port()
     cli(first.env, "set", f"http.port={second_port}")  # persisted, applies on restart
