@@ -21,17 +21,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "bench")]
-from conftest import free_port, process_tree, start_server  # noqa: E402
+from conftest import process_tree, start_router, start_server  # noqa: E402
 from engines import Done, Target, burst, llama_server, long_text, rates, story, stream  # noqa: E402
 
-from infersnap.cli import router as router_command  # noqa: E402
 from infersnap.hwdetect.cpu import physical_core_cpus  # noqa: E402
 
 NODE = {"engines": "cpu", "engines-measure": "false", "worker.embeddings": "false"}
@@ -49,20 +47,8 @@ def pin(target: Target, cpu: int) -> None:
 
 
 def router(nodes: list[Target], policy: str) -> Target:
-    port = free_port()
-    argv = router_command.command([t.url for t in nodes], policy, port=port, prometheus_port=free_port())
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/readiness", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or process.poll() is not None:
-            raise SystemExit(f"vllm-router did not get ready: {' '.join(argv)}")
-        time.sleep(0.2)
-    return Target(f"router ({policy})", f"{base}/v1", process.pid, lambda: (process.terminate(), process.wait(10)), 0)
+    front = start_router([t.url for t in nodes], policy)
+    return Target(f"router ({policy})", f"{front.base}/v1", front.process.pid, front.stop, 0)
 
 
 def p99(done: list[Done]) -> float:

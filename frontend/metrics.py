@@ -53,19 +53,17 @@ class Metrics:
                               buckets=TTFT_BUCKETS, registry=registry)
         self.latency = Histogram("infersnap_request_duration_seconds", "Time from arrival to the end of the answer",
                                  buckets=LATENCY_BUCKETS, registry=registry)
-        # per model, as a router or an autoscaler reads a node's load (docs/cluster.md)
-        self.running = Gauge("infersnap_requests_running", "Sequences generating now, one per slot in use",
-                             ["model"], registry=registry)
-        self.waiting = Gauge("infersnap_requests_waiting",
-                             "Requests accepted and not yet running: queued in the broker or waiting in an engine",
-                             ["model"], registry=registry)
-        self.slots_used = Gauge("infersnap_slots_used", "Slots in use on the model's ready workers",
-                                ["model"], registry=registry)
-        self.slots_total = Gauge("infersnap_slots_total", "Slots of the model's ready workers",
-                                 ["model"], registry=registry)
-        self.kv_usage = Gauge("infersnap_kv_cache_usage_ratio",
-                              "Share of the KV cache of the model's ready workers that running sequences hold, 0 to 1",
-                              ["model"], registry=registry)
+
+        def per_model(name: str, documentation: str) -> Gauge:  # as a router or an autoscaler reads a node's load
+            return Gauge(name, documentation, ["model"], registry=registry)
+
+        self.running = per_model("infersnap_requests_running", "Sequences generating now, one per slot in use")
+        self.waiting = per_model("infersnap_requests_waiting",
+                                 "Requests accepted and not yet running: queued in the broker or waiting in an engine")
+        self.slots_used = per_model("infersnap_slots_used", "Slots in use on the model's ready workers")
+        self.slots_total = per_model("infersnap_slots_total", "Slots of the model's ready workers")
+        self.kv_usage = per_model("infersnap_kv_cache_usage_ratio",
+                                  "Share of the KV cache of the model's ready workers that running sequences hold, 0 to 1")
         self.queued = Gauge("infersnap_requests_queued", "Requests queued in the broker for a free slot",
                             registry=registry)
         self.ready = Gauge("infersnap_worker_ready",

@@ -256,6 +256,42 @@ def served_by(server: Server, endpoint: str) -> dict[str, int]:
     return counts
 
 
+@dataclass
+class Router:
+    """vllm-router in front of infersnap nodes (docs/cluster.md)."""
+
+    process: subprocess.Popen
+    base: str
+    metrics: str  # its own Prometheus endpoint
+
+    def counted(self, name: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(self.metrics).text.splitlines()
+                   if line.startswith(name))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def start_router(nodes: list[str], policy: str, api_key: str | None = None) -> Router:
+    """`infersnap router NODES --run` for these node URLs, once it answers that a node is ready."""
+    port, metrics = free_port(), free_port()
+    argv = [INFERSNAP, "router", *nodes, "--policy", policy, "--port", str(port), "--prometheus-port", str(metrics),
+            *(["--api-key", api_key] if api_key else []), "--run"]
+    router = Router(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), f"http://127.0.0.1:{port}",
+                    f"http://127.0.0.1:{metrics}/metrics")
+
+    def ready() -> bool:
+        assert router.process.poll() is None, router.process.stderr.read().decode()
+        try:
+            return httpx.get(f"{router.base}/readiness", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(ready, 30, "the router never got ready")
+    return router
+
+
 # --- the servers the tests share ---------------------------------------------------------------------
 #
 # `server` (with `http`, `model`): the default model served by one runtime, parametrized over ENGINES, llama.cpp

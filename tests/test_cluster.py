@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import INFERSNAP, Server, free_port, start_server, wait_until
+from conftest import Server, start_router, start_server, wait_until
 
 KEY = "cluster-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -31,39 +30,6 @@ NODE = {"engines": "cpu", "engines-measure": "false", "worker.slots": "2", "work
 SHORT = {"max_tokens": 6, "temperature": 0}
 LONG = {"messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 300,
         "logit_bias": {"0": -100, "2": -100}}  # never stops early
-
-
-@dataclass
-class Router:
-    process: subprocess.Popen
-    base: str
-    metrics: str  # its own Prometheus endpoint
-
-    def counted(self, name: str) -> float:
-        return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(self.metrics).text.splitlines()
-                   if line.startswith(name))
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(10)
-
-
-def start_router(nodes: list[Server], policy: str) -> Router:
-    port, metrics = free_port(), free_port()
-    argv = [INFERSNAP, "router", *(n.base for n in nodes), "--policy", policy, "--port", str(port),
-            "--prometheus-port", str(metrics), "--api-key", KEY, "--run"]
-    router = Router(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), f"http://127.0.0.1:{port}",
-                    f"http://127.0.0.1:{metrics}/metrics")
-
-    def ready() -> bool:
-        assert router.process.poll() is None, router.process.stderr.read().decode()
-        try:
-            return httpx.get(f"{router.base}/readiness", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_until(ready, 30, "the router never got ready")
-    return router
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +53,14 @@ def nodes(tmp_path_factory) -> list[Server]:
 
 @pytest.fixture(scope="module")
 def sessions(nodes):
-    router = start_router(nodes, "consistent_hash")
+    router = start_router([n.base for n in nodes], "consistent_hash", api_key=KEY)
     yield router
     router.stop()
 
 
 @pytest.fixture(scope="module")
 def prefixes(nodes):
-    router = start_router(nodes, "cache_aware")
+    router = start_router([n.base for n in nodes], "cache_aware", api_key=KEY)
     yield router
     router.stop()
 

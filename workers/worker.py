@@ -129,6 +129,7 @@ def serve(engine: Engine, inbox: queue.Queue, outbox: zmq.Socket, io: WorkerIO, 
     the test hook that crashes the process at a chosen point (workers/faults.py)."""
     clients: dict[str, bytes] = {}  # request id -> the client its outputs go to
     held = Held()
+    kv_due = 0.0  # when the KV use in `io.info` is next read anew
     while True:
         item = inbox.get() if not engine.busy else _next_or_none(inbox)
         outputs: list[wire.Output] = []
@@ -154,9 +155,12 @@ def serve(engine: Engine, inbox: queue.Queue, outbox: zmq.Socket, io: WorkerIO, 
             first = held.unsent()
             _deliver(held.take(), clients, outbox, io.info.worker_id, first)
         running = [s.request.id for s in engine.running]
-        kv_used = round(engine.kv_tokens() / max(1, io.info.slots * io.info.context), 4)
-        if running != io.info.running or len(engine.waiting) != io.info.waiting or kv_used != io.info.kv_used:
-            io.info = msgspec.structs.replace(io.info, running=running, waiting=len(engine.waiting), kv_used=kv_used)
+        changed = running != io.info.running or len(engine.waiting) != io.info.waiting
+        if changed or time.monotonic() >= kv_due:  # KV use grows every token: read at the heartbeats' pace
+            kv_due = time.monotonic() + HEARTBEAT_SECONDS
+            kv_used = round(engine.kv_tokens() / max(1, io.info.slots * io.info.context), 4)
+            if changed or kv_used != io.info.kv_used:
+                io.info = msgspec.structs.replace(io.info, running=running, waiting=len(engine.waiting), kv_used=kv_used)
 
 
 class Held:
